@@ -1,0 +1,152 @@
+"""Stage 1, download: raw records → data/raw, base model and tokenizer → models/base.
+
+Sources are pinned (a URL's sha256, a Hub commit) and written to a manifest beside each output, so dvc.lock
+plus the manifests say exactly which data and which weights a run used.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from stages.lib.errors import run_stage
+from stages.lib.outputs import sha256_file, staged_dir, write_json
+from stages.lib.params import Params, ParamsError, load_params
+from stages.lib.recipes import ConfigModel, HubModel, ModelRecipe, model_recipe
+
+RAW_DIR = Path("data/raw")
+BASE_DIR = Path("models/base")
+# What a model directory needs; never pickled weights (*.bin, *.pt), which can run code when loaded.
+MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.tiktoken", "merges.txt", "vocab.txt", "*.jinja"]
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHATML_JINJA = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def write_raw(params: Params, out: Path) -> None:
+    from stages.lib.sources import fetch_records
+
+    records, origin = fetch_records(params.data, params.seed, out)
+    if params.data.max_records:
+        records = records[: params.data.max_records]
+    if not records:
+        raise ValueError(f"data.source gave no records ({origin})")
+    path = out / "records.jsonl"
+    with open(path, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n")
+    write_json(out / "manifest.json", {"source": origin, "records": len(records), "sha256": sha256_file(path)})
+
+
+def train_tokenizer(texts: list[str], vocab_size: int):
+    """A byte-level BPE tokenizer trained on the data, with ChatML special tokens and chat template."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    # One token never spans two CJK characters, so words map to tokens as they do in production tokenizers.
+    cjk = pre_tokenizers.Split(Regex(r"[\u3400-\u9fff]"), behavior="isolated")
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([cjk, pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    bpe.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=CHATML_JINJA
+    )
+
+
+def build_from_config(source: ConfigModel, recipe: ModelRecipe, seed: int, out: Path) -> dict:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    texts = [v for line in (RAW_DIR / "records.jsonl").open(encoding="utf-8") for v in _strings(json.loads(line))]
+    tokenizer = train_tokenizer(texts, source.tokenizer_vocab_size)
+    config = AutoConfig.for_model(
+        source.model_type,
+        vocab_size=len(tokenizer),
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+        **source.config,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, recipe.dtype))
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return {"kind": "config", "model_type": source.model_type, "seed": seed, "config": source.config}
+
+
+def _strings(value) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return []
+
+
+def fetch_hub(source: HubModel, recipe: ModelRecipe, params: Params, out: Path) -> dict:
+    from huggingface_hub import snapshot_download
+
+    patterns = MODEL_FILES + (["*.py"] if recipe.trust_remote_code else [])
+    snapshot_download(source.repo, revision=source.revision, local_dir=out, allow_patterns=patterns)
+    shutil.rmtree(out / ".cache", ignore_errors=True)
+    return {"kind": "hub", "repo": source.repo, "revision": source.revision}
+
+
+def copy_local(path: Path, out: Path) -> dict:
+    if not path.is_dir():
+        raise ParamsError(f"model.path {path} is not a directory")
+    files = sorted({p for pattern in MODEL_FILES for p in path.glob(pattern)})
+    if not any(p.suffix == ".safetensors" for p in files):
+        raise ParamsError(f"model.path {path} has no *.safetensors weights (pickled weights are not loaded)")
+    for p in files:
+        shutil.copy2(p, out / p.name)
+    return {"kind": "local", "path": str(path)}
+
+
+def write_base(params: Params, out: Path) -> None:
+    recipe = model_recipe(params.model.recipe)
+    if params.model.path:
+        origin = copy_local(Path(params.model.path), out)
+    elif isinstance(recipe.source, ConfigModel):
+        origin = build_from_config(recipe.source, recipe, params.seed, out)
+    else:
+        origin = fetch_hub(recipe.source, recipe, params, out)
+    if recipe.converter and params.model.convert:
+        from stages.lib.convert import CONVERTERS
+
+        origin["converted"] = CONVERTERS[recipe.converter](out)
+    sizes = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()}
+    write_json(out / "manifest.json", {"source": origin, "recipe": params.model.recipe, "files": sizes})
+
+
+def check_remote_code(params: Params) -> None:
+    recipe = model_recipe(params.model.recipe)
+    needs = recipe.trust_remote_code and not (recipe.converter and params.model.convert)
+    if needs and not params.model.trust_remote_code:
+        raise ParamsError(
+            f"model recipe '{params.model.recipe}' runs code from its Hub repository: set model.trust_remote_code "
+            "true to allow it (or keep model.convert true where the recipe has a converter)"
+        )
+
+
+def main() -> None:
+    params = load_params()
+    check_remote_code(params)
+    with staged_dir(RAW_DIR) as tmp:
+        write_raw(params, tmp)
+    with staged_dir(BASE_DIR) as tmp:
+        write_base(params, tmp)
+    print(f"download: {json.loads((RAW_DIR / 'manifest.json').read_text())['records']} records, base model ready")
+
+
+if __name__ == "__main__":
+    run_stage(main)

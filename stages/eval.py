@@ -1,0 +1,118 @@
+"""Stage 5, eval: the base and the merged model on the validation split → metrics/eval.json + eval/generations.jsonl.
+
+For each model: loss and perplexity over the answer tokens only (the prompt is context, as in training), and
+greedy generations from the prompts scored against the reference answers (exact match, character ROUGE-L).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from stages.lib.errors import run_stage
+from stages.lib.outputs import write_json
+from stages.lib.params import Params, load_params
+from stages.lib.scores import exact_match, rouge_l
+
+TOKENIZED = Path("data/tokenized")
+MODELS = {"base": Path("models/base"), "tuned": Path("models/merged")}
+METRICS = Path("metrics/eval.json")
+GENERATIONS = Path("eval/generations.jsonl")
+
+
+def prompt_length(mask: list[int]) -> int:
+    return mask.index(1)
+
+
+def answer_loss(model, rows, batch_size: int, pad_id: int) -> float:
+    """Mean negative log-likelihood per answer token (labels -100 on prompt and padding)."""
+    import torch
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    collate = DataCollatorForLanguageModeling(pad_token_id=pad_id)
+    total, count = 0.0, 0
+    for start in range(0, len(rows), batch_size):
+        batch = collate(
+            [
+                {"input_ids": r["input_ids"], "labels": [t if m else -100 for t, m in zip(r["input_ids"], r["completion_mask"])]}
+                for r in rows[start : start + batch_size]
+            ]
+        )
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        labels = batch["labels"][:, 1:]
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100, reduction="sum"
+        )
+        total += nll.item()
+        count += int((labels != -100).sum())
+    return total / count
+
+
+def generate(model, tokenizer, rows, batch_size: int, max_new_tokens: int) -> list[str]:
+    import torch
+
+    tokenizer.padding_side = "left"  # generation continues from the right end of every prompt
+    outputs = []
+    for start in range(0, len(rows), batch_size):
+        prompts = [r["input_ids"][: prompt_length(r["completion_mask"])] for r in rows[start : start + batch_size]]
+        batch = tokenizer.pad({"input_ids": prompts}, return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(
+                **batch,
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        new = out[:, batch["input_ids"].shape[1] :]
+        outputs += [text.strip() for text in tokenizer.batch_decode(new, skip_special_tokens=True)]
+    return outputs
+
+
+def evaluate(params: Params, path: Path, rows, tokenizer) -> tuple[dict, list[str]]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = getattr(torch, params.merge_dtype)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    e = params.eval
+    loss = answer_loss(model, rows, e.batch_size, tokenizer.pad_token_id)
+    predictions = generate(model, tokenizer, rows, e.batch_size, e.max_new_tokens)
+    n = len(rows)
+    scores = {
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 50.0)),
+        "exact_match": sum(exact_match(p, r["reference"]) for p, r in zip(predictions, rows)) / n,
+        "rouge_l": sum(rouge_l(p, r["reference"]) for p, r in zip(predictions, rows)) / n,
+    }
+    return scores, predictions
+
+
+def main() -> None:
+    params = load_params()
+    from datasets import load_from_disk
+    from transformers import AutoTokenizer
+
+    validation = load_from_disk(str(TOKENIZED))["validation"]
+    rows = validation.select(range(min(params.eval.max_samples, len(validation)))).to_list()
+    tokenizer = AutoTokenizer.from_pretrained(MODELS["tuned"])
+    metrics, predictions = {}, {}
+    for name, path in MODELS.items():
+        metrics[name], predictions[name] = evaluate(params, path, rows, tokenizer)
+    metrics["samples"] = len(rows)
+    GENERATIONS.parent.mkdir(parents=True, exist_ok=True)
+    tmp = GENERATIONS.with_name(f".{GENERATIONS.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for i, row in enumerate(rows):
+            prompt = tokenizer.decode(row["input_ids"][: prompt_length(row["completion_mask"])])
+            record = {"prompt": prompt, "reference": row["reference"]} | {m: predictions[m][i] for m in MODELS}
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    tmp.replace(GENERATIONS)
+    write_json(METRICS, metrics)
+    print("eval:", json.dumps(metrics))
+
+
+if __name__ == "__main__":
+    run_stage(main)

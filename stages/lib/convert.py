@@ -1,0 +1,1 @@
+# converters are added by the model issue

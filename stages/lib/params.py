@@ -1,0 +1,267 @@
+"""The one schema for params.yaml.
+
+Every stage calls `load_params()` first: it imports only pydantic and yaml, so a bad file fails in well under a
+second, before any model, dataset or output is touched.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from .errors import UserError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PARAMS_FILE = Path("params.yaml")
+Dtype = Literal["bfloat16", "float16", "float32"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------- data
+
+
+class BuiltinSource(Strict):
+    kind: Literal["builtin"]
+    name: Literal["toy-zh-en"] = "toy-zh-en"
+
+
+class LocalSource(Strict):
+    kind: Literal["local"]
+    path: str
+
+
+class UrlSource(Strict):
+    kind: Literal["url"]
+    url: Annotated[str, Field(pattern=r"^https?://")]
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$", description="required: pins the download")]
+
+
+class HubSource(Strict):
+    kind: Literal["hub"]
+    repo: str
+    revision: Annotated[str, Field(min_length=1, description="a commit or tag: pins the download")]
+    split: str = "train"
+    subset: str | None = None
+
+
+DataSource = Annotated[Union[BuiltinSource, LocalSource, UrlSource, HubSource], Field(discriminator="kind")]
+
+
+class DataParams(Strict):
+    source: DataSource
+    format: Literal["alpaca", "messages", "prompt_completion"] = "alpaca"
+    max_records: Annotated[int, Field(ge=1)] | None = None
+
+
+# ---------------------------------------------------------------- model
+
+
+class ModelParams(Strict):
+    recipe: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]+$")]
+    path: str | None = None  # a local directory; replaces the recipe's hub source
+    trust_remote_code: bool = False
+    convert: bool = True  # checkpoints with a native equivalent (ChatGLM2 → GLM) are converted at download
+
+
+# ---------------------------------------------------------------- tokenize
+
+
+class TokenizeParams(Strict):
+    template: str | None = None  # a name in recipes/templates; null: the model recipe's
+    max_length: Annotated[int, Field(ge=8)] = 512
+    validation_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1
+    max_validation: Annotated[int, Field(ge=1)] = 200
+
+
+# ---------------------------------------------------------------- train
+
+
+class QuantParams(Strict):
+    type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    storage_dtype: Dtype | None = None  # null: the compute dtype (train.dtype), which ZeRO-3 requires
+
+
+class LoraParams(Strict):
+    r: Annotated[int, Field(ge=1)] = 8
+    alpha: Annotated[float, Field(gt=0)] = 32
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.05
+    target_modules: list[str] | Literal["all-linear"] | None = None  # null: the model recipe's
+
+
+class LaunchParams(Strict):
+    nodes: Annotated[int, Field(ge=1)] = 1
+    gpus_per_node: Annotated[int, Field(ge=1)] | None = None  # null: every visible GPU (1 process on CPU)
+    runner: Literal["pdsh", "openmpi", "slurm", "no-ssh"] = "pdsh"
+    hostfile: str | None = None
+    node_rank: Annotated[int, Field(ge=0)] = 0  # only for runner no-ssh: this node's rank
+    master_addr: str = "127.0.0.1"
+    master_port: Annotated[int, Field(ge=1024, le=65535)] = 29500
+    timeout_minutes: Annotated[float, Field(gt=0)] = 30  # collectives that wait longer fail instead of hanging
+
+
+class TrainParams(Strict):
+    method: Literal["qlora", "lora", "full"] = "qlora"
+    dtype: Dtype = "bfloat16"
+    quant: QuantParams = QuantParams()
+    lora: LoraParams = LoraParams()
+    learning_rate: Annotated[float, Field(gt=0)] = 2e-4
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.03
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    optimizer: Literal["adamw_torch", "adamw_torch_fused", "paged_adamw_8bit", "adamw_8bit", "sgd"] = "adamw_torch"
+    max_grad_norm: Annotated[float, Field(ge=0)] = 1.0
+    epochs: Annotated[float, Field(gt=0)] = 1
+    max_steps: int = -1  # > 0 overrides epochs
+    batch_size: Annotated[int, Field(ge=1)] = 8
+    grad_accum: Annotated[int, Field(ge=1)] = 1
+    packing: bool = True  # padding-free BFD packing; attention never crosses samples
+    gradient_checkpointing: bool = False
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] = "sdpa"
+    liger: bool = False
+    logging_steps: Annotated[int, Field(ge=1)] = 10
+    device_map: Literal["auto"] | None = None
+    deepspeed: str | None = None  # a name in recipes/deepspeed or a path to a JSON file
+    launch: LaunchParams = LaunchParams()
+
+    @model_validator(mode="after")
+    def _coherent(self) -> "TrainParams":
+        storage = self.quant.storage_dtype
+        if self.method == "qlora" and storage is not None and storage != self.dtype:
+            raise ValueError(
+                f"train.quant.storage_dtype ({storage}) must equal train.dtype ({self.dtype}): 4-bit weights are "
+                "stored in that dtype so that ZeRO-3 can shard them with the rest of the model"
+            )
+        if self.method == "qlora" and self.dtype == "float16" and self.deepspeed:
+            raise ValueError("train.dtype float16 with QLoRA under DeepSpeed is not supported: use bfloat16")
+        if self.deepspeed and self.device_map is not None:
+            raise ValueError(
+                "train.device_map must be null when train.deepspeed is set: DeepSpeed places and shards the model "
+                "itself, and a device_map under ZeRO-3 loads the full model on every GPU"
+            )
+        if self.launch.nodes > 1 and not self.deepspeed:
+            raise ValueError("train.launch.nodes > 1 needs train.deepspeed (a ZeRO config recipe)")
+        if self.launch.nodes > 1 and self.launch.runner != "no-ssh" and not self.launch.hostfile:
+            raise ValueError(f"train.launch.runner {self.launch.runner} with several nodes needs train.launch.hostfile")
+        if self.launch.node_rank >= self.launch.nodes:
+            raise ValueError(
+                f"train.launch.node_rank ({self.launch.node_rank}) must be below train.launch.nodes ({self.launch.nodes})"
+            )
+        return self
+
+
+# ---------------------------------------------------------------- merge / eval
+
+
+class MergeParams(Strict):
+    dtype: Dtype | None = None  # null: train.dtype; a 4-bit base is never an option
+    tolerance: Annotated[float, Field(gt=0)] = 1e-3  # max |merged - (base + adapter)| logit difference
+    check_samples: Annotated[int, Field(ge=1)] = 4
+    save_format: Literal["native", "chatglm2"] = "native"
+
+
+class EvalParams(Strict):
+    max_samples: Annotated[int, Field(ge=1)] = 100
+    max_new_tokens: Annotated[int, Field(ge=1)] = 64
+    batch_size: Annotated[int, Field(ge=1)] = 16
+
+
+class Params(Strict):
+    seed: int = 42
+    data: DataParams
+    model: ModelParams
+    tokenize: TokenizeParams = TokenizeParams()
+    train: TrainParams = TrainParams()
+    merge: MergeParams = MergeParams()
+    eval: EvalParams = EvalParams()
+
+    @model_validator(mode="after")
+    def _coherent(self) -> "Params":
+        if self.merge.save_format == "chatglm2" and "chatglm2" not in self.model.recipe:
+            raise ValueError("merge.save_format chatglm2 is only for the chatglm2 model recipes")
+        return self
+
+    @property
+    def merge_dtype(self) -> str:
+        return self.merge.dtype or self.train.dtype
+
+
+class ParamsError(UserError):
+    """params.yaml is not valid; the message names each bad key."""
+
+
+def _find_member(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """Walk `loc` through nested models; tags of discriminated unions pick the member."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        fields = getattr(current, "model_fields", {})
+        if part in fields:
+            ann = fields[part].annotation
+            args = [a for a in _flatten(ann) if isinstance(a, type) and issubclass(a, BaseModel)]
+            current = args if len(args) > 1 else (args[0] if args else None)
+        elif isinstance(current, list):  # a union: pydantic names the member by its tag
+            current = next((m for m in current if m.model_fields["kind"].annotation.__args__[0] == part), None)
+        else:
+            return None
+        if current is None:
+            return None
+    return current if isinstance(current, type) else None
+
+
+def _flatten(ann: Any) -> list:
+    args = getattr(ann, "__args__", None)
+    if args is None:
+        meta = getattr(ann, "__origin__", None)
+        return [ann] if meta is None else []
+    out = []
+    for a in args:
+        out.extend(_flatten(a))
+    return out
+
+
+def _describe(err: dict) -> str:
+    loc = tuple(p for p in err["loc"])
+    key = ".".join(str(p) for p in loc if not (isinstance(p, str) and p in _TAGS))
+    if err["type"] == "extra_forbidden":
+        owner = _find_member(Params, loc[:-1]) if len(loc) > 1 else Params
+        known = list(owner.model_fields) if owner else []
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.5)
+        hint = f"; did you mean '{'.'.join([*key.split('.')[:-1], close[0]])}'?" if close else ""
+        return f"unknown key '{key}'{hint} (allowed here: {', '.join(known)})"
+    if err["type"] == "value_error":  # a cross-field rule: its message names the keys
+        return err["msg"].removeprefix("Value error, ")
+    if err["type"] == "missing":
+        return f"missing required key '{key}'"
+    where = f"'{key}'" if key else "params"
+    return f"{where}: {err['msg']} (got {err.get('input')!r})"
+
+
+_TAGS = {"builtin", "local", "url", "hub"}
+
+
+def validate(raw: Any, source: str = str(PARAMS_FILE)) -> Params:
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: expected a mapping of sections at the top, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        lines = [_describe(e) for e in exc.errors()]
+        raise ParamsError(f"{source} is not valid:\n  - " + "\n  - ".join(lines)) from None
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> Params:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ParamsError(f"{path} not found: run from the project root") from None
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path} is not valid YAML: {exc}") from None
+    return validate(raw, str(path))

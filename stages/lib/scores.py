@@ -1,0 +1,31 @@
+"""Generation metrics that suit Chinese as well as English: exact match and character-level ROUGE-L."""
+
+from __future__ import annotations
+
+
+def exact_match(prediction: str, reference: str) -> float:
+    """1.0 when the texts are equal up to runs of whitespace."""
+    return float(prediction.split() == reference.split())
+
+
+def characters(text: str) -> str:
+    return "".join(text.split())  # whitespace carries no meaning between Chinese characters
+
+
+def lcs_length(a: str, b: str) -> int:
+    row = [0] * (len(b) + 1)
+    for ca in a:
+        previous = 0  # row[j-1] of the line above
+        for j, cb in enumerate(b, 1):
+            previous, row[j] = row[j], previous + 1 if ca == cb else max(row[j], row[j - 1])
+    return row[-1]
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """F1 of the longest common character subsequence (ROUGE-L over characters, whitespace ignored)."""
+    p, r = characters(prediction), characters(reference)
+    lcs = lcs_length(p, r)
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(p), lcs / len(r)
+    return 2 * precision * recall / (precision + recall)

@@ -1,0 +1,90 @@
+"""Stage 4, merge: models/base (unquantized) + models/adapter → models/merged (safetensors + tokenizer).
+
+The adapter was trained against a 4-bit base, but it is merged into the full-precision weights: merging into
+4-bit weights would round the update away. Before saving, the stage checks on fixed validation inputs that the
+merged model's logits equal base + adapter (unmerged) within merge.tolerance, and fails otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from stages.lib.errors import UserError, run_stage
+from stages.lib.outputs import staged_dir, write_json
+from stages.lib.params import Params, load_params
+
+BASE_DIR = Path("models/base")
+ADAPTER_DIR = Path("models/adapter")
+TOKENIZED = Path("data/tokenized")
+MERGED_DIR = Path("models/merged")
+METRICS = Path("metrics/merge.json")
+
+
+def check_unquantized(base_dir: Path) -> None:
+    config = json.loads((base_dir / "config.json").read_text())
+    if config.get("quantization_config"):
+        raise UserError(f"{base_dir} holds quantized weights: merge needs an unquantized base checkpoint")
+
+
+def check_inputs(n: int):
+    """The first n validation sequences, as one padded batch."""
+    import torch
+    from datasets import load_from_disk
+
+    rows = load_from_disk(str(TOKENIZED))["validation"]["input_ids"][:n]
+    width = max(map(len, rows))
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), 1
+    return ids, mask
+
+
+def logits(model, ids, mask):
+    import torch
+
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask).logits.float()[mask.bool()]
+
+
+def merge(params: Params):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    dtype = getattr(torch, params.merge_dtype)
+    if params.train.method == "full":  # nothing to merge: the trained weights are the model
+        return AutoModelForCausalLM.from_pretrained(ADAPTER_DIR, dtype=dtype), None
+    check_unquantized(BASE_DIR)
+    base = AutoModelForCausalLM.from_pretrained(BASE_DIR, dtype=dtype).eval()
+    with_adapter = PeftModel.from_pretrained(base, ADAPTER_DIR).eval()
+    ids, mask = check_inputs(params.merge.check_samples)
+    expected = logits(with_adapter, ids, mask)
+    merged = with_adapter.merge_and_unload()
+    diff = (logits(merged, ids, mask) - expected).abs().max().item()
+    if diff > params.merge.tolerance:
+        raise RuntimeError(
+            f"merged logits differ from base + adapter by {diff:.3g} > merge.tolerance {params.merge.tolerance}"
+        )
+    return merged, diff
+
+
+def main() -> None:
+    params = load_params()
+    from transformers import AutoTokenizer
+
+    merged, diff = merge(params)
+    with staged_dir(MERGED_DIR) as tmp:
+        merged.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(BASE_DIR).save_pretrained(tmp)
+        if params.merge.save_format == "chatglm2":
+            from stages.lib.convert import glm_to_chatglm2
+
+            glm_to_chatglm2(tmp)
+    write_json(METRICS, {"max_abs_logit_diff": diff, "tolerance": params.merge.tolerance, "dtype": params.merge_dtype})
+    print(f"merge: max |logit difference| {diff} (tolerance {params.merge.tolerance})")
+
+
+if __name__ == "__main__":
+    run_stage(main)
