@@ -114,10 +114,12 @@ def dvclive_callback(live_dir: Path):
 
 def train(params: Params) -> None:
     import torch.distributed as dist
+    import datasets
     from datasets import load_from_disk
     from transformers import AutoTokenizer
     from trl import SFTTrainer
 
+    datasets.disable_caching()  # TRL's maps would otherwise write cache files into data/tokenized, a DVC input
     t = params.train
     partial = ADAPTER_DIR.with_name(f".{ADAPTER_DIR.name}.partial")
     live_partial = LIVE_DIR.with_name(f".{LIVE_DIR.name}.partial")
