@@ -195,45 +195,47 @@ class ParamsError(UserError):
     """params.yaml is not valid; the message names each bad key."""
 
 
-def _find_member(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
-    """Walk `loc` through nested models; tags of discriminated unions pick the member."""
-    current: Any = model
+def _walk(loc: tuple) -> tuple[list[str], type[BaseModel] | None]:
+    """The user-facing key path of `loc` (without union tags) and the schema class that owns its last part."""
+    keys: list[str] = []
+    owner: Any = Params
+    current: Any = Params
     for part in loc:
-        if isinstance(part, int):
+        if isinstance(current, list):  # a discriminated union: pydantic puts the member's tag in the location
+            current = next((m for m in current if part in getattr(m.model_fields["kind"].annotation, "__args__", ())), None)
             continue
+        keys.append(str(part))
         fields = getattr(current, "model_fields", {})
-        if part in fields:
-            ann = fields[part].annotation
-            args = [a for a in _flatten(ann) if isinstance(a, type) and issubclass(a, BaseModel)]
-            current = args if len(args) > 1 else (args[0] if args else None)
-        elif isinstance(current, list):  # a union: pydantic names the member by its tag
-            current = next((m for m in current if m.model_fields["kind"].annotation.__args__[0] == part), None)
-        else:
-            return None
-        if current is None:
-            return None
-    return current if isinstance(current, type) else None
+        owner = current
+        if part not in fields:
+            current = None
+            continue
+        members = [a for a in _flatten(fields[part].annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
+        current = members if len(members) > 1 else (members[0] if members else None)
+    return keys, owner if isinstance(owner, type) else None
 
 
 def _flatten(ann: Any) -> list:
     args = getattr(ann, "__args__", None)
     if args is None:
-        meta = getattr(ann, "__origin__", None)
-        return [ann] if meta is None else []
-    out = []
-    for a in args:
-        out.extend(_flatten(a))
-    return out
+        return [ann]
+    return [leaf for a in args for leaf in _flatten(a)]
+
+
+def _suggest(name: str, known: list[str]) -> str | None:
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    if close:
+        return close[0]
+    return next((k for k in known if name.startswith(k) or k.startswith(name)), None)
 
 
 def _describe(err: dict) -> str:
-    loc = tuple(p for p in err["loc"])
-    key = ".".join(str(p) for p in loc if not (isinstance(p, str) and p in _TAGS))
+    keys, owner = _walk(tuple(err["loc"]))
+    key = ".".join(keys)
     if err["type"] == "extra_forbidden":
-        owner = _find_member(Params, loc[:-1]) if len(loc) > 1 else Params
         known = list(owner.model_fields) if owner else []
-        close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.5)
-        hint = f"; did you mean '{'.'.join([*key.split('.')[:-1], close[0]])}'?" if close else ""
+        close = _suggest(keys[-1], known)
+        hint = f"; did you mean '{'.'.join([*keys[:-1], close])}'?" if close else ""
         return f"unknown key '{key}'{hint} (allowed here: {', '.join(known)})"
     if err["type"] == "value_error":  # a cross-field rule: its message names the keys
         return err["msg"].removeprefix("Value error, ")
@@ -241,9 +243,6 @@ def _describe(err: dict) -> str:
         return f"missing required key '{key}'"
     where = f"'{key}'" if key else "params"
     return f"{where}: {err['msg']} (got {err.get('input')!r})"
-
-
-_TAGS = {"builtin", "local", "url", "hub"}
 
 
 def validate(raw: Any, source: str = str(PARAMS_FILE)) -> Params:

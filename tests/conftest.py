@@ -1,0 +1,66 @@
+"""Shared helpers: the project root, ../shared/data when present, and running commands in a checkout."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def env_with_venv() -> dict:
+    """PATH with this interpreter's bin first, so dvc.yaml's `python` is the one running the tests."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=env_with_venv(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def dvc(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "dvc", *args], cwd=cwd, check=check)
+
+
+def clone(dest: Path) -> Path:
+    """A fresh clone of the committed project, as a user or CI gets it."""
+    run(["git", "clone", "-q", str(ROOT), str(dest)], cwd=ROOT)
+    run(["git", "config", "user.email", "test@example.com"], cwd=dest)
+    run(["git", "config", "user.name", "test"], cwd=dest)
+    return dest
+
+
+def edit_params(repo: Path, **changes) -> None:
+    """Set dotted keys in repo/params.yaml (comments are not kept)."""
+    path = repo / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    for dotted, value in changes.items():
+        node = params
+        *parents, last = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[last] = value
+    path.write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False))
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data is absent")
+    return SHARED_DATA
+
+
+def default_params() -> dict:
+    return yaml.safe_load((ROOT / "params.yaml").read_text())

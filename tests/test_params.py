@@ -1,0 +1,135 @@
+"""The params.yaml schema: unknown keys, types, ranges and cross-field rules fail with the key named."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import ROOT, default_params, env_with_venv
+
+from stages.lib.params import ParamsError, validate
+from stages.lib.recipes import RECIPES, ModelRecipe, TemplateRecipe, deepspeed_config, model_recipe, template_recipe
+
+
+def with_change(path: str, value) -> dict:
+    params = copy.deepcopy(default_params())
+    node = params
+    *parents, last = path.split(".")
+    for key in parents:
+        node = node[key]
+    node[last] = value
+    return params
+
+
+def error_of(params: dict) -> str:
+    with pytest.raises(ParamsError) as exc:
+        validate(params)
+    return str(exc.value)
+
+
+def test_the_committed_params_are_valid():
+    params = validate(default_params())
+    assert params.model.recipe == "tiny-llama"
+    assert params.train.method == "qlora"
+
+
+@pytest.mark.parametrize(
+    "bad, right",
+    [("train.lerning_rate", "train.learning_rate"), ("train.lora.rank", "train.lora.r"), ("tokenise", "tokenize"),
+     ("eval.max_sample", "eval.max_samples"), ("train.launch.node", "train.launch.nodes")],
+)
+def test_a_misspelt_key_is_named_with_a_suggestion(bad, right):
+    message = error_of(with_change(bad, 1))
+    assert f"unknown key '{bad}'" in message
+    assert f"did you mean '{right}'" in message
+
+
+def test_a_misspelt_key_inside_a_tagged_source_gets_a_suggestion():
+    message = error_of(with_change("data.source", {"kind": "local", "pth": "x.json"}))
+    assert "unknown key 'data.source.pth'; did you mean 'data.source.path'" in message
+    assert "missing required key 'data.source.path'" in message
+
+
+@pytest.mark.parametrize(
+    "path, value, expected",
+    [
+        ("train.learning_rate", -1, "'train.learning_rate'"),
+        ("train.lora.r", "eight", "'train.lora.r'"),
+        ("train.method", "qlor", "'train.method'"),
+        ("tokenize.validation_fraction", 1.5, "'tokenize.validation_fraction'"),
+        ("data.source", {"kind": "url", "url": "https://x/y.json"}, "missing required key 'data.source.sha256'"),
+        ("data.source", {"kind": "url", "url": "ftp://x", "sha256": "0" * 64}, "'data.source.url'"),
+        ("data.source", {"kind": "hub", "repo": "a/b"}, "missing required key 'data.source.revision'"),
+    ],
+)
+def test_types_and_ranges_name_the_key(path, value, expected):
+    assert expected in error_of(with_change(path, value))
+
+
+def test_4bit_storage_dtype_must_equal_compute_dtype():
+    params = with_change("train.dtype", "bfloat16")
+    params["train"]["quant"]["storage_dtype"] = "float32"
+    assert "train.quant.storage_dtype (float32) must equal train.dtype (bfloat16)" in error_of(params)
+
+
+def test_zero3_rejects_a_device_map():
+    params = with_change("train.deepspeed", "zero3")
+    params["train"]["device_map"] = "auto"
+    assert "train.device_map must be null when train.deepspeed is set" in error_of(params)
+
+
+def test_several_nodes_need_deepspeed_and_a_hostfile():
+    params = with_change("train.launch.nodes", 2)
+    assert "needs train.deepspeed" in error_of(params)
+    params["train"]["deepspeed"] = "zero3"
+    assert "needs train.launch.hostfile" in error_of(params)
+    params["train"]["launch"]["runner"] = "no-ssh"
+    validate(params)  # no-ssh: each node starts its own launcher, no hostfile needed
+
+
+def test_merge_has_no_4bit_option():
+    assert "'merge.dtype'" in error_of(with_change("merge.dtype", "nf4"))
+
+
+def test_every_recipe_validates():
+    models = sorted(p.stem for p in (RECIPES / "models").glob("*.yaml"))
+    templates = sorted(p.stem for p in (RECIPES / "templates").glob("*.yaml"))
+    assert "tiny-llama" in models and {"seed", "chatglm2", "chatml", "tokenizer"} <= set(templates)
+    for name in models:
+        recipe = model_recipe(name)
+        assert isinstance(recipe, ModelRecipe)
+        assert isinstance(template_recipe(recipe.template), TemplateRecipe), name
+    for path in (RECIPES / "deepspeed").glob("*.json"):
+        assert deepspeed_config(path.stem)["zero_optimization"]["stage"] in (2, 3)
+
+
+def test_an_unknown_recipe_lists_the_known_ones():
+    with pytest.raises(ParamsError, match="no model recipe 'nope' .*tiny-llama"):
+        model_recipe("nope")
+
+
+def test_a_stage_with_a_misspelt_key_fails_at_once_and_leaves_outputs(tmp_path: Path):
+    """The stage exits before importing torch; its earlier output stays byte for byte."""
+    params = with_change("train.lerning_rate", 0.1)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    adapter = tmp_path / "models" / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_model.safetensors").write_bytes(b"earlier adapter")
+    env = env_with_venv()
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "stages.train"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode != 0
+    assert "unknown key 'train.lerning_rate'; did you mean 'train.learning_rate'?" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "| torch" not in proc.stderr  # -X importtime lists every import: torch never loaded
+    assert (adapter / "adapter_model.safetensors").read_bytes() == b"earlier adapter"
+    assert json.dumps(sorted(p.name for p in tmp_path.rglob("*"))) == json.dumps(
+        sorted(["params.yaml", "models", "adapter", "adapter_model.safetensors"])
+    )

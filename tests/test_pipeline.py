@@ -1,0 +1,97 @@
+"""The whole pipeline with real DVC in a fresh git clone: repro, param edits, experiments, determinism."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import clone, dvc, edit_params, run
+
+
+def lock(repo: Path) -> dict:
+    return yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+
+
+def out_hash(repo: Path, stage: str, path: str) -> str:
+    return next(o["md5"] for o in lock(repo)[stage]["outs"] if o["path"] == path)
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    repo = clone(tmp_path_factory.mktemp("pipeline") / "repo")
+    dvc("repro", cwd=repo)
+    run(["git", "add", "-A"], cwd=repo)
+    run(["git", "commit", "-qm", "first run"], cwd=repo)
+    return repo
+
+
+def test_fresh_clone_repro_trains_a_model_that_beats_the_base(repo):
+    metrics = json.loads(dvc("metrics", "show", "--json", cwd=repo).stdout)
+    scores = next(iter(metrics.values()))["data"]["metrics/eval.json"]["data"]
+    base, tuned = scores["base"], scores["tuned"]
+    assert tuned["loss"] < base["loss"] - 1.0
+    assert tuned["exact_match"] > base["exact_match"] or tuned["rouge_l"] > base["rouge_l"] + 0.2
+
+    from safetensors.torch import load_file
+
+    weights = load_file(repo / "models" / "adapter" / "adapter_model.safetensors")
+    lora_b = [w for name, w in weights.items() if "lora_B" in name]
+    assert lora_b and all(w.abs().sum() > 0 for w in lora_b)  # B starts at zero: non-zero means it trained
+    assert (repo / "models" / "merged" / "model.safetensors").exists()
+    assert json.loads((repo / "metrics" / "merge.json").read_text())["max_abs_logit_diff"] < 1e-3
+    assert (repo / "dvclive" / "train" / "plots" / "metrics" / "loss.tsv").exists()
+    assert len((repo / "eval" / "generations.jsonl").read_text().splitlines()) == scores["samples"]
+    assert dvc("status", cwd=repo).stdout.strip() == "Data and pipelines are up to date."
+
+
+def test_a_train_edit_reruns_train_merge_eval_only(repo):
+    edit_params(repo, **{"train.learning_rate": 0.002, "train.epochs": 2})
+    try:
+        stale = json.loads(dvc("status", "--json", cwd=repo).stdout)
+        assert set(stale) == {"train", "merge", "eval"}
+        out = dvc("repro", cwd=repo).stdout
+        assert "Stage 'download' didn't change, skipping" in out
+        assert "Stage 'tokenize' didn't change, skipping" in out
+        assert "Running stage 'train'" in out and "Running stage 'eval'" in out
+    finally:
+        run(["git", "checkout", "--", "params.yaml", "dvc.lock", "metrics", "dvclive"], cwd=repo)
+        dvc("checkout", "--force", cwd=repo)
+
+
+def test_a_misspelt_key_fails_fast_and_keeps_every_output(repo):
+    adapter_before = (repo / "models" / "adapter" / "adapter_model.safetensors").read_bytes()
+    lock_before = (repo / "dvc.lock").read_text()
+    edit_params(repo, **{"train.lerning_rate": 0.1})
+    try:
+        proc = dvc("repro", cwd=repo, check=False)
+        assert proc.returncode != 0
+        assert "unknown key 'train.lerning_rate'; did you mean 'train.learning_rate'?" in proc.stdout + proc.stderr
+        assert (repo / "models" / "adapter" / "adapter_model.safetensors").read_bytes() == adapter_before
+        assert (repo / "dvc.lock").read_text() == lock_before
+    finally:
+        run(["git", "checkout", "--", "params.yaml"], cwd=repo)
+    assert dvc("status", cwd=repo).stdout.strip() == "Data and pipelines are up to date."
+
+
+def test_exp_run_adds_an_experiment_with_its_param_and_metrics(repo):
+    dvc("exp", "run", "-n", "lr-high", "-S", "train.learning_rate=0.005", cwd=repo)
+    shown = json.loads(dvc("exp", "show", "--json", cwd=repo).stdout)
+    baseline = shown[0]
+    assert baseline["data"]["params"]["params.yaml"]["data"]["train"]["learning_rate"] == 0.003
+    assert "metrics/eval.json" in baseline["data"]["metrics"]
+    exp = next(e for e in baseline["experiments"] if e["name"] == "lr-high")["revs"][0]["data"]
+    assert exp["params"]["params.yaml"]["data"]["train"]["learning_rate"] == 0.005
+    assert "tuned" in exp["metrics"]["metrics/eval.json"]["data"]
+    # the table holds params.yaml and the metrics files, not DVCLive's dump of every TrainingArguments field
+    assert set(exp["params"]) == {"params.yaml"}
+    table = dvc("exp", "show", "--no-pager", "--csv", cwd=repo).stdout
+    assert "lr-high" in table and "gradient_accumulation_steps" not in table
+
+
+def test_two_fresh_runs_give_identical_data_hashes(repo, tmp_path):
+    other = clone(tmp_path / "again")
+    dvc("repro", "tokenize", cwd=other)
+    for stage, path in [("download", "data/raw"), ("download", "models/base"), ("tokenize", "data/tokenized")]:
+        assert out_hash(other, stage, path) == out_hash(repo, stage, path), path
