@@ -49,12 +49,15 @@ def test_fresh_clone_repro_trains_a_model_that_beats_the_base(repo):
 def test_a_train_edit_reruns_train_merge_eval_only(repo):
     edit_params(repo, **{"train.learning_rate": 0.002, "train.epochs": 2})
     try:
+        # DVC reports the first stale stage; merge and eval follow once the adapter it writes has changed
         stale = json.loads(dvc("status", "--json", cwd=repo).stdout)
-        assert set(stale) == {"train", "merge", "eval"}
+        assert set(stale) == {"train"}
+        assert "changed params" in json.dumps(stale["train"])
         out = dvc("repro", cwd=repo).stdout
         assert "Stage 'download' didn't change, skipping" in out
         assert "Stage 'tokenize' didn't change, skipping" in out
-        assert "Running stage 'train'" in out and "Running stage 'eval'" in out
+        for stage in ("train", "merge", "eval"):
+            assert f"Running stage '{stage}'" in out
     finally:
         run(["git", "checkout", "--", "params.yaml", "dvc.lock", "metrics", "dvclive"], cwd=repo)
         dvc("checkout", "--force", cwd=repo)
