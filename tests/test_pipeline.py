@@ -59,7 +59,7 @@ def test_a_train_edit_reruns_train_merge_eval_only(repo):
         for stage in ("train", "merge", "eval"):
             assert f"Running stage '{stage}'" in out
     finally:
-        run(["git", "checkout", "--", "params.yaml", "dvc.lock", "metrics", "dvclive"], cwd=repo)
+        run(["git", "checkout", "HEAD", "--", "params.yaml", "dvc.lock", "metrics", "dvclive"], cwd=repo)
         dvc("checkout", "--force", cwd=repo)
 
 
@@ -74,7 +74,7 @@ def test_a_misspelt_key_fails_fast_and_keeps_every_output(repo):
         assert (repo / "models" / "adapter" / "adapter_model.safetensors").read_bytes() == adapter_before
         assert (repo / "dvc.lock").read_text() == lock_before
     finally:
-        run(["git", "checkout", "--", "params.yaml"], cwd=repo)
+        run(["git", "checkout", "HEAD", "--", "params.yaml"], cwd=repo)
     assert dvc("status", cwd=repo).stdout.strip() == "Data and pipelines are up to date."
 
 
