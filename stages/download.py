@@ -64,8 +64,13 @@ def build_from_config(source: ConfigModel, recipe: ModelRecipe, seed: int, out: 
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    texts = [v for line in (RAW_DIR / "records.jsonl").open(encoding="utf-8") for v in _strings(json.loads(line))]
-    tokenizer = train_tokenizer(texts, source.tokenizer_vocab_size)
+    if source.tokenizer:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(source.tokenizer)
+    else:
+        lines = (RAW_DIR / "records.jsonl").open(encoding="utf-8")
+        tokenizer = train_tokenizer([v for line in lines for v in _strings(json.loads(line))], source.tokenizer_vocab_size)
     config = AutoConfig.for_model(
         source.model_type,
         vocab_size=len(tokenizer),

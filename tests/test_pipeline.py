@@ -79,18 +79,18 @@ def test_a_misspelt_key_fails_fast_and_keeps_every_output(repo):
 
 
 def test_exp_run_adds_an_experiment_with_its_param_and_metrics(repo):
-    dvc("exp", "run", "-n", "lr-high", "-S", "train.learning_rate=0.005", cwd=repo)
+    dvc("exp", "run", "-n", "lr-low", "-S", "train.learning_rate=0.002", "-S", "train.epochs=3", cwd=repo)
     shown = json.loads(dvc("exp", "show", "--json", cwd=repo).stdout)
-    baseline = shown[0]
-    assert baseline["data"]["params"]["params.yaml"]["data"]["train"]["learning_rate"] == 0.003
+    baseline = next(b for b in shown if b["rev"] != "workspace")
+    assert baseline["data"]["params"]["params.yaml"]["data"]["train"]["learning_rate"] == 0.005
     assert "metrics/eval.json" in baseline["data"]["metrics"]
-    exp = next(e for e in baseline["experiments"] if e["name"] == "lr-high")["revs"][0]["data"]
-    assert exp["params"]["params.yaml"]["data"]["train"]["learning_rate"] == 0.005
+    exp = next(e for e in baseline["experiments"] if e["name"] == "lr-low")["revs"][0]["data"]
+    assert exp["params"]["params.yaml"]["data"]["train"]["learning_rate"] == 0.002
     assert "tuned" in exp["metrics"]["metrics/eval.json"]["data"]
     # the table holds params.yaml and the metrics files, not DVCLive's dump of every TrainingArguments field
     assert set(exp["params"]) == {"params.yaml"}
     table = dvc("exp", "show", "--no-pager", "--csv", cwd=repo).stdout
-    assert "lr-high" in table and "gradient_accumulation_steps" not in table
+    assert "lr-low" in table and "gradient_accumulation_steps" not in table
 
 
 def test_two_fresh_runs_give_identical_data_hashes(repo, tmp_path):
@@ -98,3 +98,36 @@ def test_two_fresh_runs_give_identical_data_hashes(repo, tmp_path):
     dvc("repro", "tokenize", cwd=other)
     for stage, path in [("download", "data/raw"), ("download", "models/base"), ("tokenize", "data/tokenized")]:
         assert out_hash(other, stage, path) == out_hash(repo, stage, path), path
+
+
+@pytest.mark.shared_data
+def test_pipeline_on_alpaca_zh_with_the_qwen2_tokenizer(shared_data, tmp_path):
+    """The real Chinese alpaca set and Qwen2's tokenizer through every stage, with a tiny random Qwen2."""
+    repo = clone(tmp_path / "zh")
+    recipe = {
+        "description": "tiny random Qwen2 with the real Qwen2 tokenizer (test only)",
+        "source": {"kind": "config", "model_type": "qwen2", "tokenizer": str(shared_data / "tokenizers" / "qwen2"),
+                   "config": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                              "num_attention_heads": 4, "num_key_value_heads": 2, "initializer_range": 0.2,
+                              "tie_word_embeddings": True}},
+        "template": "chatml",
+        "lora_targets": ["q_proj", "k_proj", "v_proj", "o_proj"],
+        "dtype": "float32",
+    }
+    (repo / "recipes" / "models" / "tiny-qwen2-test.yaml").write_text(yaml.safe_dump(recipe))
+    edit_params(repo, **{
+        "data.source": {"kind": "local", "path": str(shared_data / "instruct" / "alpaca_zh_demo.json")},
+        "data.max_records": 200, "model.recipe": "tiny-qwen2-test", "tokenize.max_length": 256,
+        "train.max_steps": 12, "train.batch_size": 4, "train.packing": True, "eval.max_samples": 8,
+        "eval.max_new_tokens": 8,
+    })
+    dvc("repro", cwd=repo)
+    stats = json.loads((repo / "metrics" / "tokenize.json").read_text())
+    assert stats["records"] == 200 and stats["validation_records"] == 20
+    train_log = json.loads((repo / "dvclive" / "train" / "metrics.json").read_text())
+    assert train_log["step"] == 12
+    rows = (repo / "dvclive" / "train" / "plots" / "metrics" / "loss.tsv").read_text().splitlines()[1:]
+    losses = [float(r.split("\t")[-1]) for r in rows]
+    assert losses[-1] < losses[0]
+    metrics = json.loads((repo / "metrics" / "eval.json").read_text())
+    assert metrics["tuned"]["loss"] < metrics["base"]["loss"]

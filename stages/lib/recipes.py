@@ -31,6 +31,7 @@ class ConfigModel(Strict):
     model_type: str
     config: dict[str, Any]
     tokenizer_vocab_size: Annotated[int, Field(ge=300)] = 1000
+    tokenizer: str | None = None  # a local tokenizer directory to use instead of training one on the data
 
 
 class ModelRecipe(Strict):
