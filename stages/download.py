@@ -79,12 +79,16 @@ def build_from_config(source: ConfigModel, recipe: ModelRecipe, seed: int, out: 
         bos_token_id=None,
         **source.config,
     )
+    # Random init of a multi-billion model takes minutes on a CPU and seconds on a GPU. The weights then depend on
+    # the device that drew them (both are seeded): the CPU default stays bit-identical from run to run.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, recipe.dtype))
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, recipe.dtype))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    return {"kind": "config", "model_type": source.model_type, "seed": seed, "config": source.config}
+    return {"kind": "config", "model_type": source.model_type, "seed": seed, "device": device, "config": source.config}
 
 
 def _strings(value) -> list[str]:

@@ -9,6 +9,8 @@ launcher (stages/lib/launch.py) and every rank runs `train()`; only global rank 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import json
 import shutil
 from pathlib import Path
 
@@ -48,7 +50,7 @@ def quantization_config(params: Params):
     )
 
 
-def sft_config(params: Params, output_dir: Path):
+def sft_config(params: Params, output_dir: Path, **overrides):
     import torch
     from trl import SFTConfig
 
@@ -60,7 +62,7 @@ def sft_config(params: Params, output_dir: Path):
     model_kwargs = {"dtype": t.dtype, "attn_implementation": t.attn_implementation}
     if t.device_map:
         model_kwargs["device_map"] = t.device_map
-    return SFTConfig(
+    kwargs = dict(
         output_dir=str(output_dir),
         seed=params.seed,
         data_seed=params.seed,
@@ -83,16 +85,21 @@ def sft_config(params: Params, output_dir: Path):
         model_init_kwargs=model_kwargs,
         deepspeed=deepspeed_config(t.deepspeed) if t.deepspeed else None,
         ddp_timeout=int(t.launch.timeout_minutes * 60),
+        use_liger_kernel=t.liger,  # RMSNorm, RoPE, SwiGLU kernels; TRL keeps its own fused LM head
         logging_steps=t.logging_steps,
         save_strategy="no",
         eval_strategy="no",
         report_to="none",  # DVCLive is added as a callback below, without its dump of every argument
         dataset_num_proc=None,
         **{checkpointing: t.gradient_checkpointing, f"{checkpointing}_kwargs": {"use_reentrant": zero3}},
-    )
+    ) | overrides
+    return SFTConfig(**kwargs)
 
 
-def dvclive_callback(live_dir: Path):
+def dvclive_callbacks(live_dir: Path) -> list:
+    if importlib.util.find_spec("dvclive") is None:  # e.g. a worker node with only the training stack
+        print("train: dvclive is not installed; the loss curve is kept in train_config.json only")
+        return []
     from dvclive import Live
     from transformers.integrations import DVCLiveCallback
 
@@ -109,34 +116,47 @@ def dvclive_callback(live_dir: Path):
             if state.is_world_process_zero:
                 self.live = Live(dir=str(live_dir), dvcyaml=None, save_dvc_exp=False, report=None)
 
-    return Callback()
+    return [Callback()]
 
 
-def train(params: Params) -> None:
-    import torch.distributed as dist
-    import datasets
+def build_trainer(params: Params, output_dir: Path, callbacks: list, **overrides):
+    """The stage's SFTTrainer; `overrides` go to SFTConfig (benchmarks use them to reproduce other setups)."""
     from datasets import load_from_disk
     from transformers import AutoTokenizer
     from trl import SFTTrainer
 
-    datasets.disable_caching()  # TRL's maps would otherwise write cache files into data/tokenized, a DVC input
     t = params.train
-    partial = ADAPTER_DIR.with_name(f".{ADAPTER_DIR.name}.partial")
-    live_partial = LIVE_DIR.with_name(f".{LIVE_DIR.name}.partial")
-    args = sft_config(params, partial / "checkpoints")  # DeepSpeed config is live from here on
-    is_main = args.process_index == 0
-    if is_main:
-        shutil.rmtree(partial, ignore_errors=True)
-        shutil.rmtree(live_partial, ignore_errors=True)
-    trainer = SFTTrainer(
+    args = sft_config(params, output_dir, **overrides)  # the DeepSpeed config is live from here on
+    if t.token_metrics:
+        trainer_class = SFTTrainer
+    else:
+        from stages.lib.lean_trainer import LeanSFTTrainer as trainer_class
+    return trainer_class(
         model=str(BASE_DIR),
         args=args,
         train_dataset=load_from_disk(str(TOKENIZED))["train"],
         processing_class=AutoTokenizer.from_pretrained(BASE_DIR),
         peft_config=None if t.method == "full" else lora_config(params),
         quantization_config=quantization_config(params) if t.method == "qlora" else None,
-        callbacks=[dvclive_callback(live_partial)],
+        callbacks=callbacks,
     )
+
+
+def train(params: Params) -> None:
+    import datasets
+    import torch.distributed as dist
+
+    from stages.lib.telemetry import Telemetry
+
+    datasets.disable_caching()  # TRL's maps would otherwise write cache files into data/tokenized, a DVC input
+    partial = ADAPTER_DIR.with_name(f".{ADAPTER_DIR.name}.partial")
+    live_partial = LIVE_DIR.with_name(f".{LIVE_DIR.name}.partial")
+    telemetry = Telemetry()
+    trainer = build_trainer(params, partial / "checkpoints", [telemetry, *dvclive_callbacks(live_partial)])
+    is_main = trainer.args.process_index == 0
+    if is_main:
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.rmtree(live_partial, ignore_errors=True)
     result = trainer.train()
     trainer.save_model(str(partial))  # every rank: ZeRO-3 gathers the shards, rank 0 writes
     if is_main:
@@ -144,9 +164,11 @@ def train(params: Params) -> None:
                       "chat_template.jinja"):  # merge takes the tokenizer from models/base
             path = partial / extra
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-        write_json(partial / "train_config.json", resolved_config(params, trainer, result))
+        write_json(partial / "train_config.json", resolved_config(params, trainer, result) | telemetry.summary)
+        print("train:", json.dumps(telemetry.summary))
         replace_path(partial, ADAPTER_DIR)
-        replace_path(live_partial, LIVE_DIR)
+        if live_partial.exists():
+            replace_path(live_partial, LIVE_DIR)
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -166,6 +188,7 @@ def resolved_config(params: Params, trainer, result) -> dict:
         "world_size": trainer.args.world_size,
         "global_steps": result.global_step,
         "train_loss": result.training_loss,
+        "loss_history": [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h],
         "versions": {m.__name__: m.__version__ for m in (torch, transformers, trl, peft)},
     }
 

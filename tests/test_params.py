@@ -88,8 +88,8 @@ def test_several_nodes_need_deepspeed_and_a_hostfile():
     assert "needs train.deepspeed" in error_of(params)
     params["train"]["deepspeed"] = "zero3"
     assert "needs train.launch.hostfile" in error_of(params)
-    params["train"]["launch"]["runner"] = "no-ssh"
-    validate(params)  # no-ssh: each node starts its own launcher, no hostfile needed
+    params["train"]["launch"]["hostfile"] = "hostfile"
+    validate(params)
 
 
 def test_merge_has_no_4bit_option():

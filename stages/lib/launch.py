@@ -18,29 +18,26 @@ from .params import Params
 STAGE_MODULE = "stages.train"
 
 
-def visible_gpus() -> int:
-    import torch
-
-    return torch.cuda.device_count()
-
-
 def launcher_command(params: Params) -> list[str]:
-    t, launch = params.train, params.train.launch
-    gpus = launch.gpus_per_node or max(visible_gpus(), 1)
+    """DeepSpeed's runner, re-running this stage on every rank.
+
+    Without gpus_per_node or include, a single node uses every GPU in CUDA_VISIBLE_DEVICES (one process on a CPU).
+    """
+    launch = params.train.launch
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner"]
     cmd += ["--master_addr", launch.master_addr, "--master_port", str(launch.master_port)]
-    if launch.nodes == 1:
-        cmd += ["--num_gpus", str(gpus)]
-    elif launch.runner == "no-ssh":
-        cmd += ["--no_ssh", "--node_rank", str(launch.node_rank), "--num_nodes", str(launch.nodes)]
-        cmd += ["--num_gpus", str(gpus)]
-        if launch.hostfile:
-            cmd += ["--hostfile", launch.hostfile]
-    else:
+    if launch.hostfile:
         if not os.path.isfile(launch.hostfile):
             raise UserError(f"train.launch.hostfile {launch.hostfile} does not exist")
-        cmd += ["--hostfile", launch.hostfile, "--launcher", launch.runner, "--num_nodes", str(launch.nodes)]
-        cmd += ["--num_gpus", str(gpus)]
+        cmd += ["--hostfile", launch.hostfile]
+    if launch.include:
+        cmd += ["--include", launch.include]
+    else:
+        cmd += ["--num_gpus", str(launch.gpus_per_node)] if launch.gpus_per_node else []
+        cmd += ["--num_nodes", str(launch.nodes)] if launch.nodes > 1 else []
+    if launch.nodes > 1:
+        cmd += ["--no_ssh", "--node_rank", str(launch.node_rank)] if launch.runner == "no-ssh" else []
+        cmd += ["--launcher", launch.runner] if launch.runner != "no-ssh" else []
     return [*cmd, "--module", STAGE_MODULE]
 
 
@@ -52,5 +49,9 @@ def relaunch_if_needed(params: Params) -> bool:
     print("train: launching", shlex.join(cmd), flush=True)
     code = subprocess.call(cmd)
     if code != 0:
-        raise SystemExit(f"train: the DeepSpeed launcher exited with status {code}")
+        raise SystemExit(
+            f"train: the DeepSpeed launcher exited with status {code}: a rank failed, or a node did not join or "
+            f"stopped answering within train.launch.timeout_minutes ({params.train.launch.timeout_minutes}); "
+            "the rank logs above say which"
+        )
     return True

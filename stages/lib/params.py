@@ -98,7 +98,8 @@ class LaunchParams(Strict):
     nodes: Annotated[int, Field(ge=1)] = 1
     gpus_per_node: Annotated[int, Field(ge=1)] | None = None  # null: every visible GPU (1 process on CPU)
     runner: Literal["pdsh", "openmpi", "slurm", "no-ssh"] = "pdsh"
-    hostfile: str | None = None
+    hostfile: str | None = None  # DeepSpeed hostfile: one "host slots=N" line per node
+    include: str | None = None  # DeepSpeed's --include, to pick hosts and GPUs: "node0:0,1@node1:2,3"
     node_rank: Annotated[int, Field(ge=0)] = 0  # only for runner no-ssh: this node's rank
     master_addr: str = "127.0.0.1"
     master_port: Annotated[int, Field(ge=1024, le=65535)] = 29500
@@ -124,6 +125,7 @@ class TrainParams(Strict):
     gradient_checkpointing: bool = False
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] = "sdpa"
     liger: bool = False
+    token_metrics: bool = True  # TRL's per-step entropy and token accuracy; false is faster
     logging_steps: Annotated[int, Field(ge=1)] = 10
     device_map: Literal["auto"] | None = None
     deepspeed: str | None = None  # a name in recipes/deepspeed or a path to a JSON file
@@ -146,8 +148,8 @@ class TrainParams(Strict):
             )
         if self.launch.nodes > 1 and not self.deepspeed:
             raise ValueError("train.launch.nodes > 1 needs train.deepspeed (a ZeRO config recipe)")
-        if self.launch.nodes > 1 and self.launch.runner != "no-ssh" and not self.launch.hostfile:
-            raise ValueError(f"train.launch.runner {self.launch.runner} with several nodes needs train.launch.hostfile")
+        if self.launch.nodes > 1 and not self.launch.hostfile:
+            raise ValueError("train.launch.nodes > 1 needs train.launch.hostfile (the list of nodes and their slots)")
         if self.launch.node_rank >= self.launch.nodes:
             raise ValueError(
                 f"train.launch.node_rank ({self.launch.node_rank}) must be below train.launch.nodes ({self.launch.nodes})"

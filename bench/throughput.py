@@ -1,0 +1,110 @@
+"""QLoRA training throughput per GPU: the train stage's settings against the seed's approach and TRL's defaults.
+
+Every variant runs the real train stage code (`stages.train.build_trainer`) on the same random-weight model and
+the same tokenized alpaca_zh set, one process per variant, on one GPU, for --steps optimizer steps, and prints
+real (non-padding) tokens/s, MFU, peak memory and step time. Prepare the model and data first with
+`bench/topologies.py --runs ''` (same --work).
+
+    python bench/throughput.py --work /tmp/topologies --variants seed,trl_defaults,trl_packing,ours [--steps 12]
+
+MFU = real tokens/s x 4 x N / peak, N = linear-layer parameters (lm_head included), peak = 989 TFLOP/s dense
+BF16 (H100 and H200 SXM). 4N per token: forward 2N + backward through the activations 2N; the frozen 4-bit
+base gets no weight gradients; recomputation under gradient checkpointing is not counted (it is overhead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+PEAK_FLOPS = 989e12
+# name: (params.train changes, SFTConfig overrides)
+VARIANTS = {
+    # the seed: batch 1, every sample padded to 512, accumulation 8, checkpointing (prepare_model_for_kbit_training)
+    "seed": ({"batch_size": 1, "grad_accum": 8, "packing": False, "gradient_checkpointing": True},
+             {"max_length": 512, "pad_to_multiple_of": 512}),
+    # TRL 1.16 SFTConfig defaults: batch 8, max_length 1024, no packing, checkpointing on, token metrics
+    "trl_defaults": ({"batch_size": 8, "packing": False, "gradient_checkpointing": True}, {"max_length": 1024}),
+    "trl_packing": ({"batch_size": 8, "packing": True, "gradient_checkpointing": True}, {"max_length": 1024}),
+    # the stage: one packed row of 8192 tokens, TRL's chunked LM head without the per-step metrics
+    "ours": ({"batch_size": 1, "packing": True, "gradient_checkpointing": True, "token_metrics": False},
+             {"max_length": 8192}),
+    "ours_liger": ({"batch_size": 1, "packing": True, "gradient_checkpointing": True, "token_metrics": False,
+                    "liger": True}, {"max_length": 8192}),
+    "ours_metrics": ({"batch_size": 1, "packing": True, "gradient_checkpointing": True, "token_metrics": True},
+                     {"max_length": 8192}),
+    "ours_nockpt_4k": ({"batch_size": 1, "packing": True, "gradient_checkpointing": False, "token_metrics": False},
+                       {"max_length": 4096}),
+}  # fmt: skip
+
+
+def linear_params(model_dir: Path) -> int:
+    c = json.loads((model_dir / "config.json").read_text())
+    h, i, layers, v = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"]
+    kv = h // c["num_attention_heads"] * c["num_key_value_heads"]
+    return layers * (2 * h * h + 2 * h * kv + 3 * h * i) + h * v
+
+
+def one_variant(name: str, steps: int) -> dict:
+    """Runs inside the variant's own process, in a work dir laid out like the project."""
+    sys.path.insert(0, os.getcwd())
+    from stages.lib.params import load_params
+    from stages.lib.telemetry import Telemetry
+    from stages.train import BASE_DIR, build_trainer
+
+    changes, overrides = VARIANTS[name]
+    raw = yaml.safe_load(Path("params.yaml").read_text())
+    raw["train"] |= changes | {"deepspeed": None, "max_steps": steps, "logging_steps": 2}
+    Path("params.yaml").write_text(yaml.safe_dump(raw))
+    telemetry = Telemetry()
+    trainer = build_trainer(load_params(), Path("out"), [telemetry], **overrides)
+    trainer.train()
+    s = telemetry.summary
+    n = linear_params(BASE_DIR)
+    tokens_per_step = s["tokens_seen"] / steps
+    return {
+        "variant": name, "tokens_per_s": s["tokens_per_s"], "mfu": s["tokens_per_s"] * 4 * n / PEAK_FLOPS,
+        "peak_gib": s["peak_gib_train_per_rank"][0], "step_time_s": s["step_time_s"], "real_tokens_per_step":
+        tokens_per_step, "linear_params": n, "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
+    }  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/topologies"))
+    ap.add_argument("--variants", default="seed,trl_defaults,trl_packing,ours")
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        print("RESULT " + json.dumps(one_variant(args.one, args.steps)), flush=True)
+        return
+    sys.path.insert(0, str(Path(__file__).parent))
+    from topologies import node_dir
+
+    base = args.work / "base"
+    params = yaml.safe_load((base / "params.yaml").read_text())
+    for name in args.variants.split(","):
+        d = node_dir(args.work, base, f"tp-{name}", 0, params)
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--one", name, "--steps", str(args.steps)]
+        proc = subprocess.run(cmd, cwd=d, capture_output=True, text=True)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        if proc.returncode or not lines:
+            print(f"{name}: failed ({proc.returncode})\n{proc.stderr[-4000:]}", flush=True)
+            continue
+        result = json.loads(lines[-1][len("RESULT ") :])
+        print(json.dumps(result), flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()

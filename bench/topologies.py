@@ -1,0 +1,165 @@
+"""The train stage on several GPU topologies, with a random-weight 7B (or 1.5B) Qwen2-architecture model.
+
+Runs the real stages (download builds the model from a config, tokenize, then train under DeepSpeed ZeRO-3) and
+prints, per topology: steps, loss first/last, adapter size, LoRA-B norm, per-rank peak memory and tokens/s.
+Two "nodes" on one host are two launcher processes (runner no-ssh, own node rank, own GPUs via include).
+
+    python bench/topologies.py --data DIR --work /tmp/topo --runs 1gpu,2gpu,2x1,2x2 [--size 7b] [--steps 16]
+
+DIR holds alpaca_zh_demo.json and qwen2/ (the tokenizer), as in ../shared/data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZES = {  # Qwen2.5 shapes; weights are random
+    "7b": {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
+           "num_key_value_heads": 4, "rope_theta": 1e6, "rms_norm_eps": 1e-6, "tie_word_embeddings": False},
+    "1.5b": {"hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28, "num_attention_heads": 12,
+             "num_key_value_heads": 2, "rope_theta": 1e6, "rms_norm_eps": 1e-6, "tie_word_embeddings": True},
+    "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "tie_word_embeddings": True},  # a CPU smoke test of this script
+}  # fmt: skip
+# name: (nodes, GPUs per node, gradient accumulation) -- the global batch is the same in every topology
+TOPOLOGIES = {"1gpu": (1, 1, 4), "2gpu": (1, 2, 2), "2x1": (2, 1, 2), "2x2": (2, 2, 1), "4gpu": (1, 4, 1),
+              "2x4": (2, 4, 1)}  # fmt: skip
+
+
+def base_params(data: Path, steps: int, deepspeed: str) -> dict:
+    return {
+        "seed": 42,
+        "data": {"source": {"kind": "local", "path": str(data / "alpaca_zh_demo.json")}, "format": "alpaca"},
+        "model": {"recipe": "bench-qwen2"},
+        "tokenize": {"template": "seed", "max_length": 2048, "validation_fraction": 0.02, "max_validation": 20},
+        "train": {
+            "method": "qlora", "dtype": "bfloat16", "learning_rate": 1e-3, "lr_scheduler": "constant",
+            "warmup_ratio": 0.0, "max_steps": steps, "batch_size": 1, "packing": True, "logging_steps": 1,
+            "gradient_checkpointing": True, "deepspeed": deepspeed,
+            "lora": {"r": 8, "alpha": 32, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+        },
+    }  # fmt: skip
+
+
+def run(cmd: list[str], cwd: Path, log: Path, env: dict | None = None) -> subprocess.Popen:
+    out = open(log, "w")
+    return subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+
+
+def wait(procs: list[subprocess.Popen], logs: list[Path], what: str) -> None:
+    codes = [p.wait() for p in procs]
+    if any(codes):
+        for log in logs:
+            print(f"--- {log}\n{log.read_text()[-6000:]}", file=sys.stderr)
+        raise SystemExit(f"{what} failed: exit codes {codes}")
+
+
+def prepare(work: Path, data: Path, size: str, steps: int, deepspeed: str) -> Path:
+    base = work / "base"
+    if (base / "data" / "tokenized").exists():
+        return base
+    base.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(ROOT / "recipes", base / "recipes", dirs_exist_ok=True)  # plus the benchmark's model recipe
+    if not (base / "stages").exists():
+        (base / "stages").symlink_to(ROOT / "stages")
+    recipe = {
+        "description": f"random Qwen2 {size} (benchmark)",
+        "source": {"kind": "config", "model_type": "qwen2", "config": SIZES[size], "tokenizer": str(data / "qwen2")},
+        "template": "seed", "lora_targets": ["q_proj", "k_proj", "v_proj"], "dtype": "bfloat16",
+    }  # fmt: skip
+    (base / "recipes" / "models" / "bench-qwen2.yaml").write_text(yaml.safe_dump(recipe))
+    (base / "params.yaml").write_text(yaml.safe_dump(base_params(data, steps, deepspeed)))
+    for stage in ("download", "tokenize"):
+        t = time.time()
+        wait([run([sys.executable, "-m", f"stages.{stage}"], base, base / f"{stage}.log")], [base / f"{stage}.log"], stage)
+        print(f"{stage}: {time.time() - t:.0f} s", flush=True)
+    return base
+
+
+def node_dir(work: Path, base: Path, name: str, node: int, params: dict) -> Path:
+    d = work / name / f"node{node}"
+    shutil.rmtree(d, ignore_errors=True)
+    (d / "models").mkdir(parents=True)
+    (d / "stages").symlink_to(ROOT / "stages")
+    (d / "recipes").symlink_to(base / "recipes")
+    (d / "data").symlink_to(base / "data")
+    (d / "models" / "base").symlink_to(base / "models" / "base")
+    (d / "params.yaml").write_text(yaml.safe_dump(params))
+    return d
+
+
+def topology(work: Path, base: Path, name: str, port: int) -> dict:
+    nodes, gpus, accum = TOPOLOGIES[name]
+    params = yaml.safe_load((base / "params.yaml").read_text())
+    params["train"]["grad_accum"] = accum
+    launch = {"nodes": nodes, "gpus_per_node": gpus, "master_port": port, "timeout_minutes": 5}
+    if nodes > 1:
+        hostfile = work / name / "hostfile"
+        hostfile.parent.mkdir(parents=True, exist_ok=True)
+        hostfile.write_text("".join(f"node{n} slots={gpus}\n" for n in range(nodes)))
+        gpu_ids = lambda n: ",".join(str(n * gpus + g) for g in range(gpus))  # noqa: E731
+        launch |= {"runner": "no-ssh", "hostfile": str(hostfile),
+                   "include": "@".join(f"node{n}:{gpu_ids(n)}" for n in range(nodes))}  # fmt: skip
+    procs, logs, dirs = [], [], []
+    t = time.time()
+    for n in range(nodes):
+        params["train"]["launch"] = launch | {"node_rank": n}
+        d = node_dir(work, base, name, n, params)
+        dirs.append(d)
+        logs.append(d / "train.log")
+        procs.append(run([sys.executable, "-m", "stages.train"], d, logs[-1]))
+    wait(procs, logs, f"train {name}")
+    return summary(name, dirs[0], time.time() - t)
+
+
+def summary(name: str, d: Path, seconds: float) -> dict:
+    from safetensors.torch import load_file
+
+    config = json.loads((d / "models" / "adapter" / "train_config.json").read_text())
+    adapter = d / "models" / "adapter" / "adapter_model.safetensors"
+    weights = load_file(adapter)
+    lora_b = sum(float(w.float().norm() ** 2) for k, w in weights.items() if "lora_B" in k) ** 0.5
+    losses = [h["loss"] for h in config["loss_history"]]
+    return {
+        "topology": name, "world_size": config["world_size"], "steps": config["global_steps"],
+        "loss_first": losses[0], "loss_last": losses[-1], "losses": losses,
+        "adapter_mib": adapter.stat().st_size / 2**20, "lora_b_norm": lora_b,
+        "peak_gib_load_per_rank": config["peak_gib_load_per_rank"],
+        "peak_gib_train_per_rank": config["peak_gib_train_per_rank"],
+        "tokens_per_s": config.get("tokens_per_s"), "tokens_per_s_per_gpu": config.get("tokens_per_s_per_gpu"),
+        "stage_seconds": seconds,
+    }  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/topologies"))
+    ap.add_argument("--runs", default="1gpu,2gpu")
+    ap.add_argument("--size", choices=SIZES, default="7b")
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--deepspeed", default="zero3")
+    ap.add_argument("--out", type=Path, default=None, help="append one JSON line per run here")
+    args = ap.parse_args()
+    base = prepare(args.work, args.data.resolve(), args.size, args.steps, args.deepspeed)
+    for i, name in enumerate(filter(None, args.runs.split(","))):
+        result = topology(args.work, base, name, 29500 + 10 * i) | {"size": args.size, "deepspeed": args.deepspeed}
+        line = json.dumps(result)
+        print(line, flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(line + "\n")
+
+
+if __name__ == "__main__":
+    main()

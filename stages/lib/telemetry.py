@@ -1,0 +1,59 @@
+"""Throughput and memory of a training run, per rank, for train_config.json and the benchmarks."""
+
+from __future__ import annotations
+
+import time
+
+from transformers import TrainerCallback
+
+GIB = 1024**3
+
+
+class Telemetry(TrainerCallback):
+    """Real tokens/s after the first logging window (warm-up excluded) and per-rank peak GPU memory.
+
+    Token counts are TRL's `num_tokens`: non-padding tokens summed over all ranks.
+    """
+
+    def __init__(self):
+        self.first = None  # (time, tokens) at the first log that has a token count
+        self.last = None
+        self.load_peak = 0.0
+        self.summary: dict = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        import torch
+
+        if torch.cuda.is_available():
+            self.load_peak = torch.cuda.max_memory_allocated() / GIB  # model load and sharding
+            torch.cuda.reset_peak_memory_stats()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "num_tokens" in logs:
+            point = (time.perf_counter(), float(logs["num_tokens"]), state.global_step)
+            self.first = self.first or point
+            self.last = point
+
+    def on_train_end(self, args, state, control, **kwargs):
+        import torch
+        import torch.distributed as dist
+
+        train_peak = torch.cuda.max_memory_allocated() / GIB if torch.cuda.is_available() else 0.0
+        peaks = [(self.load_peak, train_peak)]
+        if dist.is_initialized():
+            peaks = [None] * dist.get_world_size()
+            dist.all_gather_object(peaks, (self.load_peak, train_peak))
+        summary = {
+            "peak_gib_load_per_rank": [round(p[0], 3) for p in peaks],
+            "peak_gib_train_per_rank": [round(p[1], 3) for p in peaks],
+            "tokens_seen": self.last[1] if self.last else None,
+        }
+        if self.first and self.last and self.last[2] > self.first[2]:
+            seconds = self.last[0] - self.first[0]
+            tokens = self.last[1] - self.first[1]
+            summary |= {
+                "tokens_per_s": tokens / seconds,
+                "tokens_per_s_per_gpu": tokens / seconds / max(args.world_size, 1),
+                "step_time_s": seconds / (self.last[2] - self.first[2]),
+            }
+        self.summary = summary
