@@ -106,7 +106,8 @@ def topology(work: Path, base: Path, name: str, port: int) -> dict:
     if nodes > 1:
         hostfile = work / name / "hostfile"
         hostfile.parent.mkdir(parents=True, exist_ok=True)
-        hostfile.write_text("".join(f"node{n} slots={gpus}\n" for n in range(nodes)))
+        # one host plays every node: each "node" lists all its GPUs, include gives each node its own
+        hostfile.write_text("".join(f"node{n} slots={nodes * gpus}\n" for n in range(nodes)))
         gpu_ids = lambda n: ",".join(str(n * gpus + g) for g in range(gpus))  # noqa: E731
         launch |= {"runner": "no-ssh", "hostfile": str(hostfile),
                    "include": "@".join(f"node{n}:{gpu_ids(n)}" for n in range(nodes))}  # fmt: skip

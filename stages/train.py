@@ -9,7 +9,6 @@ launcher (stages/lib/launch.py) and every rank runs `train()`; only global rank 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -97,10 +96,11 @@ def sft_config(params: Params, output_dir: Path, **overrides):
 
 
 def dvclive_callbacks(live_dir: Path) -> list:
-    if importlib.util.find_spec("dvclive") is None:  # e.g. a worker node with only the training stack
+    try:
+        from dvclive import Live
+    except ImportError:  # e.g. a worker node with only the training stack
         print("train: dvclive is not installed; the loss curve is kept in train_config.json only")
         return []
-    from dvclive import Live
     from transformers.integrations import DVCLiveCallback
 
     class Callback(DVCLiveCallback):
@@ -146,8 +146,10 @@ def train(params: Params) -> None:
     import datasets
     import torch.distributed as dist
 
+    from stages.lib.launch import join_world
     from stages.lib.telemetry import Telemetry
 
+    join_world(params.train.launch.timeout_minutes)
     datasets.disable_caching()  # TRL's maps would otherwise write cache files into data/tokenized, a DVC input
     partial = ADAPTER_DIR.with_name(f".{ADAPTER_DIR.name}.partial")
     live_partial = LIVE_DIR.with_name(f".{LIVE_DIR.name}.partial")

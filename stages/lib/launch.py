@@ -55,3 +55,35 @@ def relaunch_if_needed(params: Params) -> bool:
             "the rank logs above say which"
         )
     return True
+
+
+def join_world(timeout_minutes: float) -> None:
+    """Join the process group, or fail with a clear message if the other ranks do not come within the timeout.
+
+    The process group gets the same timeout, so a collective that waits on a dead rank fails too instead of hanging.
+    """
+    import threading
+    from datetime import timedelta
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return
+    import deepspeed
+    import torch.distributed as dist
+
+    def give_up() -> None:
+        print(
+            f"train: rank {os.environ.get('RANK')} gave up: not all {world} ranks joined within "
+            f"train.launch.timeout_minutes ({timeout_minutes}); check that every node started and that "
+            f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} is reachable from each",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(3)
+
+    watchdog = threading.Timer(timeout_minutes * 60, give_up)
+    watchdog.daemon = True
+    watchdog.start()
+    deepspeed.init_distributed(timeout=timedelta(minutes=timeout_minutes))
+    dist.barrier()
+    watchdog.cancel()

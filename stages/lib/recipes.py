@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .params import Dtype, ParamsError
 
-RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+RECIPES = Path("recipes")  # stages run from the project root, like every path in dvc.yaml
 
 
 class Strict(BaseModel):

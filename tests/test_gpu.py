@@ -1,0 +1,34 @@
+"""GPU checks of the train stage under DeepSpeed ZeRO-3 (skipped without CUDA): run on the GPU machine with
+`pytest -m gpu tests/test_gpu.py`. Needs the shared data (alpaca_zh + Qwen2 tokenizer) and 2 GPUs for the
+multi-GPU cases; bench/RESULTS.md records the 7B runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+torch = pytest.importorskip("torch")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+@pytest.mark.parametrize("topology, gpus", [("1gpu", 1), ("2gpu", 2), ("2x1", 2), ("2x2", 4)])
+def test_topology_trains_and_saves_a_complete_adapter(topology, gpus, shared_data, tmp_path):
+    if torch.cuda.device_count() < gpus:
+        pytest.skip(f"needs {gpus} GPUs")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "alpaca_zh_demo.json").symlink_to(shared_data / "instruct" / "alpaca_zh_demo.json")
+    (data / "qwen2").symlink_to(shared_data / "tokenizers" / "qwen2")
+    out = tmp_path / "result.jsonl"
+    subprocess.run([sys.executable, str(ROOT / "bench" / "topologies.py"), "--data", str(data), "--work",
+                    str(tmp_path / "work"), "--runs", topology, "--size", "1.5b", "--steps", "8", "--out", str(out)],
+                   check=True)
+    result = json.loads(out.read_text().splitlines()[-1])
+    assert result["world_size"] == gpus and result["steps"] == 8
+    assert result["loss_last"] < result["loss_first"]
+    assert result["adapter_mib"] > 1 and result["lora_b_norm"] > 0
+    assert len(result["peak_gib_train_per_rank"]) == gpus

@@ -1,0 +1,72 @@
+"""Launching the train stage through DeepSpeed: commands per runner, and a clear failure when a node is missing."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import ROOT, default_params, env_with_venv
+
+from stages.lib.launch import launcher_command
+from stages.lib.params import validate
+
+
+def params_with(**launch) -> object:
+    raw = default_params()
+    raw["train"]["deepspeed"] = "zero3"
+    raw["train"]["launch"] |= launch
+    return validate(raw)
+
+
+def flags(cmd: list[str]) -> str:
+    return " ".join(cmd[cmd.index("deepspeed.launcher.runner") + 1 :])
+
+
+def test_single_node_uses_the_visible_gpus_unless_told():
+    assert flags(launcher_command(params_with())) == "--master_addr 127.0.0.1 --master_port 29500 --module stages.train"
+    assert "--num_gpus 4" in flags(launcher_command(params_with(gpus_per_node=4)))
+
+
+def test_pdsh_with_a_hostfile_as_in_the_seed(tmp_path: Path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("worker-1 slots=4\nworker-2 slots=4\n")
+    cmd = flags(launcher_command(params_with(nodes=2, gpus_per_node=4, hostfile=str(hostfile), master_addr="10.0.0.1")))
+    assert cmd == (f"--master_addr 10.0.0.1 --master_port 29500 --hostfile {hostfile} --num_gpus 4 --num_nodes 2 "
+                   "--launcher pdsh --module stages.train")
+
+
+def test_no_ssh_mode_passes_this_nodes_rank_and_the_gpu_split(tmp_path: Path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node0 slots=4\nnode1 slots=4\n")
+    cmd = flags(launcher_command(params_with(nodes=2, runner="no-ssh", node_rank=1, hostfile=str(hostfile),
+                                             include="node0:0,1@node1:2,3")))
+    assert "--include node0:0,1@node1:2,3 --no_ssh --node_rank 1" in cmd and "--num_gpus" not in cmd
+
+
+def test_a_missing_hostfile_is_named():
+    with pytest.raises(ValueError, match="train.launch.hostfile /nope does not exist"):
+        launcher_command(params_with(nodes=2, hostfile="/nope"))
+
+
+def test_a_node_that_never_joins_fails_within_the_timeout(tmp_path: Path):
+    """Node 0 of 2 starts alone (CPU, gloo): it gives up after timeout_minutes with a message, not a hang."""
+    raw = default_params()
+    raw["train"]["deepspeed"] = "zero3"
+    raw["train"]["launch"] |= {"nodes": 2, "runner": "no-ssh", "hostfile": "hostfile", "node_rank": 0,
+                               "timeout_minutes": 0.25, "master_port": 29631}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    (tmp_path / "hostfile").write_text("node0 slots=1\nnode1 slots=1\n")
+    env = env_with_venv() | {"PYTHONPATH": str(ROOT)}
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "stages.train"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=240)
+    elapsed = time.monotonic() - start
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "gave up: not all 2 ranks joined within train.launch.timeout_minutes (0.25)" in out
+    assert "the DeepSpeed launcher exited with status 3" in out
+    assert elapsed < 200  # far below the default 30-minute collective timeout
