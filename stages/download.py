@@ -10,6 +10,7 @@ import json
 import shutil
 from pathlib import Path
 
+from stages.lib.convert import CONVERTERS
 from stages.lib.errors import run_stage
 from stages.lib.outputs import sha256_file, staged_dir, write_json
 from stages.lib.params import Params, ParamsError, load_params
@@ -130,15 +131,20 @@ def write_base(params: Params, out: Path) -> None:
     else:
         origin = fetch_hub(recipe.source, recipe, params, out)
     if recipe.converter and params.model.convert:
-        from stages.lib.convert import CONVERTERS
-
         origin["converted"] = CONVERTERS[recipe.converter](out)
     sizes = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()}
     write_json(out / "manifest.json", {"source": origin, "recipe": params.model.recipe, "files": sizes})
 
 
-def check_remote_code(params: Params) -> None:
+def check_model_route(params: Params) -> None:
+    """Before any download: the model's route (native, converted or remote code) must be available and allowed."""
     recipe = model_recipe(params.model.recipe)
+    if recipe.converter and params.model.convert and recipe.converter not in CONVERTERS:
+        raise ParamsError(
+            f"model recipe '{params.model.recipe}' needs the '{recipe.converter}' checkpoint converter, which is not "
+            "implemented yet; its Hub code (model.convert false, model.trust_remote_code true) targets transformers "
+            "4.30 and does not load on the transformers this project pins"
+        )
     needs = recipe.trust_remote_code and not (recipe.converter and params.model.convert)
     if needs and not params.model.trust_remote_code:
         raise ParamsError(
@@ -149,7 +155,7 @@ def check_remote_code(params: Params) -> None:
 
 def main() -> None:
     params = load_params()
-    check_remote_code(params)
+    check_model_route(params)
     with staged_dir(RAW_DIR) as tmp:
         write_raw(params, tmp)
     with staged_dir(BASE_DIR) as tmp:

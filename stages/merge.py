@@ -78,10 +78,6 @@ def main() -> None:
     with staged_dir(MERGED_DIR) as tmp:
         merged.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(BASE_DIR).save_pretrained(tmp)
-        if params.merge.save_format == "chatglm2":
-            from stages.lib.convert import glm_to_chatglm2
-
-            glm_to_chatglm2(tmp)
     write_json(METRICS, {"max_abs_logit_diff": diff, "tolerance": params.merge.tolerance, "dtype": params.merge_dtype})
     print(f"merge: max |logit difference| {diff} (tolerance {params.merge.tolerance})")
 

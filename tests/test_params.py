@@ -133,3 +133,24 @@ def test_a_stage_with_a_misspelt_key_fails_at_once_and_leaves_outputs(tmp_path: 
     assert json.dumps(sorted(p.name for p in tmp_path.rglob("*"))) == json.dumps(
         sorted(["params.yaml", "models", "adapter", "adapter_model.safetensors"])
     )
+
+
+def test_every_ready_pipeline_validates():
+    pipelines = sorted((ROOT / "pipelines").glob("*/params.yaml"))
+    assert pipelines
+    for path in pipelines:
+        params = validate(yaml.safe_load(path.read_text()))
+        model_recipe(params.model.recipe)
+        if params.train.deepspeed:
+            deepspeed_config(params.train.deepspeed)
+        if params.train.launch.hostfile:
+            assert (path.parent / params.train.launch.hostfile).is_file()
+
+
+def test_the_seed_pipeline_is_the_seed_scenario():
+    params = validate(yaml.safe_load((ROOT / "pipelines" / "seed-chatglm2-2x4" / "params.yaml").read_text()))
+    assert params.model.recipe == "chatglm2-6b"
+    assert (params.train.lora.r, params.train.lora.alpha) == (8, 32)
+    assert model_recipe("chatglm2-6b").lora_targets == ["query_key_value"]
+    assert params.train.deepspeed == "zero3-offload" and deepspeed_config("zero3-offload")["zero_optimization"]["offload_param"]
+    assert (params.train.launch.nodes, params.train.launch.gpus_per_node, params.train.launch.runner) == (2, 4, "pdsh")

@@ -164,7 +164,6 @@ class MergeParams(Strict):
     dtype: Dtype | None = None  # null: train.dtype; a 4-bit base is never an option
     tolerance: Annotated[float, Field(gt=0)] = 1e-3  # max |merged - (base + adapter)| logit difference
     check_samples: Annotated[int, Field(ge=1)] = 4
-    save_format: Literal["native", "chatglm2"] = "native"
 
 
 class EvalParams(Strict):
@@ -181,12 +180,6 @@ class Params(Strict):
     train: TrainParams = TrainParams()
     merge: MergeParams = MergeParams()
     eval: EvalParams = EvalParams()
-
-    @model_validator(mode="after")
-    def _coherent(self) -> "Params":
-        if self.merge.save_format == "chatglm2" and "chatglm2" not in self.model.recipe:
-            raise ValueError("merge.save_format chatglm2 is only for the chatglm2 model recipes")
-        return self
 
     @property
     def merge_dtype(self) -> str:
