@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from .errors import UserError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import UserError
 
 PARAMS_FILE = Path("params.yaml")
 Dtype = Literal["bfloat16", "float16", "float32"]
