@@ -105,7 +105,11 @@ def _strings(value) -> list[str]:
 def fetch_hub(source: HubModel, recipe: ModelRecipe, params: Params, out: Path) -> dict:
     from huggingface_hub import snapshot_download
 
-    patterns = MODEL_FILES + (["*.py"] if recipe.trust_remote_code else [])
+    patterns = list(MODEL_FILES)
+    if recipe.converter and params.model.convert:
+        patterns.append("pytorch_model*.bin")  # read as tensors only (weights_only), then rewritten as safetensors
+    elif recipe.trust_remote_code:
+        patterns.append("*.py")
     snapshot_download(source.repo, revision=source.revision, local_dir=out, allow_patterns=patterns)
     shutil.rmtree(out / ".cache", ignore_errors=True)
     return {"kind": "hub", "repo": source.repo, "revision": source.revision}

@@ -151,6 +151,6 @@ def test_the_seed_pipeline_is_the_seed_scenario():
     params = validate(yaml.safe_load((ROOT / "pipelines" / "seed-chatglm2-2x4" / "params.yaml").read_text()))
     assert params.model.recipe == "chatglm2-6b"
     assert (params.train.lora.r, params.train.lora.alpha) == (8, 32)
-    assert model_recipe("chatglm2-6b").lora_targets == ["query_key_value"]
+    assert model_recipe("chatglm2-6b").lora_targets == ["q_proj", "k_proj", "v_proj"]  # query_key_value, split
     assert params.train.deepspeed == "zero3-offload" and deepspeed_config("zero3-offload")["zero_optimization"]["offload_param"]
     assert (params.train.launch.nodes, params.train.launch.gpus_per_node, params.train.launch.runner) == (2, 4, "pdsh")
