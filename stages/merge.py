@@ -78,6 +78,10 @@ def main() -> None:
     with staged_dir(MERGED_DIR) as tmp:
         merged.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(BASE_DIR).save_pretrained(tmp)
+        if params.merge.chatglm2_layout:
+            from stages.lib.convert import write_chatglm2_layout
+
+            write_chatglm2_layout(tmp, BASE_DIR, tmp / "chatglm2")
     write_json(METRICS, {"max_abs_logit_diff": diff, "tolerance": params.merge.tolerance, "dtype": params.merge_dtype})
     print(f"merge: max |logit difference| {diff} (tolerance {params.merge.tolerance})")
 

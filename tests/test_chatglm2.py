@@ -164,7 +164,8 @@ def test_a_tiny_chatglm2_checkpoint_runs_the_whole_pipeline(sp_model, tmp_path):
     repo = clone(tmp_path / "repo")
     checkpoint = write_chatglm2_checkpoint(tmp_path / "chatglm2-tiny", sp_model)
     edit_params(repo, **{"model.recipe": "chatglm2-6b", "model.path": str(checkpoint), "train.dtype": "float32",
-                         "train.epochs": 3, "eval.max_samples": 8, "eval.max_new_tokens": 8})  # fmt: skip
+                         "train.epochs": 3, "eval.max_samples": 8, "eval.max_new_tokens": 8,
+                         "merge.chatglm2_layout": True})  # fmt: skip
     dvc("repro", cwd=repo)
     manifest = json.loads((repo / "models" / "base" / "manifest.json").read_text())
     assert manifest["source"]["converted"]["to"] == "glm"
@@ -176,3 +177,21 @@ def test_a_tiny_chatglm2_checkpoint_runs_the_whole_pipeline(sp_model, tmp_path):
     assert mask[:2] == [0, 0] and mask[-1] == 1 and ids[-1] == 2  # prompt masked, answer + EOS trained
     metrics = json.loads((repo / "metrics" / "eval.json").read_text())
     assert metrics["tuned"]["loss"] < metrics["base"]["loss"]
+
+    # the merged model back in ChatGLM2's layout: its config, its names, the same function as the native one
+    from safetensors.torch import load_file
+
+    back = repo / "models" / "merged" / "chatglm2"
+    assert json.loads((back / "config.json").read_text()) == TINY
+    state = load_file(back / "model.safetensors")
+    assert set(state) == set(chatglm2_state(TINY))
+    ids = torch.tensor([row["input_ids"]])
+    with torch.no_grad():
+        native = merged_logits(repo / "models" / "merged", ids)
+    assert (reference_logits(state, TINY, ids) - native).abs().max() < 1e-4
+
+
+def merged_logits(path: Path, ids: torch.Tensor) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()(input_ids=ids).logits

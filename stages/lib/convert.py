@@ -179,3 +179,24 @@ def chatglm2_to_glm(model_dir: Path) -> dict:
 
 
 CONVERTERS = {"chatglm2": chatglm2_to_glm}
+
+
+def write_chatglm2_layout(merged_dir: Path, base_dir: Path, out: Path) -> None:
+    """The merged GLM model in ChatGLM2's original layout: its config.json, weight names and tokenizer.model.
+
+    Tools that load this layout also need ChatGLM2's modeling and tokenizer .py files, which the Hub repository
+    carries and this project does not run or ship.
+    """
+    from safetensors.torch import load_file, save_file
+
+    g = json.loads((merged_dir / "config.json").read_text())
+    original = json.loads((base_dir / "config.json").read_text()).get("chatglm2_config")
+    if original is None:
+        raise ValueError(f"{base_dir} was not converted from ChatGLM2: there is no layout to go back to")
+    weights = {}
+    for f in sorted(merged_dir.glob("*.safetensors")):
+        weights |= load_file(f)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(to_chatglm2(weights, g), out / "model.safetensors", metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(original, indent=2) + "\n")
+    (out / "tokenizer.model").write_bytes((base_dir / "tokenizer.model").read_bytes())

@@ -165,6 +165,7 @@ class MergeParams(Strict):
     dtype: Dtype | None = None  # null: train.dtype; a 4-bit base is never an option
     tolerance: Annotated[float, Field(gt=0)] = 1e-3  # max |merged - (base + adapter)| logit difference
     check_samples: Annotated[int, Field(ge=1)] = 4
+    chatglm2_layout: bool = False  # also write the merged model in ChatGLM2's original layout (models/merged/chatglm2)
 
 
 class EvalParams(Strict):
