@@ -103,15 +103,27 @@ def _strings(value) -> list[str]:
 
 
 def fetch_hub(source: HubModel, recipe: ModelRecipe, params: Params, out: Path) -> dict:
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.utils import filter_repo_objects
 
     patterns = list(MODEL_FILES)
     if recipe.converter and params.model.convert:
         patterns.append("pytorch_model*.bin")  # read as tensors only (weights_only), then rewritten as safetensors
     elif recipe.trust_remote_code:
         patterns.append("*.py")
-    snapshot_download(source.repo, revision=source.revision, local_dir=out, allow_patterns=patterns)
-    shutil.rmtree(out / ".cache", ignore_errors=True)
+    # Through the Hub cache (resumable, shared, and usable offline with HF_HUB_OFFLINE=1 once filled), then copied
+    snapshot = Path(
+        snapshot_download(
+            source.repo, revision=source.revision, allow_patterns=patterns, local_files_only=constants.HF_HUB_OFFLINE
+        )
+    )
+    files = [str(p.relative_to(snapshot)) for p in snapshot.rglob("*") if p.is_file()]
+    for name in sorted(filter_repo_objects(files, allow_patterns=patterns)):  # a cached snapshot may hold more
+        path, target = snapshot / name, out / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)  # the cache holds symlinks to blobs: copy their content
+    if not any(out.rglob("*.safetensors")) and not recipe.converter:
+        raise ParamsError(f"{source.repo}@{source.revision} has no *.safetensors weights (pickled weights are not loaded)")
     return {"kind": "hub", "repo": source.repo, "revision": source.revision}
 
 
@@ -141,14 +153,8 @@ def write_base(params: Params, out: Path) -> None:
 
 
 def check_model_route(params: Params) -> None:
-    """Before any download: the model's route (native, converted or remote code) must be available and allowed."""
+    """Before any download: a model that would run its Hub code needs the user's explicit opt-in."""
     recipe = model_recipe(params.model.recipe)
-    if recipe.converter and params.model.convert and recipe.converter not in CONVERTERS:
-        raise ParamsError(
-            f"model recipe '{params.model.recipe}' needs the '{recipe.converter}' checkpoint converter, which is not "
-            "implemented yet; its Hub code (model.convert false, model.trust_remote_code true) targets transformers "
-            "4.30 and does not load on the transformers this project pins"
-        )
     needs = recipe.trust_remote_code and not (recipe.converter and params.model.convert)
     if needs and not params.model.trust_remote_code:
         raise ParamsError(

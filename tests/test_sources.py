@@ -1,0 +1,111 @@
+"""Download sources: local files in four formats, a pinned URL (local HTTP server), a Hub model from the cache."""
+
+from __future__ import annotations
+
+import csv
+import functools
+import hashlib
+import json
+import threading
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from conftest import default_params
+
+from stages.lib.params import ParamsError, validate
+from stages.lib.sources import SourceError, fetch_records, read_records
+
+RECORDS = [{"instruction": "说你好", "input": "", "output": "你好"}, {"instruction": "Say hi", "input": "x", "output": "hi"}]
+
+
+def write_all_formats(folder: Path) -> dict[str, Path]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    paths = {s: folder / f"data.{s}" for s in ("json", "jsonl", "csv", "parquet")}
+    paths["json"].write_text(json.dumps(RECORDS, ensure_ascii=False), encoding="utf-8")
+    paths["jsonl"].write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in RECORDS), encoding="utf-8")
+    with open(paths["csv"], "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(RECORDS[0]))
+        writer.writeheader()
+        writer.writerows(RECORDS)
+    pq.write_table(pa.Table.from_pylist(RECORDS), paths["parquet"])
+    return paths
+
+
+def test_local_files_in_every_format_give_the_same_records(tmp_path):
+    for suffix, path in write_all_formats(tmp_path).items():
+        assert read_records(path) == RECORDS, suffix
+
+
+def test_bad_local_files_are_named(tmp_path):
+    with pytest.raises(SourceError, match="does not exist"):
+        read_records(tmp_path / "missing.json")
+    (tmp_path / "data.txt").write_text("x")
+    with pytest.raises(SourceError, match="data.txt: unsupported data file type '.txt'"):
+        read_records(tmp_path / "data.txt")
+    (tmp_path / "obj.json").write_text("{}")
+    with pytest.raises(SourceError, match="expected a JSON array"):
+        read_records(tmp_path / "obj.json")
+
+
+@pytest.fixture
+def http_server(tmp_path):
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def data_params(source: dict):
+    raw = default_params()
+    raw["data"]["source"] = source
+    return validate(raw)
+
+
+def test_url_source_checks_the_pinned_sha256(tmp_path, http_server):
+    path = write_all_formats(tmp_path)["jsonl"]
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    work = tmp_path / "work"
+    work.mkdir()
+    params = data_params({"kind": "url", "url": f"{http_server}/data.jsonl", "sha256": digest})
+    records, origin = fetch_records(params.data, 0, work)
+    assert records == RECORDS and origin["sha256"] == digest
+    assert not list(work.iterdir())  # the download is not left behind
+    wrong = data_params({"kind": "url", "url": f"{http_server}/data.jsonl", "sha256": "0" * 64})
+    with pytest.raises(SourceError, match="data.source.sha256 mismatch"):
+        fetch_records(wrong.data, 0, work)
+    assert not list(work.iterdir())
+
+
+def test_hub_model_comes_from_the_pinned_revision_in_the_cache(tmp_path, monkeypatch):
+    """The real snapshot_download call, offline, against a Hub cache laid out as huggingface_hub lays it out."""
+    from stages.download import fetch_hub
+    from stages.lib.recipes import model_recipe
+
+    recipe = model_recipe("qwen2.5-7b-instruct")
+    repo, revision = recipe.source.repo, recipe.source.revision
+    snapshot = tmp_path / "hub" / f"models--{repo.replace('/', '--')}" / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    for name, content in {"config.json": "{}", "model.safetensors": "w", "pytorch_model.bin": "p", "tok.py": "x"}.items():
+        (snapshot / name).write_text(content)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    out = tmp_path / "base"
+    out.mkdir()
+    origin = fetch_hub(recipe.source, recipe, validate(default_params()), out)
+    assert origin == {"kind": "hub", "repo": repo, "revision": revision}
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]  # no pickles, no code
+
+
+def test_a_recipe_that_needs_remote_code_is_refused_without_opt_in(tmp_path):
+    from stages.download import check_model_route
+
+    raw = default_params()
+    raw["model"] |= {"recipe": "chatglm2-6b", "convert": False}
+    with pytest.raises(ParamsError, match="set model.trust_remote_code true"):
+        check_model_route(validate(raw))
