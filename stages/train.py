@@ -1,8 +1,8 @@
 """Stage 3, train: data/tokenized + models/base → models/adapter, with DVCLive logs in dvclive/train.
 
-TRL's SFTTrainer does the work. QLoRA: the base loads as 4-bit NF4 whose storage dtype is the compute dtype,
-so ZeRO-3 can shard it; the DeepSpeed config exists before the model loads, and no device_map is passed
-under DeepSpeed. When params ask for several processes, this module re-launches itself through DeepSpeed's
+TRL's SFTTrainer does the work. QLoRA: the base loads as 4-bit NF4 whose storage dtype is the compute dtype
+(ZeRO-3 flattens parameters of one dtype only); the DeepSpeed config exists before the model loads, and no
+device_map is passed under DeepSpeed. When params ask for several processes, this module re-launches itself through DeepSpeed's
 launcher (stages/lib/launch.py) and every rank runs `train()`; only global rank 0 writes outputs.
 """
 
@@ -57,7 +57,8 @@ def sft_config(params: Params, output_dir: Path, **overrides):
     fields = {f.name for f in dataclasses.fields(SFTConfig)}
     # transformers 5.2x renamed gradient_checkpointing; the GPU image's 5.17 knows only the old name
     checkpointing = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
-    zero3 = bool(t.deepspeed) and deepspeed_config(t.deepspeed).get("zero_optimization", {}).get("stage") == 3
+    ds_config = deepspeed_config(t.deepspeed) if t.deepspeed else None
+    zero3 = bool(ds_config) and ds_config.get("zero_optimization", {}).get("stage") == 3
     model_kwargs = {"dtype": t.dtype, "attn_implementation": t.attn_implementation}
     if t.device_map:
         model_kwargs["device_map"] = t.device_map
@@ -82,7 +83,7 @@ def sft_config(params: Params, output_dir: Path, **overrides):
         fp16=t.dtype == "float16",
         use_cpu=not torch.cuda.is_available(),
         model_init_kwargs=model_kwargs,
-        deepspeed=deepspeed_config(t.deepspeed) if t.deepspeed else None,
+        deepspeed=ds_config,
         ddp_timeout=int(t.launch.timeout_minutes * 60),
         use_liger_kernel=t.liger,  # RMSNorm, RoPE, SwiGLU kernels; TRL keeps its own fused LM head
         logging_steps=t.logging_steps,
