@@ -39,6 +39,8 @@ VARIANTS = {
                     "liger": True}, {"max_length": 8192}),
     "ours_metrics": ({"batch_size": 1, "packing": True, "gradient_checkpointing": True, "token_metrics": True},
                      {"max_length": 8192}),
+    "ours_flex": ({"batch_size": 1, "packing": True, "gradient_checkpointing": True, "token_metrics": False,
+                   "attn_implementation": "flex_attention"}, {"max_length": 8192}),  # not run yet
     "ours_nockpt_4k": ({"batch_size": 1, "packing": True, "gradient_checkpointing": False, "token_metrics": False},
                        {"max_length": 4096}),
 }  # fmt: skip

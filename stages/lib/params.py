@@ -124,7 +124,8 @@ class TrainParams(Strict):
     grad_accum: Annotated[int, Field(ge=1)] = 1
     packing: bool = True  # padding-free BFD packing; attention never crosses samples
     gradient_checkpointing: bool = False
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] = "sdpa"
+    # flex_attention: block-sparse masks for packed rows on GPUs (no backward on CPU in torch 2.13)
+    attn_implementation: Literal["sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3"] = "sdpa"
     liger: bool = False
     token_metrics: bool = True  # TRL's per-step entropy and token accuracy; false is faster
     logging_steps: Annotated[int, Field(ge=1)] = 10
