@@ -43,7 +43,16 @@ def launcher_command(params: Params) -> list[str]:
 
 def relaunch_if_needed(params: Params) -> bool:
     """Run the stage under the DeepSpeed launcher unless this process already is a launched rank."""
-    if not params.train.deepspeed or "LOCAL_RANK" in os.environ:
+    if "LOCAL_RANK" in os.environ:
+        return False
+    if not params.train.deepspeed:
+        import torch
+
+        if torch.cuda.device_count() > 1:  # one process would spread over them (DataParallel), which TRL refuses
+            raise UserError(
+                f"{torch.cuda.device_count()} GPUs are visible but train.deepspeed is null: set train.deepspeed "
+                "(zero3, zero2, ...) to train on all of them, or make one visible with CUDA_VISIBLE_DEVICES=0"
+            )
         return False
     cmd = launcher_command(params)
     print("train: launching", shlex.join(cmd), flush=True)
