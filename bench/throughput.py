@@ -24,6 +24,8 @@ from pathlib import Path
 import yaml
 
 PEAK_FLOPS = 989e12
+# the stage: one packed row of 8192 tokens, TRL's chunked LM head without the per-step metrics
+OURS = {"batch_size": 1, "packing": True, "gradient_checkpointing": True, "token_metrics": False}
 # name: (params.train changes, SFTConfig overrides)
 VARIANTS = {
     # the seed: batch 1, every sample padded to 512, accumulation 8, checkpointing (prepare_model_for_kbit_training)
@@ -32,17 +34,11 @@ VARIANTS = {
     # TRL 1.16 SFTConfig defaults: batch 8, max_length 1024, no packing, checkpointing on, token metrics
     "trl_defaults": ({"batch_size": 8, "packing": False, "gradient_checkpointing": True}, {"max_length": 1024}),
     "trl_packing": ({"batch_size": 8, "packing": True, "gradient_checkpointing": True}, {"max_length": 1024}),
-    # the stage: one packed row of 8192 tokens, TRL's chunked LM head without the per-step metrics
-    "ours": ({"batch_size": 1, "packing": True, "gradient_checkpointing": True, "token_metrics": False},
-             {"max_length": 8192}),
-    "ours_liger": ({"batch_size": 1, "packing": True, "gradient_checkpointing": True, "token_metrics": False,
-                    "liger": True}, {"max_length": 8192}),
-    "ours_metrics": ({"batch_size": 1, "packing": True, "gradient_checkpointing": True, "token_metrics": True},
-                     {"max_length": 8192}),
-    "ours_flex": ({"batch_size": 1, "packing": True, "gradient_checkpointing": True, "token_metrics": False,
-                   "attn_implementation": "flex_attention"}, {"max_length": 8192}),  # not run yet
-    "ours_nockpt_4k": ({"batch_size": 1, "packing": True, "gradient_checkpointing": False, "token_metrics": False},
-                       {"max_length": 4096}),
+    "ours": (OURS, {"max_length": 8192}),
+    "ours_liger": (OURS | {"liger": True}, {"max_length": 8192}),
+    "ours_metrics": (OURS | {"token_metrics": True}, {"max_length": 8192}),
+    "ours_flex": (OURS | {"attn_implementation": "flex_attention"}, {"max_length": 8192}),  # not run yet
+    "ours_nockpt_4k": (OURS | {"gradient_checkpointing": False}, {"max_length": 4096}),
 }  # fmt: skip
 
 

@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 
 from stages.lib.errors import run_stage
-from stages.lib.outputs import write_json
+from stages.lib.outputs import write_json, write_text
 from stages.lib.params import Params, load_params
 from stages.lib.scores import exact_match, rouge_l
 
@@ -102,14 +102,12 @@ def main() -> None:
     for name, path in MODELS.items():
         metrics[name], predictions[name] = evaluate(params, path, rows, tokenizer)
     metrics["samples"] = len(rows)
-    GENERATIONS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = GENERATIONS.with_name(f".{GENERATIONS.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for i, row in enumerate(rows):
-            prompt = tokenizer.decode(row["input_ids"][: prompt_length(row["completion_mask"])])
-            record = {"prompt": prompt, "reference": row["reference"]} | {m: predictions[m][i] for m in MODELS}
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    tmp.replace(GENERATIONS)
+    lines = []
+    for i, row in enumerate(rows):
+        prompt = tokenizer.decode(row["input_ids"][: prompt_length(row["completion_mask"])])
+        record = {"prompt": prompt, "reference": row["reference"]} | {m: predictions[m][i] for m in MODELS}
+        lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+    write_text(GENERATIONS, "".join(lines))
     write_json(METRICS, metrics)
     print("eval:", json.dumps(metrics))
 

@@ -41,13 +41,18 @@ def replace_path(new: Path, final: Path) -> None:
         old.unlink()
 
 
-def write_json(path: str | Path, data: object) -> None:
-    """Write JSON atomically (temp file, then rename), keys sorted so equal data gives equal bytes."""
+def write_text(path: str | Path, text: str) -> None:
+    """Write a file atomically: a temp file beside it, then one rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, ensure_ascii=False, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def write_json(path: str | Path, data: object) -> None:
+    """Write JSON atomically, keys sorted so equal data gives equal bytes."""
+    write_text(path, json.dumps(data, ensure_ascii=False, indent=2, sort_keys=True) + "\n")
 
 
 def sha256_file(path: str | Path) -> str:

@@ -16,7 +16,7 @@ class Telemetry(TrainerCallback):
     """
 
     def __init__(self):
-        self.first = None  # (time, tokens) at the first log that has a token count
+        self.first = None  # (time, tokens, step) at the first log that has a token count
         self.last = None
         self.load_peak = 0.0
         self.summary: dict = {}
