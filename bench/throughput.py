@@ -22,23 +22,29 @@ import sys
 from pathlib import Path
 
 import yaml
+from transformers import TrainerCallback
 
 PEAK_FLOPS = 989e12
 # the stage: one packed row of 8192 tokens, TRL's chunked LM head without the per-step metrics
-OURS = {"batch_size": 1, "packing": True, "gradient_checkpointing": True, "token_metrics": False}
+OURS = {"batch_size": 1, "packing": True, "packed_length": 8192, "gradient_checkpointing": True,
+        "token_metrics": False, "attn_implementation": "varlen"}  # fmt: skip
 # name: (params.train changes, SFTConfig overrides)
 VARIANTS = {
     # the seed: batch 1, every sample padded to 512, accumulation 8, checkpointing (prepare_model_for_kbit_training)
     "seed": ({"batch_size": 1, "grad_accum": 8, "packing": False, "gradient_checkpointing": True},
              {"max_length": 512, "pad_to_multiple_of": 512}),
     # TRL 1.16 SFTConfig defaults: batch 8, max_length 1024, no packing, checkpointing on, token metrics
-    "trl_defaults": ({"batch_size": 8, "packing": False, "gradient_checkpointing": True}, {"max_length": 1024}),
-    "trl_packing": ({"batch_size": 8, "packing": True, "gradient_checkpointing": True}, {"max_length": 1024}),
-    "ours": (OURS, {"max_length": 8192}),
-    "ours_liger": (OURS | {"liger": True}, {"max_length": 8192}),
-    "ours_metrics": (OURS | {"token_metrics": True}, {"max_length": 8192}),
-    "ours_flex": (OURS | {"attn_implementation": "flex_attention"}, {"max_length": 8192}),  # not run yet
-    "ours_nockpt_4k": (OURS | {"gradient_checkpointing": False}, {"max_length": 4096}),
+    "trl_defaults": ({"batch_size": 8, "packing": False, "gradient_checkpointing": True, "token_metrics": True},
+                     {"max_length": 1024}),
+    "trl_packing": ({"batch_size": 8, "packing": True, "gradient_checkpointing": True, "token_metrics": True},
+                    {"max_length": 1024}),
+    "ours": (OURS, {}),
+    "ours_sdpa": (OURS | {"attn_implementation": "sdpa"}, {}),
+    "ours_flex": (OURS | {"attn_implementation": "flex_attention"}, {}),
+    "ours_liger": (OURS | {"liger": True}, {}),
+    "ours_metrics": (OURS | {"token_metrics": True}, {}),
+    "ours_nockpt": (OURS | {"gradient_checkpointing": False}, {}),
+    "ours_16k": (OURS | {"packed_length": 16384}, {}),
 }  # fmt: skip
 
 
@@ -47,6 +53,24 @@ def linear_params(model_dir: Path) -> int:
     h, i, layers, v = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"]
     kv = h // c["num_attention_heads"] * c["num_key_value_heads"]
     return layers * (2 * h * h + 2 * h * kv + 3 * h * i) + h * v
+
+
+class Profile(TrainerCallback):
+    """torch.profiler over optimizer steps 4 and 5; prints the kernels that took the most GPU time."""
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        import torch
+
+        if state.global_step == 3:
+            self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                           torch.profiler.ProfilerActivity.CUDA])  # fmt: skip
+            self.prof.__enter__()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 5 and hasattr(self, "prof"):
+            self.prof.__exit__(None, None, None)
+            table = self.prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70)
+            print(table, flush=True)
 
 
 def one_variant(name: str, steps: int) -> dict:
@@ -58,10 +82,11 @@ def one_variant(name: str, steps: int) -> dict:
 
     changes, overrides = VARIANTS[name]
     raw = yaml.safe_load(Path("params.yaml").read_text())
-    raw["train"] |= changes | {"deepspeed": None, "max_steps": steps, "logging_steps": 2}
+    raw["train"] |= changes | {"deepspeed": None, "max_steps": steps, "logging_steps": 1}
     Path("params.yaml").write_text(yaml.safe_dump(raw))
     telemetry = Telemetry()
-    trainer = build_trainer(load_params(), Path("out"), [telemetry], **overrides)
+    callbacks = [telemetry, Profile()] if os.environ.get("BENCH_PROFILE") == name else [telemetry]
+    trainer = build_trainer(load_params(), Path("out"), callbacks, **overrides)
     trainer.train()
     s = telemetry.summary
     n = linear_params(BASE_DIR)
@@ -78,7 +103,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/topologies"))
     ap.add_argument("--variants", default="seed,trl_defaults,trl_packing,ours")
     ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--out", type=Path, default=None, help="append one JSON line per variant here")
+    ap.add_argument("--logs", type=Path, default=None, help="write each variant's output here")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
@@ -93,6 +119,9 @@ def main() -> None:
         d = node_dir(args.work, base, f"tp-{name}", 0, params)
         cmd = [sys.executable, str(Path(__file__).resolve()), "--one", name, "--steps", str(args.steps)]
         proc = subprocess.run(cmd, cwd=d, capture_output=True, text=True)
+        if args.logs:
+            args.logs.mkdir(parents=True, exist_ok=True)
+            (args.logs / f"{name}.log").write_text(proc.stdout + "\n--- stderr\n" + proc.stderr)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if proc.returncode or not lines:
             print(f"{name}: failed ({proc.returncode})\n{proc.stderr[-4000:]}", flush=True)

@@ -98,10 +98,10 @@ def node_dir(work: Path, base: Path, name: str, node: int, params: dict) -> Path
     return d
 
 
-def topology(work: Path, base: Path, name: str, port: int) -> dict:
+def topology(work: Path, base: Path, name: str, port: int, train_changes: dict) -> dict:
     nodes, gpus, accum = TOPOLOGIES[name]
     params = yaml.safe_load((base / "params.yaml").read_text())
-    params["train"]["grad_accum"] = accum
+    params["train"] |= train_changes | {"grad_accum": accum}
     launch = {"nodes": nodes, "gpus_per_node": gpus, "master_port": port, "timeout_minutes": 5}
     if nodes > 1:
         hostfile = work / name / "hostfile"
@@ -138,6 +138,8 @@ def summary(name: str, d: Path, seconds: float) -> dict:
         "peak_gib_load_per_rank": config["peak_gib_load_per_rank"],
         "peak_gib_train_per_rank": config["peak_gib_train_per_rank"],
         "tokens_per_s": config.get("tokens_per_s"), "tokens_per_s_per_gpu": config.get("tokens_per_s_per_gpu"),
+        "gib_at_first_step_per_rank": config.get("gib_at_first_step_per_rank"),
+        "weights_rank0": config.get("weights_rank0"),
         "stage_seconds": seconds,
     }  # fmt: skip
 
@@ -151,10 +153,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--deepspeed", default="zero3")
     ap.add_argument("--out", type=Path, default=None, help="append one JSON line per run here")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a train setting for every run, e.g. --set packed_length=8192 (value read as YAML)")
     args = ap.parse_args()
+    changes = {"max_steps": args.steps, "deepspeed": args.deepspeed}
+    changes |= {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
     base = prepare(args.work, args.data.resolve(), args.size, args.steps, args.deepspeed)
     for i, name in enumerate(filter(None, args.runs.split(","))):
-        result = topology(args.work, base, name, 29500 + 10 * i) | {"size": args.size, "deepspeed": args.deepspeed}
+        result = topology(args.work, base, name, 29500 + 10 * i, changes)
+        result |= {"size": args.size, "deepspeed": args.deepspeed, "train": changes}
         line = json.dumps(result)
         print(line, flush=True)
         if args.out:

@@ -76,7 +76,7 @@ def sft_config(params: Params, output_dir: Path, **overrides):
         max_grad_norm=t.max_grad_norm,
         num_train_epochs=t.epochs,
         max_steps=t.max_steps,
-        max_length=params.tokenize.max_length,
+        max_length=(t.packing and t.packed_length) or params.tokenize.max_length,
         packing=t.packing,
         packing_strategy="bfd",
         bf16=t.dtype == "bfloat16",
@@ -127,6 +127,10 @@ def build_trainer(params: Params, output_dir: Path, callbacks: list, **overrides
     from trl import SFTTrainer
 
     t = params.train
+    if t.attn_implementation == "varlen":
+        from stages.lib.varlen_attention import register
+
+        register()
     args = sft_config(params, output_dir, **overrides)  # the DeepSpeed config is live from here on
     if t.token_metrics:
         trainer_class = SFTTrainer

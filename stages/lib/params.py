@@ -123,9 +123,12 @@ class TrainParams(Strict):
     batch_size: Annotated[int, Field(ge=1)] = 8
     grad_accum: Annotated[int, Field(ge=1)] = 1
     packing: bool = True  # padding-free BFD packing; attention never crosses samples
+    packed_length: Annotated[int, Field(ge=8)] | None = None  # tokens per packed row; null: tokenize.max_length
     gradient_checkpointing: bool = False
-    # flex_attention: block-sparse masks for packed rows on GPUs (no backward on CPU in torch 2.13)
-    attn_implementation: Literal["sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3"] = "sdpa"
+    # varlen: packed rows attend per sample in torch's flash kernel (stages/lib/varlen_attention.py); needs packing
+    attn_implementation: Literal[
+        "sdpa", "varlen", "eager", "flex_attention", "flash_attention_2", "flash_attention_3"
+    ] = "sdpa"
     liger: bool = False
     token_metrics: bool = True  # TRL's per-step entropy and token accuracy; false is faster
     logging_steps: Annotated[int, Field(ge=1)] = 10
@@ -143,6 +146,11 @@ class TrainParams(Strict):
             )
         if self.method == "qlora" and self.dtype == "float16" and self.deepspeed:
             raise ValueError("train.dtype float16 with QLoRA under DeepSpeed is not supported: use bfloat16")
+        if self.attn_implementation == "varlen" and not self.packing:
+            raise ValueError(
+                "train.attn_implementation 'varlen' needs train.packing: true (it reads the sample boundaries of "
+                "packed rows); use sdpa for padded batches"
+            )
         if self.deepspeed and self.device_map is not None:
             raise ValueError(
                 "train.device_map must be null when train.deepspeed is set: DeepSpeed places and shards the model "
@@ -183,6 +191,16 @@ class Params(Strict):
     train: TrainParams = TrainParams()
     merge: MergeParams = MergeParams()
     eval: EvalParams = EvalParams()
+
+    @model_validator(mode="after")
+    def _rows_hold_a_sample(self) -> "Params":
+        row = self.train.packed_length
+        if row is not None and row < self.tokenize.max_length:
+            raise ValueError(
+                f"train.packed_length ({row}) must be at least tokenize.max_length ({self.tokenize.max_length}): "
+                "a packed row holds whole samples"
+            )
+        return self
 
     @property
     def merge_dtype(self) -> str:

@@ -19,6 +19,7 @@ class Telemetry(TrainerCallback):
         self.first = None  # (time, tokens, step) at the first log that has a token count
         self.last = None
         self.load_peak = 0.0
+        self.start = (0.0, {})
         self.summary: dict = {}
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -26,6 +27,9 @@ class Telemetry(TrainerCallback):
 
         if torch.cuda.is_available():
             self.load_peak = torch.cuda.max_memory_allocated() / GIB  # model load and sharding
+            self.start = (torch.cuda.memory_allocated() / GIB, weight_census(kwargs["model"]))
+            print(f"telemetry: rank {args.process_index} holds {self.start[0]:.2f} GiB at the first step; "
+                  f"weights {self.start[1]}", flush=True)
             torch.cuda.reset_peak_memory_stats()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -39,13 +43,15 @@ class Telemetry(TrainerCallback):
         import torch.distributed as dist
 
         train_peak = torch.cuda.max_memory_allocated() / GIB if torch.cuda.is_available() else 0.0
-        peaks = [(self.load_peak, train_peak)]
+        peaks = [(self.load_peak, train_peak, self.start[0])]
         if dist.is_initialized():
             peaks = [None] * dist.get_world_size()
-            dist.all_gather_object(peaks, (self.load_peak, train_peak))
+            dist.all_gather_object(peaks, (self.load_peak, train_peak, self.start[0]))
         summary = {
             "peak_gib_load_per_rank": [round(p[0], 3) for p in peaks],
             "peak_gib_train_per_rank": [round(p[1], 3) for p in peaks],
+            "gib_at_first_step_per_rank": [round(p[2], 3) for p in peaks],
+            "weights_rank0": self.start[1],
             "tokens_seen": self.last[1] if self.last else None,
         }
         if self.first and self.last and self.last[2] > self.first[2]:
@@ -57,3 +63,17 @@ class Telemetry(TrainerCallback):
                 "step_time_s": seconds / (self.last[2] - self.first[2]),
             }
         self.summary = summary
+
+
+def weight_census(model) -> dict:
+    """GiB of parameter storage on this rank's GPU, per parameter class: whole tensors, and ZeRO-3 shards."""
+    census: dict = {}
+    for param in model.parameters():
+        entry = census.setdefault(type(param).__name__, {"count": 0, "sharded": 0, "whole_gib": 0.0, "shard_gib": 0.0})
+        entry["count"] += 1
+        shard = getattr(param, "ds_tensor", None)
+        entry["sharded"] += shard is not None
+        for key, tensor in (("whole_gib", param.data), ("shard_gib", shard)):
+            if tensor is not None and tensor.is_cuda:
+                entry[key] += tensor.numel() * tensor.element_size() / GIB
+    return {name: {k: round(v, 3) if isinstance(v, float) else v for k, v in e.items()} for name, e in census.items()}
