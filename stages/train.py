@@ -59,6 +59,7 @@ def sft_config(params: Params, output_dir: Path, **overrides):
     checkpointing = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
     ds_config = deepspeed_config(t.deepspeed) if t.deepspeed else None
     zero3 = bool(ds_config) and ds_config.get("zero_optimization", {}).get("stage") == 3
+    reentrant = zero3 if t.reentrant_checkpointing is None else t.reentrant_checkpointing
     model_kwargs = {"dtype": t.dtype, "attn_implementation": t.attn_implementation}
     if t.device_map:
         model_kwargs["device_map"] = t.device_map
@@ -91,7 +92,7 @@ def sft_config(params: Params, output_dir: Path, **overrides):
         eval_strategy="no",
         report_to="none",  # DVCLive is added as a callback below, without its dump of every argument
         dataset_num_proc=None,
-        **{checkpointing: t.gradient_checkpointing, f"{checkpointing}_kwargs": {"use_reentrant": zero3}},
+        **{checkpointing: t.gradient_checkpointing, f"{checkpointing}_kwargs": {"use_reentrant": reentrant}},
     ) | overrides
     return SFTConfig(**kwargs)
 
