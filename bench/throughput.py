@@ -7,6 +7,9 @@ real (non-padding) tokens/s, MFU, peak memory and step time. Prepare the model a
 
     python bench/throughput.py --work /tmp/topologies --variants seed,trl_defaults,trl_packing,ours [--steps 12]
 
+BENCH_PROFILE=ours adds torch.profiler over steps 4-5 of that variant and prints its kernel table (in its log,
+--logs); that variant's tokens/s then include the profiler's overhead.
+
 MFU = real tokens/s x 4 x N / peak, N = linear-layer parameters (lm_head included), peak = 989 TFLOP/s dense
 BF16 (H100 and H200 SXM). 4N per token: forward 2N + backward through the activations 2N; the frozen 4-bit
 base gets no weight gradients; recomputation under gradient checkpointing is not counted (it is overhead).
@@ -95,6 +98,7 @@ def one_variant(name: str, steps: int) -> dict:
         "variant": name, "tokens_per_s": s["tokens_per_s"], "mfu": s["tokens_per_s"] * 4 * n / PEAK_FLOPS,
         "peak_gib": s["peak_gib_train_per_rank"][0], "step_time_s": s["step_time_s"], "real_tokens_per_step":
         tokens_per_step, "linear_params": n, "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
+        "profiled": len(callbacks) > 1,
     }  # fmt: skip
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 from transformers import TrainerCallback
 
 GIB = 1024**3
+SNAPSHOT_ENV = "TRAIN_MEMORY_SNAPSHOT"  # a directory: each rank writes a CUDA memory snapshot of its training there
 
 
 class Telemetry(TrainerCallback):
@@ -31,6 +33,8 @@ class Telemetry(TrainerCallback):
             print(f"telemetry: rank {args.process_index} holds {self.start[0]:.2f} GiB at the first step; "
                   f"weights {self.start[1]}", flush=True)
             torch.cuda.reset_peak_memory_stats()
+            if os.environ.get(SNAPSHOT_ENV):  # allocation stacks for torch's memory viewer (pytorch.org/memory_viz)
+                torch.cuda.memory._record_memory_history(max_entries=200_000)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "num_tokens" in logs:
@@ -43,6 +47,9 @@ class Telemetry(TrainerCallback):
         import torch.distributed as dist
 
         train_peak = torch.cuda.max_memory_allocated() / GIB if torch.cuda.is_available() else 0.0
+        if torch.cuda.is_available() and os.environ.get(SNAPSHOT_ENV):
+            os.makedirs(os.environ[SNAPSHOT_ENV], exist_ok=True)
+            torch.cuda.memory._dump_snapshot(os.path.join(os.environ[SNAPSHOT_ENV], f"rank{args.process_index}.pickle"))
         peaks = [(self.load_peak, train_peak, self.start[0])]
         if dist.is_initialized():
             peaks = [None] * dist.get_world_size()

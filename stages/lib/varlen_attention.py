@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +50,7 @@ def per_sample_sdpa(q, k, v, bounds, scaling):
         F.scaled_dot_product_attention(
             *(t[s:e].transpose(0, 1) for t in (q, k, v)), is_causal=True, scale=scaling, enable_gqa=True
         ).transpose(0, 1)
-        for s, e in zip(edges, edges[1:])
+        for s, e in itertools.pairwise(edges)
     ]
     return torch.cat(outs)
 
