@@ -154,3 +154,24 @@ def test_the_seed_pipeline_is_the_seed_scenario():
     assert model_recipe("chatglm2-6b").lora_targets == ["q_proj", "k_proj", "v_proj"]  # query_key_value, split
     assert params.train.deepspeed == "zero3-offload" and deepspeed_config("zero3-offload")["zero_optimization"]["offload_param"]
     assert (params.train.launch.nodes, params.train.launch.gpus_per_node, params.train.launch.runner) == (2, 4, "pdsh")
+
+
+def test_packed_rows_take_packed_length_and_checkpointing_follows_zero3(tmp_path: Path):
+    from stages.train import sft_config
+
+    params = validate(with_change("train.packing", True))
+    assert sft_config(params, tmp_path).max_length == params.tokenize.max_length  # packed_length null
+    raw = with_change("train.packed_length", 4 * params.tokenize.max_length)
+    raw["train"] |= {"packing": True, "gradient_checkpointing": True}
+    assert sft_config(validate(raw), tmp_path).max_length == 4 * params.tokenize.max_length
+    raw["train"]["packing"] = False  # unpacked batches ignore the row length
+    assert sft_config(validate(raw), tmp_path).max_length == params.tokenize.max_length
+    zero3 = validate(raw | {"train": raw["train"] | {"deepspeed": "zero3"}})
+    assert sft_config(zero3, tmp_path).gradient_checkpointing_kwargs == {"use_reentrant": True}
+    raw["train"] |= {"deepspeed": "zero3", "reentrant_checkpointing": False}
+    assert sft_config(validate(raw), tmp_path).gradient_checkpointing_kwargs == {"use_reentrant": False}
+
+
+def test_rows_shorter_than_a_sample_are_refused():
+    raw = with_change("train.packed_length", 8)
+    assert "train.packed_length (8) must be at least tokenize.max_length" in error_of(raw)
