@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -70,3 +71,26 @@ def test_a_node_that_never_joins_fails_within_the_timeout(tmp_path: Path):
     assert "gave up: not all 2 ranks joined within train.launch.timeout_minutes (0.25)" in out
     assert "the DeepSpeed launcher exited with status 3" in out
     assert elapsed < 200  # far below the default 30-minute collective timeout
+
+
+def test_two_cpu_processes_train_under_zero3(tmp_path: Path):
+    """The ZeRO-3 path with two ranks on the CPU (gloo): the stage launches both, rank 0 writes a complete adapter."""
+    from safetensors.torch import load_file
+
+    for name in ("stages", "recipes"):
+        (tmp_path / name).symlink_to(ROOT / name)
+    raw = default_params()
+    raw["train"] |= {"deepspeed": "zero3", "max_steps": 2, "logging_steps": 1}
+    raw["train"]["launch"] |= {"gpus_per_node": 2, "timeout_minutes": 5, "master_port": 29641}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    env = env_with_venv() | {"PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu"}
+    for stage in ("download", "tokenize", "train"):
+        proc = subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, f"{stage}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    config = json.loads((tmp_path / "models" / "adapter" / "train_config.json").read_text())
+    assert config["world_size"] == 2 and config["global_steps"] == 2
+    weights = load_file(tmp_path / "models" / "adapter" / "adapter_model.safetensors")
+    lora_b = [w for k, w in weights.items() if "lora_B" in k]
+    assert lora_b and all(w.numel() > 0 for w in lora_b)  # gathered from both ranks' shards on save
+    assert any(w.abs().sum() > 0 for w in lora_b)
