@@ -7,6 +7,7 @@ LOCAL_RANK in its environment and trains instead of launching again.
 
 from __future__ import annotations
 
+import importlib
 import os
 import shlex
 import subprocess
@@ -90,6 +91,12 @@ def join_world(timeout_minutes: float) -> None:
         )
         os._exit(3)
 
+    # DeepSpeed JIT-compiles its CPU comm op on first use, under a lock file. Build it before the timer starts:
+    # a slow first build is not a missing node, and a build killed half-way leaves a lock every later run waits on.
+    # (importlib: `deepspeed.comm.torch` as an attribute is the torch package that deepspeed.comm imports)
+    build_shm_op = getattr(importlib.import_module("deepspeed.comm.torch"), "build_shm_op", None)
+    if build_shm_op is not None:
+        build_shm_op()
     watchdog = threading.Timer(timeout_minutes * 60, give_up)
     watchdog.daemon = True
     watchdog.start()
