@@ -7,7 +7,6 @@ LOCAL_RANK in its environment and trains instead of launching again.
 
 from __future__ import annotations
 
-import importlib
 import os
 import shlex
 import subprocess
@@ -93,9 +92,11 @@ def join_world(timeout_minutes: float) -> None:
 
     # DeepSpeed JIT-compiles its CPU comm op on first use, under a lock file. Build it before the timer starts:
     # a slow first build is not a missing node, and a build killed half-way leaves a lock every later run waits on.
-    # (importlib: `deepspeed.comm.torch` as an attribute is the torch package that deepspeed.comm imports)
-    build_shm_op = getattr(importlib.import_module("deepspeed.comm.torch"), "build_shm_op", None)
-    if build_shm_op is not None:
+    try:
+        from deepspeed.comm.torch import build_shm_op
+    except ImportError:  # a DeepSpeed without this op
+        pass
+    else:
         build_shm_op()
     watchdog = threading.Timer(timeout_minutes * 60, give_up)
     watchdog.daemon = True

@@ -21,7 +21,8 @@ class Telemetry(TrainerCallback):
         self.first = None  # (time, tokens, step) at the first log that has a token count
         self.last = None
         self.load_peak = 0.0
-        self.start = (0.0, {})
+        self.at_first_step = 0.0  # GiB allocated once the model is loaded and sharded
+        self.weights: dict = {}
         self.summary: dict = {}
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -29,9 +30,10 @@ class Telemetry(TrainerCallback):
 
         if torch.cuda.is_available():
             self.load_peak = torch.cuda.max_memory_allocated() / GIB  # model load and sharding
-            self.start = (torch.cuda.memory_allocated() / GIB, weight_census(kwargs["model"]))
-            print(f"telemetry: rank {args.process_index} holds {self.start[0]:.2f} GiB at the first step; "
-                  f"weights {self.start[1]}", flush=True)
+            self.at_first_step = torch.cuda.memory_allocated() / GIB
+            self.weights = weight_census(kwargs["model"])
+            print(f"telemetry: rank {args.process_index} holds {self.at_first_step:.2f} GiB at the first step; "
+                  f"weights {self.weights}", flush=True)
             torch.cuda.reset_peak_memory_stats()
             if os.environ.get(SNAPSHOT_ENV):  # allocation stacks for torch's memory viewer (pytorch.org/memory_viz)
                 torch.cuda.memory._record_memory_history(max_entries=200_000)
@@ -50,17 +52,14 @@ class Telemetry(TrainerCallback):
         if torch.cuda.is_available() and os.environ.get(SNAPSHOT_ENV):
             os.makedirs(os.environ[SNAPSHOT_ENV], exist_ok=True)
             torch.cuda.memory._dump_snapshot(os.path.join(os.environ[SNAPSHOT_ENV], f"rank{args.process_index}.pickle"))
-        peaks = [(self.load_peak, train_peak, self.start[0])]
+        mine = {"peak_gib_load_per_rank": self.load_peak, "peak_gib_train_per_rank": train_peak,
+                "gib_at_first_step_per_rank": self.at_first_step}  # fmt: skip
+        ranks = [mine]
         if dist.is_initialized():
-            peaks = [None] * dist.get_world_size()
-            dist.all_gather_object(peaks, (self.load_peak, train_peak, self.start[0]))
-        summary = {
-            "peak_gib_load_per_rank": [round(p[0], 3) for p in peaks],
-            "peak_gib_train_per_rank": [round(p[1], 3) for p in peaks],
-            "gib_at_first_step_per_rank": [round(p[2], 3) for p in peaks],
-            "weights_rank0": self.start[1],
-            "tokens_seen": self.last[1] if self.last else None,
-        }
+            ranks = [None] * dist.get_world_size()
+            dist.all_gather_object(ranks, mine)
+        summary = {key: [round(r[key], 3) for r in ranks] for key in mine}
+        summary |= {"weights_rank0": self.weights, "tokens_seen": self.last[1] if self.last else None}
         if self.first and self.last and self.last[2] > self.first[2]:
             seconds = self.last[0] - self.first[0]
             tokens = self.last[1] - self.first[1]
