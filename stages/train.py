@@ -137,7 +137,7 @@ def build_trainer(params: Params, output_dir: Path, callbacks: list, **overrides
         trainer_class = SFTTrainer
     else:
         from stages.lib.lean_trainer import LeanSFTTrainer as trainer_class
-    return trainer_class(
+    trainer = trainer_class(
         model=str(BASE_DIR),
         args=args,
         train_dataset=load_from_disk(str(TOKENIZED))["train"],
@@ -146,6 +146,11 @@ def build_trainer(params: Params, output_dir: Path, callbacks: list, **overrides
         quantization_config=quantization_config(params) if t.method == "qlora" else None,
         callbacks=callbacks,
     )
+    if t.deepspeed and t.gradient_checkpointing:
+        from stages.lib.zero3_recompute import LayersOwnRecompute
+
+        trainer.add_callback(LayersOwnRecompute(trainer))  # acts only under ZeRO-3
+    return trainer
 
 
 def train(params: Params) -> None:

@@ -36,7 +36,7 @@ class Telemetry(TrainerCallback):
                   f"weights {self.weights}", flush=True)
             torch.cuda.reset_peak_memory_stats()
             if os.environ.get(SNAPSHOT_ENV):  # allocation stacks for torch's memory viewer (pytorch.org/memory_viz)
-                torch.cuda.memory._record_memory_history(max_entries=200_000)
+                torch.cuda.memory._record_memory_history(stacks="python", max_entries=1_000_000)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "num_tokens" in logs:
