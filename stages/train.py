@@ -146,10 +146,10 @@ def build_trainer(params: Params, output_dir: Path, callbacks: list, **overrides
         quantization_config=quantization_config(params) if t.method == "qlora" else None,
         callbacks=callbacks,
     )
-    if t.deepspeed and t.gradient_checkpointing:
-        from stages.lib.zero3_recompute import LayersOwnRecompute
+    if t.deepspeed:
+        from stages.lib.zero3_release import Zero3EarlyRelease
 
-        trainer.add_callback(LayersOwnRecompute(trainer))  # acts only under ZeRO-3
+        trainer.add_callback(Zero3EarlyRelease(trainer))  # acts only under ZeRO-3
     return trainer
 
 

@@ -1,9 +1,10 @@
-"""One ZeRO-3 training step on the CPU; prints which frozen weights are still gathered as each layer's backward ends.
+"""ZeRO-3 training steps on the CPU; prints which frozen weights are still gathered as each layer's backward ends.
 
-Run by tests/test_zero3_recompute.py in its own process (DeepSpeed sets up a process group):
-    python tests/zero3_recompute_probe.py around_call|inside_forward fix|nofix
+Run by tests/test_zero3_release.py in its own process (DeepSpeed sets up a process group):
+    python tests/zero3_release_probe.py around_call|inside_forward fix|nofix
 `around_call` runs the reentrant checkpoint around each decoder layer's __call__, as transformers 5.17 does;
-`inside_forward` leaves checkpointing to the installed transformers. Output: one JSON line.
+`inside_forward` leaves checkpointing to the installed transformers. The loss goes through TRL's fused LM head,
+as in the train stage. `fix` installs stages/lib/zero3_release.py. Output: one JSON line.
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from peft import LoraConfig, get_peft_model
 from torch.utils.checkpoint import checkpoint
 from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.integrations import HfDeepSpeedConfig
+from trl.trainer.utils import add_fused_lm_head
 
-from stages.lib.zero3_recompute import layers_own_their_recompute
+from stages.lib.zero3_release import head_gathers_per_use, layers_own_their_recompute
 
 LAYERS = 4
 
@@ -53,6 +56,7 @@ def main(placement: str, fix: bool) -> None:
     ds_config = {"train_micro_batch_size_per_gpu": 1, "zero_allow_untested_optimizer": True,
                  "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
                                        "stage3_max_reuse_distance": 0, "stage3_prefetch_bucket_size": 0}}  # fmt: skip
+    zero3_known = HfDeepSpeedConfig(ds_config)  # noqa: F841 -- tells transformers and TRL that ZeRO-3 is on, as Trainer does
     with deepspeed.zero.Init(config_dict_or_path=ds_config):
         base = LlamaForCausalLM(config)
     if placement == "around_call":
@@ -60,12 +64,14 @@ def main(placement: str, fix: bool) -> None:
             checkpoint_around_call(layer)
     else:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    add_fused_lm_head(base)
     base.enable_input_require_grads()  # the frozen embedding's output must carry grad into the checkpoints
     model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(trainable, lr=1e-3), config=ds_config)
     if fix:
         layers_own_their_recompute(model, engine.optimizer.parameter_offload)
+        head_gathers_per_use(base.lm_head)
 
     layers = base.model.layers
     seen: dict[int, list[int]] = {}
@@ -75,7 +81,7 @@ def main(placement: str, fix: bool) -> None:
         if torch.is_grad_enabled() and hidden.requires_grad:  # the pass whose graph the backward runs through
 
             def record(grad):
-                seen[index] = frozen_gathered(layers)
+                seen[index] = [*frozen_gathered(layers), base.lm_head.weight.ds_status == ZeroParamStatus.AVAILABLE]
 
             hidden.register_hook(record)
 
@@ -86,7 +92,7 @@ def main(placement: str, fix: bool) -> None:
     for _ in range(2):  # the second step runs on DeepSpeed's recorded module trace
         seen.clear()
         ids = torch.randint(0, 128, (1, 32))
-        loss = engine(input_ids=ids, labels=ids).loss
+        loss = engine(input_ids=ids, labels=ids, fused_lm_head=True).loss
         engine.backward(loss)
         engine.step()
         losses.append(float(loss))
