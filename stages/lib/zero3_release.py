@@ -65,7 +65,9 @@ class Zero3EarlyRelease(TrainerCallback):
         self.installed = True
         model = self.trainer.model
         layers = layers_own_their_recompute(model, offload)  # inert without checkpointing
-        if is_deepspeed_zero3_enabled():  # TRL gathers the head only when transformers knows ZeRO-3 is on
-            head_gathers_per_use(model.get_output_embeddings())
+        head = model.get_output_embeddings()
+        if head is not None and is_deepspeed_zero3_enabled():  # TRL gathers the head only when it knows ZeRO-3 is on
+            head_gathers_per_use(head)
         if state.is_world_process_zero:
-            print(f"train: ZeRO-3 frees the LM head and each of {layers} layers' recomputed weights after use")
+            print(f"train: ZeRO-3 frees each of {layers} layers' recomputed weights after its backward"
+                  + (", and the LM head's after each use" if head is not None else ""))
