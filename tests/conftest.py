@@ -23,6 +23,13 @@ def env_with_venv() -> dict:
     return env
 
 
+def env_with_project() -> dict:
+    """env_with_venv, with the project importable; an existing PYTHONPATH (the GPU image's staged wheels) stays."""
+    env = env_with_venv()
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
 def run(cmd: list[str], cwd: Path, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, cwd=cwd, env=env_with_venv(), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, default_params, env_with_venv
+from conftest import ROOT, default_params, env_with_project
 
 from stages.lib.launch import launcher_command
 from stages.lib.params import validate
@@ -61,7 +61,7 @@ def test_a_node_that_never_joins_fails_within_the_timeout(tmp_path: Path):
                                "timeout_minutes": 0.25, "master_port": 29631}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     (tmp_path / "hostfile").write_text("node0 slots=1\nnode1 slots=1\n")
-    env = env_with_venv() | {"PYTHONPATH": str(ROOT)}
+    env = env_with_project()
     start = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "stages.train"], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=240)
@@ -83,7 +83,7 @@ def test_two_cpu_processes_train_under_zero3(tmp_path: Path):
     raw["train"] |= {"deepspeed": "zero3", "max_steps": 2, "logging_steps": 1}
     raw["train"]["launch"] |= {"gpus_per_node": 2, "timeout_minutes": 5, "master_port": 29641}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
-    env = env_with_venv() | {"PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu"}
+    env = env_with_project() | {"DS_ACCELERATOR": "cpu"}
     for stage in ("download", "tokenize", "train"):
         proc = subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=tmp_path, env=env, capture_output=True,
                               text=True, timeout=600)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, default_params, env_with_venv
+from conftest import ROOT, default_params, env_with_project
 
 from stages.lib.params import ParamsError, validate
 from stages.lib.recipes import RECIPES, ModelRecipe, TemplateRecipe, deepspeed_config, model_recipe, template_recipe
@@ -120,8 +120,7 @@ def test_a_stage_with_a_misspelt_key_fails_at_once_and_leaves_outputs(tmp_path: 
     adapter = tmp_path / "models" / "adapter"
     adapter.mkdir(parents=True)
     (adapter / "adapter_model.safetensors").write_bytes(b"earlier adapter")
-    env = env_with_venv()
-    env["PYTHONPATH"] = str(ROOT)
+    env = env_with_project()
     proc = subprocess.run(
         [sys.executable, "-X", "importtime", "-m", "stages.train"], cwd=tmp_path, env=env, capture_output=True, text=True
     )
