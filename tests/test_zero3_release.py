@@ -20,9 +20,10 @@ RELEASED = [0, 0, 0, 0, False]  # no layer's frozen weights, no LM head
 
 
 @cache  # each case once per session
-def probe(placement: str, fix: bool) -> dict:
+def probe(placement: str, fix: bool, offload: bool = False) -> dict:
     env = env_with_venv() | {"MASTER_PORT": str(next(PORTS))}
-    cmd = [sys.executable, str(ROOT / "tests" / "zero3_release_probe.py"), placement, "fix" if fix else "nofix"]
+    cmd = [sys.executable, str(ROOT / "tests" / "zero3_release_probe.py"), placement, "fix" if fix else "nofix",
+           *(["offload"] if offload else [])]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -35,9 +36,9 @@ def test_deepspeed_alone_keeps_weights_gathered_to_the_end_of_backward():
     assert head  # the LM head has been pinned since the forward
 
 
-@pytest.mark.parametrize("placement", ["around_call", "inside_forward"])
-def test_each_layer_and_the_head_are_released_after_use(placement):
-    result = probe(placement, fix=True)
+@pytest.mark.parametrize("placement, offload", [("around_call", False), ("inside_forward", False), ("around_call", True)])
+def test_each_layer_and_the_head_are_released_after_use(placement, offload):
+    result = probe(placement, fix=True, offload=offload)
     assert set(result["after_layer_backward"]) == {"0", "1", "2", "3"}
     for layer, gathered in result["after_layer_backward"].items():
         assert gathered == RELEASED, f"weights still gathered when layer {layer}'s backward ended"
@@ -45,4 +46,6 @@ def test_each_layer_and_the_head_are_released_after_use(placement):
 
 
 def test_the_fixes_do_not_change_the_losses():
-    assert probe("around_call", fix=True)["losses"] == probe("around_call", fix=False)["losses"]
+    losses = probe("around_call", fix=False)["losses"]
+    assert probe("around_call", fix=True)["losses"] == losses
+    assert probe("around_call", fix=True, offload=True)["losses"] == losses  # the seed's recipe offloads to CPU

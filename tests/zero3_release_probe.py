@@ -1,10 +1,11 @@
 """ZeRO-3 training steps on the CPU; prints which frozen weights are still gathered as each layer's backward ends.
 
 Run by tests/test_zero3_release.py in its own process (DeepSpeed sets up a process group):
-    python tests/zero3_release_probe.py around_call|inside_forward fix|nofix
+    python tests/zero3_release_probe.py around_call|inside_forward fix|nofix [offload]
 `around_call` runs the reentrant checkpoint around each decoder layer's __call__, as transformers 5.17 does;
 `inside_forward` leaves checkpointing to the installed transformers. The loss goes through TRL's fused LM head,
-as in the train stage. `fix` installs stages/lib/zero3_release.py. Output: one JSON line.
+as in the train stage. `fix` installs stages/lib/zero3_release.py; `offload` puts parameters and optimizer
+states in CPU memory, as the seed's recipe does. Output: one JSON line.
 """
 
 from __future__ import annotations
@@ -49,13 +50,16 @@ def frozen_gathered(layers) -> list[int]:
             for layer in layers]  # fmt: skip
 
 
-def main(placement: str, fix: bool) -> None:
+def main(placement: str, fix: bool, offload: bool) -> None:
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)  # fmt: skip
     ds_config = {"train_micro_batch_size_per_gpu": 1, "zero_allow_untested_optimizer": True,
                  "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
                                        "stage3_max_reuse_distance": 0, "stage3_prefetch_bucket_size": 0}}  # fmt: skip
+    if offload:
+        ds_config["zero_optimization"] |= {"offload_param": {"device": "cpu"}, "offload_optimizer": {"device": "cpu"}}
+        ds_config["zero_force_ds_cpu_optimizer"] = False  # torch's AdamW instead of DeepSpeed's compiled CPU Adam
     zero3_known = HfDeepSpeedConfig(ds_config)  # noqa: F841 -- tells transformers and TRL that ZeRO-3 is on, as Trainer does
     with deepspeed.zero.Init(config_dict_or_path=ds_config):
         base = LlamaForCausalLM(config)
@@ -102,4 +106,4 @@ def main(placement: str, fix: bool) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2] == "fix")
+    main(sys.argv[1], sys.argv[2] == "fix", sys.argv[3:] == ["offload"])
