@@ -15,25 +15,23 @@ torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-def bench_data(shared_data, tmp_path):
-    """The layout bench/topologies.py reads: alpaca_zh and the Qwen2 tokenizer side by side."""
+def topologies(shared_data, tmp_path, *args: str) -> list[dict]:
+    """Runs bench/topologies.py on alpaca_zh and the Qwen2 tokenizer; one result per run, in order."""
     data = tmp_path / "data"
     data.mkdir()
     (data / "alpaca_zh_demo.json").symlink_to(shared_data / "instruct" / "alpaca_zh_demo.json")
     (data / "qwen2").symlink_to(shared_data / "tokenizers" / "qwen2")
-    return data
+    out = tmp_path / "result.jsonl"
+    subprocess.run([sys.executable, str(ROOT / "bench" / "topologies.py"), "--data", str(data), "--work",
+                    str(tmp_path / "work"), "--out", str(out), *args], check=True)  # fmt: skip
+    return [json.loads(line) for line in out.read_text().splitlines()]
 
 
 @pytest.mark.parametrize("topology, gpus", [("1gpu", 1), ("2gpu", 2), ("2x1", 2), ("2x2", 4)])
 def test_topology_trains_and_saves_a_complete_adapter(topology, gpus, shared_data, tmp_path):
     if torch.cuda.device_count() < gpus:
         pytest.skip(f"needs {gpus} GPUs")
-    data = bench_data(shared_data, tmp_path)
-    out = tmp_path / "result.jsonl"
-    subprocess.run([sys.executable, str(ROOT / "bench" / "topologies.py"), "--data", str(data), "--work",
-                    str(tmp_path / "work"), "--runs", topology, "--size", "1.5b", "--steps", "8", "--out", str(out)],
-                   check=True)
-    result = json.loads(out.read_text().splitlines()[-1])
+    (result,) = topologies(shared_data, tmp_path, "--runs", topology, "--size", "1.5b", "--steps", "8")
     assert result["world_size"] == gpus and result["steps"] == 8
     assert result["loss_last"] < result["loss_first"]
     assert result["adapter_mib"] > 1 and result["lora_b_norm"] > 0
@@ -66,13 +64,9 @@ def test_zero3_per_gpu_peak_drops_on_two_gpus(shared_data, tmp_path):
     Measured (bench/RESULTS.md §1b, 2 × H200): 6.88 vs 9.21 GiB; steps 1-4 within 0.001."""
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs")
-    data = bench_data(shared_data, tmp_path)
-    out = tmp_path / "result.jsonl"
-    subprocess.run([sys.executable, str(ROOT / "bench" / "topologies.py"), "--data", str(data), "--work",
-                    str(tmp_path / "work"), "--runs", "1gpu,2gpu", "--size", "7b", "--steps", "4", "--out", str(out),
-                    "--set", "packed_length=8192", "--set", "attn_implementation=varlen",
-                    "--set", "token_metrics=false"], check=True)  # fmt: skip
-    one, two = (json.loads(line) for line in out.read_text().splitlines())
+    one, two = topologies(shared_data, tmp_path, "--runs", "1gpu,2gpu", "--size", "7b", "--steps", "4",
+                          "--set", "packed_length=8192", "--set", "attn_implementation=varlen",
+                          "--set", "token_metrics=false")  # fmt: skip
     assert max(two["peak_gib_train_per_rank"]) < 0.85 * one["peak_gib_train_per_rank"][0]
     assert max(two["gib_at_first_step_per_rank"]) < 0.6 * one["gib_at_first_step_per_rank"][0]  # sharded
     for a, b in zip(one["losses"], two["losses"]):

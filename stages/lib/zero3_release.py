@@ -66,8 +66,9 @@ class Zero3EarlyRelease(TrainerCallback):
         model = self.trainer.model
         layers = layers_own_their_recompute(model, offload)  # inert without checkpointing
         head = model.get_output_embeddings()
-        if head is not None and is_deepspeed_zero3_enabled():  # TRL gathers the head only when it knows ZeRO-3 is on
+        head_per_use = head is not None and is_deepspeed_zero3_enabled()  # TRL gathers it only when it knows ZeRO-3
+        if head_per_use:
             head_gathers_per_use(head)
         if state.is_world_process_zero:
             print(f"train: ZeRO-3 frees each of {layers} layers' recomputed weights after its backward"
-                  + (", and the LM head's after each use" if head is not None else ""))
+                  + (", and the LM head's after each use" if head_per_use else ""))
