@@ -1,7 +1,9 @@
 """Stage 5, eval: the base and the merged model on the validation split → metrics/eval.json + eval/generations.jsonl.
 
-For each model: loss and perplexity over the answer tokens only (the prompt is context, as in training), and
+For each model: loss and perplexity over the trained tokens only (the prompt is context, as in training), and
 greedy generations from the prompts scored against the reference answers (exact match, character ROUGE-L).
+Both models get the prompt a server builds from models/merged and are decoded as a server decodes: generation
+stops at the format's stop tokens (models/merged/generation_config.json), which are cut from the text.
 """
 
 from __future__ import annotations
@@ -21,12 +23,8 @@ METRICS = Path("metrics/eval.json")
 GENERATIONS = Path("eval/generations.jsonl")
 
 
-def prompt_length(mask: list[int]) -> int:
-    return mask.index(1)
-
-
 def answer_loss(model, rows, batch_size: int, pad_id: int) -> float:
-    """Mean negative log-likelihood per answer token (labels -100 on prompt and padding)."""
+    """Mean negative log-likelihood per trained token (labels -100 on prompt and padding)."""
     import torch
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
@@ -35,13 +33,15 @@ def answer_loss(model, rows, batch_size: int, pad_id: int) -> float:
     for start in range(0, len(rows), batch_size):
         batch = collate(
             [
-                {"input_ids": r["input_ids"], "labels": [t if m else -100 for t, m in zip(r["input_ids"], r["completion_mask"])]}
+                {"input_ids": r["input_ids"], "labels": [t if m else -100 for t, m in zip(r["input_ids"], r["assistant_masks"])]}
                 for r in rows[start : start + batch_size]
             ]
         )
         with torch.no_grad():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        labels = batch["labels"][:, 1:]
+            logits = model(
+                input_ids=batch["input_ids"].to(model.device), attention_mask=batch["attention_mask"].to(model.device)
+            ).logits.float()
+        labels = batch["labels"][:, 1:].to(model.device)
         nll = torch.nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100, reduction="sum"
         )
@@ -50,27 +50,34 @@ def answer_loss(model, rows, batch_size: int, pad_id: int) -> float:
     return total / count
 
 
-def generate(model, tokenizer, rows, batch_size: int, max_new_tokens: int) -> list[str]:
+def answer_text(tokenizer, new_ids: list[int], stop_ids: list[int]) -> str:
+    """What a server returns for generated ids: up to the first stop token, special tokens dropped, stripped."""
+    stops = set(stop_ids)
+    end = next((k for k, t in enumerate(new_ids) if t in stops), len(new_ids))
+    return tokenizer.decode(new_ids[:end], skip_special_tokens=True).strip()
+
+
+def generate(model, tokenizer, rows, batch_size: int, max_new_tokens: int, stop_ids: list[int]) -> list[str]:
     import torch
 
     tokenizer.padding_side = "left"  # generation continues from the right end of every prompt
     outputs = []
     for start in range(0, len(rows), batch_size):
-        prompts = [r["input_ids"][: prompt_length(r["completion_mask"])] for r in rows[start : start + batch_size]]
-        batch = tokenizer.pad({"input_ids": prompts}, return_tensors="pt")
+        prompts = [r["input_ids"][: r["prompt_length"]] for r in rows[start : start + batch_size]]
+        batch = tokenizer.pad({"input_ids": prompts}, return_tensors="pt").to(model.device)
         with torch.no_grad():
             out = model.generate(
                 **batch,
                 do_sample=False,
                 max_new_tokens=max_new_tokens,
+                eos_token_id=stop_ids,
                 pad_token_id=tokenizer.pad_token_id,
             )
-        new = out[:, batch["input_ids"].shape[1] :]
-        outputs += [text.strip() for text in tokenizer.batch_decode(new, skip_special_tokens=True)]
+        outputs += [answer_text(tokenizer, row.tolist(), stop_ids) for row in out[:, batch["input_ids"].shape[1] :]]
     return outputs
 
 
-def evaluate(params: Params, path: Path, rows, tokenizer) -> tuple[dict, list[str]]:
+def evaluate(params: Params, path: Path, rows, tokenizer, stop_ids: list[int]) -> tuple[dict, list[str]]:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -79,7 +86,7 @@ def evaluate(params: Params, path: Path, rows, tokenizer) -> tuple[dict, list[st
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     e = params.eval
     loss = answer_loss(model, rows, e.batch_size, tokenizer.pad_token_id)
-    predictions = generate(model, tokenizer, rows, e.batch_size, e.max_new_tokens)
+    predictions = generate(model, tokenizer, rows, e.batch_size, e.max_new_tokens, stop_ids)
     n = len(rows)
     scores = {
         "loss": loss,
@@ -93,18 +100,20 @@ def evaluate(params: Params, path: Path, rows, tokenizer) -> tuple[dict, list[st
 def main() -> None:
     params = load_params()
     from datasets import load_from_disk
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, GenerationConfig
 
     validation = load_from_disk(str(TOKENIZED))["validation"]
     rows = validation.select(range(min(params.eval.max_samples, len(validation)))).to_list()
     tokenizer = AutoTokenizer.from_pretrained(MODELS["tuned"])
+    stop_ids = GenerationConfig.from_pretrained(MODELS["tuned"]).eos_token_id
+    stop_ids = [stop_ids] if isinstance(stop_ids, int) else list(stop_ids)
     metrics, predictions = {}, {}
     for name, path in MODELS.items():
-        metrics[name], predictions[name] = evaluate(params, path, rows, tokenizer)
+        metrics[name], predictions[name] = evaluate(params, path, rows, tokenizer, stop_ids)
     metrics["samples"] = len(rows)
     lines = []
     for i, row in enumerate(rows):
-        prompt = tokenizer.decode(row["input_ids"][: prompt_length(row["completion_mask"])])
+        prompt = tokenizer.decode(row["input_ids"][: row["prompt_length"]])
         record = {"prompt": prompt, "reference": row["reference"]} | {m: predictions[m][i] for m in MODELS}
         lines.append(json.dumps(record, ensure_ascii=False) + "\n")
     write_text(GENERATIONS, "".join(lines))

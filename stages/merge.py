@@ -1,5 +1,9 @@
 """Stage 4, merge: models/base (unquantized) + models/adapter → models/merged (safetensors + tokenizer).
 
+models/merged gets the training tokenizer from data/tokenized/tokenizer: its chat template renders the prompt
+ids the model was trained on, and generation_config.json stops at the format's stop tokens, so a server that
+reads models/merged (vLLM, TGI, transformers pipelines) prompts and stops as in training.
+
 The adapter was trained against a 4-bit base, but it is merged into the full-precision weights: merging into
 4-bit weights would round the update away. Before saving, the stage checks on fixed validation inputs that the
 merged model's logits equal base + adapter (unmerged) within merge.tolerance, and fails otherwise.
@@ -17,6 +21,7 @@ from stages.lib.params import Params, load_params
 BASE_DIR = Path("models/base")
 ADAPTER_DIR = Path("models/adapter")
 TOKENIZED = Path("data/tokenized")
+TOKENIZER = TOKENIZED / "tokenizer"
 MERGED_DIR = Path("models/merged")
 METRICS = Path("metrics/merge.json")
 
@@ -74,10 +79,16 @@ def main() -> None:
     params = load_params()
     from transformers import AutoTokenizer
 
+    from stages.lib.chat import format as chat_format
+
     merged, diff = merge(params)
+    fmt = chat_format.load(TOKENIZER)
+    merged.generation_config.eos_token_id = fmt.stop_ids[0] if len(fmt.stop_ids) == 1 else fmt.stop_ids
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
+    merged.generation_config.pad_token_id = tokenizer.pad_token_id
     with staged_dir(MERGED_DIR) as tmp:
         merged.save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(BASE_DIR).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
         if params.merge.chatglm2_layout:
             from stages.lib.convert import write_chatglm2_layout
 

@@ -1,9 +1,10 @@
-"""Stage 2, tokenize: data/raw + the base tokenizer → data/tokenized (Arrow) + metrics/tokenize.json.
+"""Stage 2, tokenize: data/raw + the base tokenizer → data/tokenized (Arrow + the training tokenizer) + metrics.
 
-Each record becomes `input_ids` and `completion_mask` (1 on the answer and its EOS), the pre-tokenized format
-TRL's SFTTrainer reads: TRL turns the mask into labels (-100 on the prompt) and pads or packs the batches.
-The prompt/answer boundary follows TRL's own rule for prompt-completion data, but costs one batched tokenizer
-call instead of two: a token belongs to the answer when its text ends past the end of the prompt.
+Each record becomes `input_ids` and `assistant_masks` (1 on the answer tokens and the token that ends them), the
+pre-tokenized format TRL's SFTTrainer turns into labels (-100 elsewhere) before it pads or packs. The prompt
+format is decided here once (stages/lib/chat/format.py) and saved with the tokenizer into
+data/tokenized/tokenizer: its chat template renders exactly the training ids, so train, merge, eval and any
+server that calls `apply_chat_template` on models/merged build the prompt the model was trained on.
 """
 
 from __future__ import annotations
@@ -14,43 +15,60 @@ from pathlib import Path
 
 import numpy as np
 
+from stages.lib.chat import format as chat_format
+from stages.lib.chat.encode import encode, render
+from stages.lib.chat.records import RecordError, dialogue
 from stages.lib.errors import UserError, run_stage
 from stages.lib.outputs import staged_dir, write_json
 from stages.lib.params import Params, load_params
 from stages.lib.recipes import model_recipe, template_recipe
-from stages.lib.templates import prompt_completion, reference
 
 RAW = Path("data/raw/records.jsonl")
 BASE_DIR = Path("models/base")
 OUT_DIR = Path("data/tokenized")
+TOKENIZER = OUT_DIR / "tokenizer"  # the training tokenizer: chat template, pad token, chat_format.json
 METRICS = Path("metrics/tokenize.json")
 
 
-def texts_for(records: list[dict], params: Params, tokenizer) -> tuple[list[str], list[int]]:
-    """Full training texts (prompt + answer + EOS) and where each prompt ends, in characters."""
-    template = template_recipe(params.tokenize.template or model_recipe(params.model.recipe).template)
-    eos = tokenizer.eos_token
-    texts, prompt_chars = [], []
+def template_name(params: Params) -> str:
+    """tokenize.template, else `raw` for prompt_completion text, else the model recipe's template."""
+    name = params.tokenize.template
+    if params.data.format == "prompt_completion":
+        if name not in (None, "raw"):
+            raise UserError(
+                f"tokenize.template '{name}': data.format prompt_completion is text used as is; set the template to "
+                "null (or raw), or give the records as alpaca or messages to render them in a template"
+            )
+        return "raw"
+    return name or model_recipe(params.model.recipe).template
+
+
+def base_stop_ids(base_dir: Path = BASE_DIR) -> list[int]:
+    """The base model's own stop tokens (generation_config.json eos_token_id), kept through merge."""
+    path = base_dir / "generation_config.json"
+    eos = json.loads(path.read_text()).get("eos_token_id") if path.exists() else None
+    return [eos] if isinstance(eos, int) else list(eos or [])
+
+
+def decide_format(params: Params, tokenizer) -> chat_format.ChatFormat:
+    name = template_name(params)
+    return chat_format.decide(tokenizer, template_recipe(name), name, base_stop_ids())
+
+
+def tokenize_records(records: list[dict], params: Params, tokenizer, fmt: chat_format.ChatFormat) -> dict:
+    """`encode`'s columns for every record, plus `reference` (the last answer's text) per record."""
+    all_turns = params.tokenize.assistant_turns == "all"
+    rendered, references = [], []
     for i, record in enumerate(records):
-        prompt, completion = prompt_completion(record, params.data.format, template, tokenizer, i)
-        if not completion.endswith(eos):  # as TRL: the model must learn to stop
-            completion += eos
-        texts.append(prompt + completion)
-        prompt_chars.append(len(prompt))
-    return texts, prompt_chars
-
-
-def encode(tokenizer, texts: list[str], prompt_chars: list[int], max_length: int) -> dict:
-    enc = tokenizer(texts, return_offsets_mapping=True, return_attention_mask=False)
-    input_ids, masks, truncated = [], [], 0
-    for ids, offsets, boundary in zip(enc["input_ids"], enc["offset_mapping"], prompt_chars):
-        mask = [int(end > boundary) for _, end in offsets]
-        if len(ids) > max_length:
-            truncated += 1
-            ids, mask = ids[:max_length], mask[:max_length]
-        input_ids.append(ids)
-        masks.append(mask)
-    return {"input_ids": input_ids, "completion_mask": masks, "truncated": truncated}
+        d = dialogue(record, params.data.format, i)
+        try:
+            rendered.append(render(d.messages(), fmt, tokenizer, all_turns))
+        except UserError as exc:
+            raise RecordError(f"record {i}: {exc}") from None
+        except Exception as exc:  # a Jinja error raised by the template (raise_exception) or its syntax
+            raise RecordError(f"record {i}: the chat template failed: {exc}") from None
+        references.append(d.response)
+    return encode(tokenizer, rendered, fmt, params.tokenize.max_length) | {"reference": references}
 
 
 def split(n: int, params: Params) -> tuple[list[int], list[int]]:
@@ -63,12 +81,12 @@ def split(n: int, params: Params) -> tuple[list[int], list[int]]:
     return sorted(order[n_val:]), sorted(order[:n_val])
 
 
-def stats(lengths: list[int], completion_tokens: list[int], truncated: int, dropped: int) -> dict:
+def stats(lengths: list[int], trained_tokens: list[int], truncated: int, dropped: int) -> dict:
     p = np.percentile(lengths, [50, 90, 99]).tolist()
     return {
         "records": len(lengths),
         "tokens": int(sum(lengths)),
-        "completion_tokens": int(sum(completion_tokens)),
+        "trained_tokens": int(sum(trained_tokens)),
         "truncated": truncated,
         "dropped_no_answer_left": dropped,
         "length": {"p50": p[0], "p90": p[1], "p99": p[2], "max": int(max(lengths)), "mean": float(np.mean(lengths))},
@@ -83,30 +101,44 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(BASE_DIR)
     if not tokenizer.is_fast:
         raise UserError(f"{BASE_DIR}: the tokenizer must be a fast (Rust) tokenizer: offsets mark the answer")
+    fmt = decide_format(params, tokenizer)
+    for note in fmt.notes:
+        print(f"tokenize: {note}")
     records = [json.loads(line) for line in RAW.read_text(encoding="utf-8").splitlines()]
-    texts, prompt_chars = texts_for(records, params, tokenizer)
-    enc = encode(tokenizer, texts, prompt_chars, params.tokenize.max_length)
+    enc = tokenize_records(records, params, tokenizer, fmt)
+    if enc["prompt_mismatch"]:
+        first = enc["prompt_mismatch"][0]
+        print(f"tokenize: warning: in {len(enc['prompt_mismatch'])} records (first: record {first}) a token spans the "
+              "prompt/answer boundary, so a server's prompt ids differ from training's there")
 
-    keep = [i for i, m in enumerate(enc["completion_mask"]) if any(m)]  # truncation can cut the whole answer
+    keep = [i for i, m in enumerate(enc["assistant_masks"]) if any(m)]  # truncation can cut the whole answer
     train_idx, val_idx = split(len(keep), params)
-    columns = {k: enc[k] for k in ("input_ids", "completion_mask")}
 
-    def subset(idx: list[int], with_reference: bool) -> Dataset:
+    def subset(idx: list[int], columns: tuple[str, ...]) -> Dataset:
         rows = [keep[i] for i in idx]
-        data = {k: [v[r] for r in rows] for k, v in columns.items()}
-        if with_reference:
-            data["reference"] = [reference(records[r], params.data.format, r) for r in rows]
-        return Dataset.from_dict(data)
+        return Dataset.from_dict({k: [enc[k][r] for r in rows] for k in columns})
 
-    splits = DatasetDict(train=subset(train_idx, False), validation=subset(val_idx, True))
+    train_columns = ("input_ids", "assistant_masks")
+    splits = DatasetDict(
+        train=subset(train_idx, train_columns),
+        validation=subset(val_idx, (*train_columns, "prompt_length", "reference")),
+    )
     with staged_dir(OUT_DIR) as tmp:
         splits.save_to_disk(str(tmp))
-    lengths = [len(ids) for ids in columns["input_ids"]]
-    answer = [sum(m) for m in columns["completion_mask"]]
+        chat_format.save(tokenizer, fmt, tmp / TOKENIZER.name)
+    lengths = [len(enc["input_ids"][r]) for r in keep]
+    answer = [sum(enc["assistant_masks"][r]) for r in keep]
     summary = stats(lengths, answer, enc["truncated"], len(records) - len(keep))
-    summary |= {"train_records": len(train_idx), "validation_records": len(val_idx)}
+    summary |= {
+        "train_records": len(train_idx),
+        "validation_records": len(val_idx),
+        "prompt_mismatch": len(enc["prompt_mismatch"]),
+        "template": template_name(params),
+        "stop_tokens": tokenizer.convert_ids_to_tokens(fmt.stop_ids),
+    }
     write_json(METRICS, summary)
-    print(f"tokenize: {len(train_idx)} train / {len(val_idx)} validation, {summary['tokens']} tokens")
+    print(f"tokenize: {len(train_idx)} train / {len(val_idx)} validation, {summary['tokens']} tokens, "
+          f"{summary['trained_tokens']} trained")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from stages.lib.params import Params, load_params
 from stages.lib.recipes import deepspeed_config, model_recipe
 
 TOKENIZED = Path("data/tokenized")
+TOKENIZER = TOKENIZED / "tokenizer"  # the training tokenizer, written by tokenize (chat template, pad token)
 BASE_DIR = Path("models/base")
 ADAPTER_DIR = Path("models/adapter")
 LIVE_DIR = Path("dvclive/train")
@@ -133,6 +134,7 @@ def build_trainer(params: Params, output_dir: Path, callbacks: list, **overrides
 
         register()
     args = sft_config(params, output_dir, **overrides)  # the DeepSpeed config is live from here on
+    train_set = load_from_disk(str(TOKENIZED))["train"]
     if t.token_metrics:
         trainer_class = SFTTrainer
     else:
@@ -140,17 +142,40 @@ def build_trainer(params: Params, output_dir: Path, callbacks: list, **overrides
     trainer = trainer_class(
         model=str(BASE_DIR),
         args=args,
-        train_dataset=load_from_disk(str(TOKENIZED))["train"],
-        processing_class=AutoTokenizer.from_pretrained(BASE_DIR),
+        train_dataset=train_set,
+        processing_class=AutoTokenizer.from_pretrained(TOKENIZER),
         peft_config=None if t.method == "full" else lora_config(params),
         quantization_config=quantization_config(params) if t.method == "qlora" else None,
         callbacks=callbacks,
     )
+    check_labels(trainer.train_dataset, train_set)
     if t.deepspeed:
         from stages.lib.zero3_release import Zero3EarlyRelease
 
         trainer.add_callback(Zero3EarlyRelease(trainer))  # acts only under ZeRO-3
     return trainer
+
+
+def check_labels(prepared, tokenized) -> None:
+    """Fail unless the trainer's prepared rows label exactly the tokenized answer tokens.
+
+    TRL turns `assistant_masks` into `labels` (-100 elsewhere) before it packs; a TRL that ignored the mask would
+    train on the prompt as well, without a word. Counts over the whole set: `prepared` may be packed.
+    """
+    import pyarrow.compute as pc
+
+    if "labels" not in prepared.column_names:
+        raise RuntimeError("TRL built no labels from assistant_masks: the prompt would be trained too")
+
+    def flat(dataset, column: str):
+        return pc.list_flatten(dataset.data.column(column))
+
+    labelled = pc.sum(pc.not_equal(flat(prepared, "labels"), -100)).as_py() or 0
+    answer = pc.sum(flat(tokenized, "assistant_masks")).as_py() or 0
+    if labelled != answer:
+        raise RuntimeError(f"TRL labels {labelled} tokens for training, the tokenized answers have {answer}")
+    total = len(flat(tokenized, "input_ids"))
+    print(f"train: {labelled} of {total} tokens carry loss (the answers and their end tokens)")
 
 
 def train(params: Params) -> None:

@@ -7,7 +7,9 @@ at download, and every later stage runs native code (SDPA, ZeRO-3 init, gradient
 
 The weights map one to one except query_key_value, which splits into q_proj, k_proj and v_proj (and joins back
 for `to_chatglm2`). The tokenizer becomes a fast tokenizer from the same SentencePiece model, with ChatGLM2's
-special tokens at the same ids and its `[gMASK] sop` prefix on every encoded text.
+special tokens at the same ids and its `[gMASK] sop` prefix on every encoded text. `sop` and `eop` are spelt
+`<sop>` and `<eop>` (as GLM-4 does): a special token matches anywhere in a text, and the plain word "sop" must
+stay text.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-SPECIALS = ["[MASK]", "[gMASK]", "[sMASK]", "sop", "eop"]  # ids follow the SentencePiece pieces, in this order
+SPECIALS = ["[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>"]  # ids follow the SentencePiece pieces, in this order
 TOP = {
     "transformer.embedding.word_embeddings.weight": "model.embed_tokens.weight",
     "transformer.encoder.final_layernorm.weight": "model.norm.weight",
@@ -131,7 +133,8 @@ def fast_tokenizer(sp_model: Path):
     n = len(vocab)
     ids = {token: n + i for i, token in enumerate(SPECIALS)}
     backend.post_processor = TemplateProcessing(
-        single="[gMASK] sop $A", pair="[gMASK] sop $A $B", special_tokens=[("[gMASK]", ids["[gMASK]"]), ("sop", ids["sop"])]
+        single="[gMASK] <sop> $A", pair="[gMASK] <sop> $A $B",
+        special_tokens=[("[gMASK]", ids["[gMASK]"]), ("<sop>", ids["<sop>"])],
     )
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,

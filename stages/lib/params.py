@@ -74,6 +74,7 @@ class ModelParams(Strict):
 
 class TokenizeParams(Strict):
     template: str | None = None  # a name in recipes/templates; null: the model recipe's
+    assistant_turns: Literal["all", "last"] = "all"  # which answers of a multi-turn record carry loss
     max_length: Annotated[int, Field(ge=8)] = 512
     validation_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1
     max_validation: Annotated[int, Field(ge=1)] = 200

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .params import Dtype, ParamsError
 
@@ -45,16 +45,30 @@ class ModelRecipe(Strict):
 
 
 class TemplateRecipe(Strict):
-    """How a record becomes prompt text. Placeholders: {system}, {query}, {response}, {round}."""
+    """A prompt format, one text per role with a `{content}` placeholder (user and assistant may use `{round}`).
+
+    `assistant` holds the answer's header, `{content}` and what closes the answer: the header is the generation
+    prompt; the closing text without trailing whitespace (e.g. ChatML's `<|im_end|>`) is trained with the answer
+    and ends generation. Turned into a Jinja chat template by stages/lib/chat/format.py.
+    """
 
     description: str
-    chat_template: bool = False  # true: the tokenizer's own chat template renders the text
-    system: str = ""  # rendered before the turns when the record or default_system has one
+    chat_template: bool = False  # true: the tokenizer's own chat template (tokenizer_config.json) is the format
+    system: str = ""  # rendered first when the record (or default_system) has a system text
     default_system: str = ""
-    turn: str = ""  # one earlier (query, response) pair of a multi-turn record
-    prompt: str = ""  # the last query, up to where the model's answer starts
-    completion_suffix: str = ""  # closes the answer before EOS (e.g. ChatML's <|im_end|>)
-    first_round: int = 1
+    user: str = ""
+    assistant: str = ""
+    first_round: int = 1  # the value of {round} in the first turn
+
+    @model_validator(mode="after")
+    def _placeholders(self) -> "TemplateRecipe":
+        if self.chat_template:
+            return self
+        for key in ("system", "user", "assistant"):
+            text = getattr(self, key)
+            if (text or key != "system") and text.count("{content}") != 1:
+                raise ValueError(f"'{key}' must contain {{content}} exactly once, got {text!r}")
+        return self
 
 
 def _load(kind: str, name: str, suffix: str) -> tuple[Path, Any]:

@@ -1,13 +1,16 @@
-"""From a raw record to (prompt text, completion text): record formats and prompt templates."""
+"""From a raw record to a conversation: alpaca, OpenAI/ShareGPT messages, or prompt/completion text."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .errors import UserError
-from .recipes import TemplateRecipe
+from ..errors import UserError
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+class RecordError(UserError):
+    pass
 
 
 @dataclass(frozen=True)
@@ -19,16 +22,12 @@ class Dialogue:
     history: list[tuple[str, str]] = field(default_factory=list)
     system: str | None = None
 
-    def messages(self, default_system: str = "") -> list[dict]:
-        system = self.system or default_system
-        msgs = [{"role": "system", "content": system}] if system else []
+    def messages(self) -> list[dict]:
+        """OpenAI-style messages: [system], (user, assistant) per earlier turn, then the last user and assistant."""
+        msgs = [{"role": "system", "content": self.system}] if self.system else []
         for q, a in self.history:
             msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
         return msgs + [{"role": "user", "content": self.query}, {"role": "assistant", "content": self.response}]
-
-
-class RecordError(UserError):
-    pass
 
 
 def _text(record: dict, key: str, index: int) -> str:
@@ -63,36 +62,14 @@ def from_messages(record: dict, index: int) -> Dialogue:
     return Dialogue(pairs[-1][0], pairs[-1][1], pairs[:-1], system)
 
 
-PARSERS = {"alpaca": from_alpaca, "messages": from_messages}
+def from_prompt_completion(record: dict, index: int) -> Dialogue:
+    """Already formatted text: the prompt is the user's turn and the completion the answer, both used as is."""
+    return Dialogue(_text(record, "prompt", index), _text(record, "completion", index))
 
 
-def render(dialogue: Dialogue, template: TemplateRecipe, tokenizer=None) -> tuple[str, str]:
-    """Prompt and completion text; the completion ends where the model should stop (EOS is added later)."""
-    if template.chat_template:
-        msgs = dialogue.messages(template.default_system)
-        prompt = tokenizer.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(msgs, tokenize=False)
-        if not full.startswith(prompt):
-            raise RecordError("the tokenizer's chat template renders the prompt differently inside the conversation")
-        return prompt, full[len(prompt) :].rstrip("\n")
-    if dialogue.history and not template.turn:
-        raise RecordError("a multi-turn record needs a template with a 'turn' format")
-    system = dialogue.system or template.default_system
-    text = template.system.format(system=system) if system and template.system else ""
-    for i, (q, a) in enumerate(dialogue.history):
-        text += template.turn.format(query=q, response=a, round=template.first_round + i)
-    text += template.prompt.format(query=dialogue.query, round=template.first_round + len(dialogue.history))
-    return text, dialogue.response + template.completion_suffix
+PARSERS = {"alpaca": from_alpaca, "messages": from_messages, "prompt_completion": from_prompt_completion}
 
 
-def prompt_completion(record: dict, fmt: str, template: TemplateRecipe, tokenizer, index: int) -> tuple[str, str]:
-    if fmt == "prompt_completion":  # already formatted text, used as is
-        return _text(record, "prompt", index), _text(record, "completion", index)
-    return render(PARSERS[fmt](record, index), template, tokenizer)
-
-
-def reference(record: dict, fmt: str, index: int) -> str:
-    """The answer text alone, for generation metrics."""
-    if fmt == "prompt_completion":
-        return _text(record, "completion", index)
-    return PARSERS[fmt](record, index).response
+def dialogue(record: dict, fmt: str, index: int) -> Dialogue:
+    """The record as a Dialogue; RecordError names the record and the field that is wrong."""
+    return PARSERS[fmt](record, index)

@@ -1,0 +1,76 @@
+"""Conversations → training ids: `input_ids` and `assistant_masks` (1 on the tokens that carry loss).
+
+Each conversation is rendered once by the format's chat template and tokenized once, as a whole, with
+`add_special_tokens=False` — the ids `apply_chat_template(..., tokenize=True)` gives. The trained spans (each
+assistant answer with its end marker, or only the last) are found by rendering the conversation up to each answer
+with and without it, and mapped onto tokens through the tokenizer's character offsets. The text stops at the end
+of the last answer; EOS follows unless the answer already ends in a stop token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import UserError
+from .format import ChatFormat
+
+
+@dataclass(frozen=True)
+class Rendered:
+    text: str  # the conversation up to the end of its last answer
+    spans: list[tuple[int, int]]  # character ranges of the trained answers
+    prompt: str  # the text a server renders before the last answer (add_generation_prompt=True)
+
+
+def render(messages: list[dict], fmt: ChatFormat, tokenizer, all_turns: bool) -> Rendered:
+    """The text and trained character spans of one conversation (messages end with an assistant turn).
+
+    Raises UserError when the template renders an earlier turn differently once later turns follow (then only
+    the last answer can be trained: tokenize.assistant_turns: last).
+    """
+
+    def text(msgs: list[dict], open_turn: bool) -> str:
+        return tokenizer.apply_chat_template(
+            msgs, chat_template=fmt.chat_template, tokenize=False, add_generation_prompt=open_turn
+        )
+
+    full = text(messages, False)
+    answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    spans = []
+    for i in answers if all_turns else answers[-1:]:
+        prompt = text(messages[:i], True)
+        done = full if i == len(messages) - 1 else text(messages[: i + 1], False)
+        if not (full.startswith(prompt) and full.startswith(done) and done.startswith(prompt)):
+            hint = "; set tokenize.assistant_turns: last" if all_turns and i != answers[-1] else ""
+            raise UserError(f"the chat template renders turn {i} differently once later turns follow{hint}")
+        spans.append((len(prompt), len(done.rstrip())))
+    return Rendered(full[: spans[-1][1]], spans, prompt)
+
+
+def encode(tokenizer, rendered: list[Rendered], fmt: ChatFormat, max_length: int) -> dict:
+    """Batched tokenization: `input_ids`, `assistant_masks`, `prompt_length` (tokens before the last answer).
+
+    Also counts `truncated` rows (cut to max_length tokens) and `prompt_mismatch`: rows where the prompt a server
+    tokenizes on its own is not the start of the training ids (a token spans the prompt/answer boundary).
+    """
+    enc = tokenizer(
+        [r.text for r in rendered], add_special_tokens=False, return_offsets_mapping=True, return_attention_mask=False
+    )
+    prompts = tokenizer([r.prompt for r in rendered], add_special_tokens=False, return_attention_mask=False)
+    out = {"input_ids": [], "assistant_masks": [], "prompt_length": [], "truncated": 0, "prompt_mismatch": []}
+    stops = set(fmt.stop_ids)
+    for row, (r, ids, offsets) in enumerate(zip(rendered, enc["input_ids"], enc["offset_mapping"])):
+        mask = [int(any(end > a and start < b for a, b in r.spans)) for start, end in offsets]
+        if not ids or ids[-1] not in stops:
+            ids, mask = ids + [fmt.eos_id], mask + [1]
+        last = r.spans[-1][0]
+        n_prompt = next((k for k, (_, end) in enumerate(offsets) if end > last), len(offsets))
+        if ids[:n_prompt] != prompts["input_ids"][row]:
+            out["prompt_mismatch"].append(row)
+        if len(ids) > max_length:
+            out["truncated"] += 1
+            ids, mask = ids[:max_length], mask[:max_length]
+        out["input_ids"].append(ids)
+        out["assistant_masks"].append(mask)
+        out["prompt_length"].append(n_prompt)
+    return out

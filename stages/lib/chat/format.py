@@ -1,0 +1,167 @@
+"""The prompt format a model is trained with, decided once at tokenize time and shipped with the tokenizer.
+
+A `ChatFormat` is a Jinja chat template plus the token rules that go with it:
+- the rendered text, tokenized with `add_special_tokens=False` (as `apply_chat_template(tokenize=True)` does),
+  is exactly the training sequence, so the tokenizer's own prefix (BOS, ChatGLM2's `[gMASK] <sop>`) is written
+  into the template once and never added a second time;
+- an answer ends with a stop token: the template's end marker when it is one token (ChatML's `<|im_end|>`),
+  else EOS; generation stops at any stop token;
+- a tokenizer without a pad token pads with its unk token, else with EOS (pad positions are never trained).
+The tokenize stage saves the tokenizer with this template and pad token into data/tokenized/tokenizer; train,
+merge and eval load it from there, and merge copies it into models/merged with the stop tokens in
+generation_config.json.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..errors import UserError
+from ..recipes import TemplateRecipe
+
+PROBE = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]
+FORMAT_FILE = "chat_format.json"  # beside the saved tokenizer
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    chat_template: str  # Jinja; see the module docstring
+    stop_ids: list[int]  # token ids that end an answer (EOS first)
+    eos_id: int  # appended to the last answer when it does not already end in a stop token
+    pad_token: str
+    prefix_ids: list[int]  # what the tokenizer puts before every text, rendered once by the template
+    notes: list[str]  # decisions a user should know about, printed by tokenize
+
+
+def special_prefix_suffix(tokenizer) -> tuple[list[int], list[int]]:
+    """Token ids the tokenizer adds before and after a text on its own (`add_special_tokens=True`)."""
+    plain = tokenizer("x", add_special_tokens=False)["input_ids"]
+    full = tokenizer("x", add_special_tokens=True)["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return full[:start], full[start + len(plain) :]
+    raise UserError("the tokenizer's added special tokens cannot be told apart from the text (encode('x') differs)")
+
+
+def _literal(text: str) -> str:
+    """Jinja for a literal text: a string expression, so whitespace control never touches it."""
+    return "{{ " + json.dumps(text, ensure_ascii=False) + " }}" if text else ""
+
+
+def _part(fmt: str, content: str) -> str:
+    pieces = re.split(r"(\{content\}|\{round\})", fmt)
+    return "".join(
+        "{{ " + content + " }}" if p == "{content}" else "{{ ns.round }}" if p == "{round}" else _literal(p)
+        for p in pieces
+    )
+
+
+def to_jinja(template: TemplateRecipe, name: str, prefix: str) -> str:
+    """A chat template (Jinja) that renders `template`, after the literal `prefix`, for any messages list.
+
+    Roles system/user/assistant; {round} counts user turns from template.first_round. A system text on a template
+    without a system format raises (as transformers' `raise_exception`) instead of being dropped.
+    """
+    header = template.assistant.split("{content}")[0]
+    content = "message['content']"
+    no_system = f"template '{name}' has no system format: drop the system text or choose a template with one"
+    system = _part(template.system, "system") if template.system else "{{ raise_exception(" + json.dumps(no_system) + ") }}"
+    jinja = (
+        f"{_literal(prefix)}{{%- set ns = namespace(round={template.first_round}) -%}}"
+        "{%- if messages and messages[0]['role'] == 'system' -%}"
+        "{%- set system = messages[0]['content'] -%}{%- set turns = messages[1:] -%}"
+        f"{{%- else -%}}{{%- set system = {json.dumps(template.default_system, ensure_ascii=False)} -%}}"
+        "{%- set turns = messages -%}{%- endif -%}"
+        f"{{%- if system -%}}{system}{{%- endif -%}}"
+        "{%- for message in turns -%}"
+        f"{{%- if message['role'] == 'user' -%}}{_part(template.user, content)}"
+        f"{{%- elif message['role'] == 'assistant' -%}}{_part(template.assistant, content)}"
+        "{%- set ns.round = ns.round + 1 -%}"
+        "{%- else -%}{{ raise_exception('roles must be system (first), user and assistant') }}{%- endif -%}"
+        "{%- endfor -%}"
+        f"{{%- if add_generation_prompt -%}}{_part(header, '')}{{%- endif -%}}"
+    )
+    return jinja.replace("{%- if", "\n{%- if").replace("{%- for", "\n{%- for").replace("{%- endfor", "\n{%- endfor")
+
+
+def _one_token(tokenizer, text: str) -> int | None:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids[0] if len(ids) == 1 else None
+
+
+def _special_ids(tokenizer) -> set[int]:
+    return set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+
+
+def decide(tokenizer, template: TemplateRecipe, name: str, base_stop_ids: list[int]) -> ChatFormat:
+    """The format for `tokenizer` + `template` (a recipes/templates name), checked on a probe conversation.
+
+    `base_stop_ids`: the base model's generation_config eos_token_id(s), kept as stop tokens.
+    Raises UserError for a tokenizer without EOS, `template: tokenizer` without a chat template, or a template
+    whose rendering the tokenizer cannot reproduce.
+    """
+    if tokenizer.eos_token_id is None:
+        raise UserError("models/base: the tokenizer has no EOS token (eos_token in tokenizer_config.json): set one")
+    prefix_ids, _ = special_prefix_suffix(tokenizer)  # a suffix (some tokenizers add EOS) is replaced by our EOS rule
+    prefix = "".join(tokenizer.convert_ids_to_tokens(prefix_ids))
+    if tokenizer(prefix, add_special_tokens=False)["input_ids"] != prefix_ids:
+        raise UserError(f"models/base: the tokenizer adds {prefix!r} to every text but does not read it back as text")
+    notes, stop = [], []
+    if template.chat_template:
+        jinja = tokenizer.chat_template
+        if not isinstance(jinja, str) or not jinja:
+            raise UserError(
+                "tokenize.template 'tokenizer': the tokenizer in models/base has no chat template; choose one of "
+                "recipes/templates (chatml, seed, chatglm2, raw)"
+            )
+        rendered = tokenizer.apply_chat_template(PROBE, chat_template=jinja, tokenize=False)
+        if tokenizer(rendered, add_special_tokens=False)["input_ids"][: len(prefix_ids)] != prefix_ids:
+            jinja = _literal(prefix) + jinja  # the model always saw its prefix; the template now renders it
+            notes.append(f"the tokenizer's chat template does not render {prefix!r}: it is added in front")
+        span = assistant_span(PROBE, jinja, tokenizer)
+        last = tokenizer(span, add_special_tokens=False)["input_ids"][-1:]
+        if last and last[0] in _special_ids(tokenizer):
+            stop.append(last[0])
+    else:
+        head, _, tail = template.assistant.partition("{content}")
+        marker = tail.rstrip()
+        if marker:
+            marker_id = _one_token(tokenizer, marker)
+            if marker_id is None:  # a text marker cannot stop a server; EOS takes its place, in training and serving
+                template = template.model_copy(update={"assistant": head + "{content}" + tokenizer.eos_token + tail[len(marker):]})
+                notes.append(f"end marker {marker!r} is not one token of this tokenizer: answers end with {tokenizer.eos_token!r}")
+            else:
+                stop.append(marker_id)
+        jinja = to_jinja(template, name, prefix)
+    stop_ids = list(dict.fromkeys([tokenizer.eos_token_id, *stop, *base_stop_ids]))
+    pad = tokenizer.pad_token or tokenizer.unk_token or tokenizer.eos_token
+    return ChatFormat(jinja, stop_ids, tokenizer.eos_token_id, pad, prefix_ids, notes)
+
+
+def assistant_span(messages: list[dict], jinja: str, tokenizer) -> str:
+    """The text the template renders for the last assistant message (header excluded, trailing space cut)."""
+    prompt = tokenizer.apply_chat_template(messages[:-1], chat_template=jinja, tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(messages, chat_template=jinja, tokenize=False)
+    if not full.startswith(prompt):
+        raise UserError("the chat template renders the prompt differently inside the conversation")
+    return full[len(prompt) :].rstrip()
+
+
+def apply(tokenizer, fmt: ChatFormat) -> None:
+    """Set the format on a loaded tokenizer (chat template, pad token) before it is saved."""
+    tokenizer.chat_template = fmt.chat_template
+    tokenizer.pad_token = fmt.pad_token
+
+
+def save(tokenizer, fmt: ChatFormat, out: Path) -> None:
+    """The tokenizer with the format applied, plus chat_format.json (stop ids and the decisions), into `out`."""
+    apply(tokenizer, fmt)
+    tokenizer.save_pretrained(out)
+    (out / FORMAT_FILE).write_text(json.dumps(asdict(fmt), ensure_ascii=False, indent=2, sort_keys=True) + "\n")
+
+
+def load(path: Path) -> ChatFormat:
+    return ChatFormat(**json.loads((path / FORMAT_FILE).read_text(encoding="utf-8")))
