@@ -56,9 +56,9 @@ def decide_format(params: Params, tokenizer) -> chat_format.ChatFormat:
 
 
 def tokenize_records(records: list[dict], params: Params, tokenizer, fmt: chat_format.ChatFormat) -> dict:
-    """`encode`'s columns for every record, plus `reference` (the last answer's text) per record."""
+    """`encode`'s columns for every record, plus `reference` (the last answer's text) and `messages` per record."""
     all_turns = params.tokenize.assistant_turns == "all"
-    rendered, references = [], []
+    rendered, references, conversations = [], [], []
     for i, record in enumerate(records):
         d = dialogue(record, params.data.format, i)
         try:
@@ -68,7 +68,9 @@ def tokenize_records(records: list[dict], params: Params, tokenizer, fmt: chat_f
         except Exception as exc:  # a Jinja error raised by the template (raise_exception) or its syntax
             raise RecordError(f"record {i}: the chat template failed: {exc}") from None
         references.append(d.response)
-    return encode(tokenizer, rendered, fmt, params.tokenize.max_length) | {"reference": references}
+        conversations.append(d.messages())
+    enc = encode(tokenizer, rendered, fmt, params.tokenize.max_length)
+    return enc | {"reference": references, "messages": conversations}
 
 
 def split(n: int, params: Params) -> tuple[list[int], list[int]]:
@@ -95,21 +97,31 @@ def stats(lengths: list[int], trained_tokens: list[int], truncated: int, dropped
 
 def main() -> None:
     params = load_params()
-    from datasets import Dataset, DatasetDict
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(BASE_DIR)
-    if not tokenizer.is_fast:
-        raise UserError(f"{BASE_DIR}: the tokenizer must be a fast (Rust) tokenizer: offsets mark the answer")
-    fmt = decide_format(params, tokenizer)
-    for note in fmt.notes:
-        print(f"tokenize: {note}")
     records = [json.loads(line) for line in RAW.read_text(encoding="utf-8").splitlines()]
-    enc = tokenize_records(records, params, tokenizer, fmt)
-    if enc["prompt_mismatch"]:
-        first = enc["prompt_mismatch"][0]
-        print(f"tokenize: warning: in {len(enc['prompt_mismatch'])} records (first: record {first}) a token spans the "
-              "prompt/answer boundary, so a server's prompt ids differ from training's there")
+    with staged_dir(OUT_DIR) as tmp:
+        tokenizer = chat_format.reload(AutoTokenizer.from_pretrained(BASE_DIR), tmp / TOKENIZER.name)
+        fmt = decide_format(params, tokenizer)
+        for note in fmt.notes:
+            print(f"tokenize: {note}")
+        enc = tokenize_records(records, params, tokenizer, fmt)
+        if enc["prompt_mismatch"]:
+            first = enc["prompt_mismatch"][0]
+            print(f"tokenize: warning: in {len(enc['prompt_mismatch'])} records (first: record {first}) a token spans "
+                  "a prompt/answer boundary, so a server's prompt ids differ from training's there")
+        splits, summary = build_splits(records, enc, params)
+        splits.save_to_disk(str(tmp))
+        chat_format.save(tokenizer, fmt, tmp / TOKENIZER.name)
+    summary |= {"template": template_name(params), "stop_tokens": tokenizer.convert_ids_to_tokens(fmt.stop_ids)}
+    write_json(METRICS, summary)
+    print(f"tokenize: {summary['train_records']} train / {summary['validation_records']} validation, "
+          f"{summary['tokens']} tokens, {summary['trained_tokens']} trained")
+
+
+def build_splits(records: list[dict], enc: dict, params: Params):
+    """The train and validation Datasets (rows that kept a trained token) and their statistics."""
+    from datasets import Dataset, DatasetDict
 
     keep = [i for i, m in enumerate(enc["assistant_masks"]) if any(m)]  # truncation can cut the whole answer
     train_idx, val_idx = split(len(keep), params)
@@ -121,24 +133,17 @@ def main() -> None:
     train_columns = ("input_ids", "assistant_masks")
     splits = DatasetDict(
         train=subset(train_idx, train_columns),
-        validation=subset(val_idx, (*train_columns, "prompt_length", "reference")),
+        validation=subset(val_idx, (*train_columns, "prompt_length", "reference", "messages")),
     )
-    with staged_dir(OUT_DIR) as tmp:
-        splits.save_to_disk(str(tmp))
-        chat_format.save(tokenizer, fmt, tmp / TOKENIZER.name)
     lengths = [len(enc["input_ids"][r]) for r in keep]
-    answer = [sum(enc["assistant_masks"][r]) for r in keep]
-    summary = stats(lengths, answer, enc["truncated"], len(records) - len(keep))
+    trained = [sum(enc["assistant_masks"][r]) for r in keep]
+    summary = stats(lengths, trained, enc["truncated"], len(records) - len(keep))
     summary |= {
         "train_records": len(train_idx),
         "validation_records": len(val_idx),
         "prompt_mismatch": len(enc["prompt_mismatch"]),
-        "template": template_name(params),
-        "stop_tokens": tokenizer.convert_ids_to_tokens(fmt.stop_ids),
     }
-    write_json(METRICS, summary)
-    print(f"tokenize: {len(train_idx)} train / {len(val_idx)} validation, {summary['tokens']} tokens, "
-          f"{summary['trained_tokens']} trained")
+    return splits, summary
 
 
 if __name__ == "__main__":

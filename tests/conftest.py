@@ -71,3 +71,19 @@ def shared_data() -> Path:
 
 def default_params() -> dict:
     return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def assert_merged_prompts_are_the_training_prompts(repo: Path) -> None:
+    """models/merged's chat template rebuilds every validation prompt id for id, and generation stops at EOS."""
+    from datasets import load_from_disk
+    from transformers import AutoTokenizer, GenerationConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(repo / "models" / "merged")
+    rows = load_from_disk(str(repo / "data" / "tokenized"))["validation"]
+    assert len(rows) > 0
+    for row in rows:
+        got = tokenizer.apply_chat_template(row["messages"][:-1], add_generation_prompt=True, tokenize=True)
+        got = list(got["input_ids"] if hasattr(got, "keys") else got)
+        assert got == row["input_ids"][: row["prompt_length"]], tokenizer.decode(got)
+    stops = GenerationConfig.from_pretrained(repo / "models" / "merged").eos_token_id
+    assert tokenizer.eos_token_id in ([stops] if isinstance(stops, int) else stops)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import clone, dvc, edit_params
+from conftest import assert_merged_prompts_are_the_training_prompts, clone, dvc, edit_params
 
 from stages.lib.convert import SPECIALS, fast_tokenizer, glm_config, to_chatglm2, to_glm
 
@@ -172,9 +172,10 @@ def test_a_tiny_chatglm2_checkpoint_runs_the_whole_pipeline(sp_model, tmp_path):
     assert json.loads((repo / "models" / "base" / "config.json").read_text())["model_type"] == "glm"
     n = 320 - len(SPECIALS) - 10
     row = load_from_disk(str(repo / "data" / "tokenized"))["train"][0]
-    ids, mask = row["input_ids"], row["completion_mask"]
-    assert ids[:2] == [n + 1, n + 3] and ids.count(n + 1) == 1  # [gMASK] sop once, at the start
+    ids, mask = row["input_ids"], row["assistant_masks"]
+    assert ids[:2] == [n + 1, n + 3] and ids.count(n + 1) == 1  # [gMASK] <sop> once, at the start
     assert mask[:2] == [0, 0] and mask[-1] == 1 and ids[-1] == 2  # prompt masked, answer + EOS trained
+    assert_merged_prompts_are_the_training_prompts(repo)
     metrics = json.loads((repo / "metrics" / "eval.json").read_text())
     assert metrics["tuned"]["loss"] < metrics["base"]["loss"]
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import clone, dvc, edit_params, run
+from conftest import assert_merged_prompts_are_the_training_prompts, clone, dvc, edit_params, run
 
 
 def lock(repo: Path) -> dict:
@@ -44,6 +44,12 @@ def test_fresh_clone_repro_trains_a_model_that_beats_the_base(repo):
     assert (repo / "dvclive" / "train" / "plots" / "metrics" / "loss.tsv").exists()
     assert len((repo / "eval" / "generations.jsonl").read_text().splitlines()) == scores["samples"]
     assert dvc("status", cwd=repo).stdout.strip() == "Data and pipelines are up to date."
+
+
+def test_merged_model_ships_the_training_prompt_format(repo):
+    assert_merged_prompts_are_the_training_prompts(repo)
+    stats = json.loads((repo / "metrics" / "tokenize.json").read_text())
+    assert stats["prompt_mismatch"] == 0 and stats["trained_tokens"] < stats["tokens"] / 3  # answers only
 
 
 def test_a_train_edit_reruns_train_merge_eval_only(repo):
@@ -129,5 +135,27 @@ def test_pipeline_on_alpaca_zh_with_the_qwen2_tokenizer(shared_data, tmp_path):
     rows = (repo / "dvclive" / "train" / "plots" / "metrics" / "loss.tsv").read_text().splitlines()[1:]
     losses = [float(r.split("\t")[-1]) for r in rows]
     assert losses[-1] < losses[0]
+    metrics = json.loads((repo / "metrics" / "eval.json").read_text())
+    assert metrics["tuned"]["loss"] < metrics["base"]["loss"]
+    assert_merged_prompts_are_the_training_prompts(repo)
+
+
+@pytest.mark.shared_data
+def test_pipeline_on_a_sentencepiece_model_without_a_pad_token(shared_data, tmp_path):
+    """stories260K: a real tiny Llama whose SentencePiece tokenizer adds BOS, has no pad token and reads ChatML's
+    <|im_end|> as plain text. Every stage runs (eval used to crash on the missing pad), answers end in EOS."""
+    repo = clone(tmp_path / "sp")
+    edit_params(repo, **{"model.path": str(shared_data / "models" / "stories260K"), "tokenize.template": "chatml",
+                         "train.max_steps": 30, "train.learning_rate": 0.01, "eval.max_samples": 8,
+                         "eval.max_new_tokens": 8})  # fmt: skip
+    proc = dvc("repro", cwd=repo)
+    assert "end marker '<|im_end|>' is not one token of this tokenizer: answers end with '</s>'" in proc.stdout
+    assert_merged_prompts_are_the_training_prompts(repo)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(repo / "models" / "merged")
+    assert tokenizer.pad_token == "<unk>"
+    for line in (repo / "eval" / "generations.jsonl").read_text().splitlines():
+        assert "im_end" not in json.loads(line)["tuned"]
     metrics = json.loads((repo / "metrics" / "eval.json").read_text())
     assert metrics["tuned"]["loss"] < metrics["base"]["loss"]

@@ -50,27 +50,32 @@ def render(messages: list[dict], fmt: ChatFormat, tokenizer, all_turns: bool) ->
 def encode(tokenizer, rendered: list[Rendered], fmt: ChatFormat, max_length: int) -> dict:
     """Batched tokenization: `input_ids`, `assistant_masks`, `prompt_length` (tokens before the last answer).
 
-    Also counts `truncated` rows (cut to max_length tokens) and `prompt_mismatch`: rows where the prompt a server
-    tokenizes on its own is not the start of the training ids (a token spans the prompt/answer boundary).
+    Also counts `truncated` rows (cut to max_length tokens) and lists in `prompt_mismatch` the rows where the text
+    before a span boundary does not tokenize to the start of the row's ids (a token spans the boundary), so a
+    server's prompt ids would differ from training's there.
     """
-    enc = tokenizer(
-        [r.text for r in rendered], add_special_tokens=False, return_offsets_mapping=True, return_attention_mask=False
-    )
-    prompts = tokenizer([r.prompt for r in rendered], add_special_tokens=False, return_attention_mask=False)
+    cuts = [[p for a, b in r.spans for p in (a, b) if p < len(r.text)] for r in rendered]
+    whole = tokenizer([r.text for r in rendered], add_special_tokens=False)["input_ids"]
+    heads = tokenizer([r.text[:p] for r, c in zip(rendered, cuts) for p in c], add_special_tokens=False)["input_ids"]
     out = {"input_ids": [], "assistant_masks": [], "prompt_length": [], "truncated": 0, "prompt_mismatch": []}
-    stops = set(fmt.stop_ids)
-    for row, (r, ids, offsets) in enumerate(zip(rendered, enc["input_ids"], enc["offset_mapping"])):
-        mask = [int(any(end > a and start < b for a, b in r.spans)) for start, end in offsets]
+    stops, k = set(fmt.stop_ids), 0
+    for row, (r, ids, c) in enumerate(zip(rendered, whole, cuts)):
+        bounds = []
+        for head in heads[k : k + len(c)]:
+            bounds.append(len(head))
+            if ids[: len(head)] != head and row not in out["prompt_mismatch"]:
+                out["prompt_mismatch"].append(row)
+        k += len(c)
+        bounds.append(len(ids))  # the last span ends with the text
+        mask = [0] * len(ids)
+        for start, end in zip(bounds[::2], bounds[1::2]):
+            mask[start:end] = [1] * (end - start)
         if not ids or ids[-1] not in stops:
             ids, mask = ids + [fmt.eos_id], mask + [1]
-        last = r.spans[-1][0]
-        n_prompt = next((k for k, (_, end) in enumerate(offsets) if end > last), len(offsets))
-        if ids[:n_prompt] != prompts["input_ids"][row]:
-            out["prompt_mismatch"].append(row)
+        out["prompt_length"].append(bounds[-2])
         if len(ids) > max_length:
             out["truncated"] += 1
             ids, mask = ids[:max_length], mask[:max_length]
         out["input_ids"].append(ids)
         out["assistant_masks"].append(mask)
-        out["prompt_length"].append(n_prompt)
     return out

@@ -150,6 +150,19 @@ def assistant_span(messages: list[dict], jinja: str, tokenizer) -> str:
     return full[len(prompt) :].rstrip()
 
 
+def reload(tokenizer, folder: Path):
+    """The tokenizer as it will be loaded from disk: saved into `folder` and read back.
+
+    Tokenize with this one, not the one in memory: a save/load round trip can change how a tokenizer splits text
+    (seen: a SentencePiece Llama tokenizer's Metaspace prepend_scheme "always" comes back as "first"), and
+    models/merged ships the saved one.
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer.save_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder)
+
+
 def apply(tokenizer, fmt: ChatFormat) -> None:
     """Set the format on a loaded tokenizer (chat template, pad token) before it is saved."""
     tokenizer.chat_template = fmt.chat_template
