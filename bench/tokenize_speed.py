@@ -34,8 +34,10 @@ def main() -> None:
     from datasets import Dataset, disable_progress_bars
     from transformers import AutoTokenizer
 
+    from stages.lib.chat import format as chat_format
     from stages.lib.params import validate
-    from stages.tokenize import encode, texts_for
+    from stages.lib.recipes import template_recipe
+    from stages.tokenize import tokenize_records
 
     disable_progress_bars()
     root = Path(__file__).resolve().parents[1]
@@ -45,12 +47,13 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.data / "tokenizers" / "qwen2")
     records = json.loads((args.data / "instruct" / "alpaca_zh_demo.json").read_text()) * args.repeat
 
-    texts, boundaries = texts_for(records, params, tokenizer)
+    fmt = chat_format.decide(tokenizer, template_recipe("seed"), "seed", [])
+    texts = [f"### 问题：\n{r['instruction']}\n{r['input']}\n\n### 回答：\n{r['output']}" if r["input"] else
+             f"### 问题：\n{r['instruction']}\n\n### 回答：\n{r['output']}" for r in records]  # fmt: skip
     tokens = sum(len(ids) for ids in tokenizer(texts)["input_ids"])
 
-    def stage():
-        t, b = texts_for(records, params, tokenizer)
-        encode(tokenizer, t, b, 512)
+    def stage():  # render with the chat template, tokenize, tokenize the prompts again (span bounds + check)
+        tokenize_records(records, params, tokenizer, fmt)
 
     def ceiling():
         tokenizer(texts)

@@ -88,6 +88,10 @@ def test_two_cpu_processes_train_under_zero3(tmp_path: Path):
         proc = subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=tmp_path, env=env, capture_output=True,
                               text=True, timeout=600)
         assert proc.returncode == 0, f"{stage}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    from datasets import load_from_disk
+
+    answers = sum(map(sum, load_from_disk(str(tmp_path / "data" / "tokenized"))["train"]["assistant_masks"]))
+    assert (proc.stdout + proc.stderr).count(f"train: {answers} of ") == 2  # each rank trains the answers only
     config = json.loads((tmp_path / "models" / "adapter" / "train_config.json").read_text())
     assert config["world_size"] == 2 and config["global_steps"] == 2
     weights = load_file(tmp_path / "models" / "adapter" / "adapter_model.safetensors")

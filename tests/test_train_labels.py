@@ -75,8 +75,8 @@ def manual_loss(model, batch_samples) -> float:
     total, count = 0.0, 0
     with torch.no_grad():
         for ids, labels in batch_samples:
-            logits = model(input_ids=torch.tensor([ids])).logits[0, :-1].float()
-            target = torch.tensor(labels[1:])
+            logits = model(input_ids=torch.tensor([ids], device=model.device)).logits[0, :-1].float()
+            target = torch.tensor(labels[1:], device=model.device)
             total += torch.nn.functional.cross_entropy(logits, target, ignore_index=-100, reduction="sum").item()
             count += int((target != -100).sum())
     return total / count

@@ -120,8 +120,23 @@ def to_chatglm2(state: dict[str, torch.Tensor], g: dict) -> dict[str, torch.Tens
     return out
 
 
+def spm_merges(proto) -> list[tuple[str, str]]:
+    """The merges of a SentencePiece BPE model, in its order: each split of a normal piece (type 1) into two normal
+    pieces, the piece with the higher score first, ties by id. Passed explicitly: transformers 5.17 builds a BPE
+    without merges when given none (every text then falls apart into characters), 5.24 derives these."""
+    normal = {p.piece: (p.score, i) for i, p in enumerate(proto.pieces) if p.type == 1}
+    ranked = sorted(
+        (-score, i, piece[:k], piece[k:])
+        for piece, (score, i) in normal.items()
+        for k in range(1, len(piece))
+        if piece[:k] in normal and piece[k:] in normal
+    )
+    return [(left, right) for _, _, left, right in ranked]
+
+
 def fast_tokenizer(sp_model: Path):
     """ChatGLM2's SentencePiece model as a fast tokenizer: same pieces and ids, specials after them, `[gMASK] sop`."""
+    from tokenizers import Regex, decoders, normalizers, pre_tokenizers
     from tokenizers.processors import TemplateProcessing
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import SpmConverter, import_protobuf
@@ -129,7 +144,20 @@ def fast_tokenizer(sp_model: Path):
     proto = import_protobuf().ModelProto()
     proto.ParseFromString(sp_model.read_bytes())
     vocab = {piece.piece: i for i, piece in enumerate(proto.pieces)}
-    backend = SpmConverter.build_tokenizer_from_spm_proto(proto, vocab, legacy=False)
+    backend = SpmConverter.build_tokenizer_from_spm_proto(proto, vocab, merges=spm_merges(proto))
+    # Text handling from the model's own normalizer spec, set here because transformers' defaults differ between
+    # versions (5.17 and 5.24 split the same text differently): SentencePiece's whitespace rules, its dummy prefix
+    # at the start of a text only (not after each special token), and a decoder that undoes both.
+    spec = proto.normalizer_spec
+    norm = [normalizers.Precompiled(spec.precompiled_charsmap)] if spec.precompiled_charsmap else []
+    if spec.remove_extra_whitespaces:
+        norm += [normalizers.Replace(Regex(r"\A +| +\z"), ""), normalizers.Replace(Regex(" {2,}"), " ")]
+    backend.normalizer = normalizers.Sequence([*norm, normalizers.Replace(" ", "▁")])
+    prefix = "first" if spec.add_dummy_prefix else "never"
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=prefix, split=False)
+    steps = [decoders.Replace("▁", " ")] + ([decoders.ByteFallback()] if proto.trainer_spec.byte_fallback else [])
+    steps += [decoders.Fuse()] + ([decoders.Strip(" ", 1, 0)] if spec.add_dummy_prefix else [])
+    backend.decoder = decoders.Sequence(steps)
     n = len(vocab)
     ids = {token: n + i for i, token in enumerate(SPECIALS)}
     backend.post_processor = TemplateProcessing(
