@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from stages.lib.chat import format as chat_format
-from stages.lib.chat.encode import encode, render
-from stages.lib.chat.records import RecordError, dialogue
+from stages.lib.chat.encode import encode, render_all
+from stages.lib.chat.records import dialogue
 from stages.lib.errors import UserError, run_stage
 from stages.lib.outputs import staged_dir, write_json
 from stages.lib.params import Params, load_params
@@ -58,17 +58,10 @@ def decide_format(params: Params, tokenizer) -> chat_format.ChatFormat:
 def tokenize_records(records: list[dict], params: Params, tokenizer, fmt: chat_format.ChatFormat) -> dict:
     """`encode`'s columns for every record, plus `reference` (the last answer's text) and `messages` per record."""
     all_turns = params.tokenize.assistant_turns == "all"
-    rendered, references, conversations = [], [], []
-    for i, record in enumerate(records):
-        d = dialogue(record, params.data.format, i)
-        try:
-            rendered.append(render(d.messages(), fmt, tokenizer, all_turns))
-        except UserError as exc:
-            raise RecordError(f"record {i}: {exc}") from None
-        except Exception as exc:  # a Jinja error raised by the template (raise_exception) or its syntax
-            raise RecordError(f"record {i}: the chat template failed: {exc}") from None
-        references.append(d.response)
-        conversations.append(d.messages())
+    dialogues = [dialogue(record, params.data.format, i) for i, record in enumerate(records)]
+    conversations = [d.messages() for d in dialogues]
+    rendered = render_all(conversations, fmt, tokenizer, all_turns)
+    references = [d.response for d in dialogues]
     enc = encode(tokenizer, rendered, fmt, params.tokenize.max_length)
     return enc | {"reference": references, "messages": conversations}
 

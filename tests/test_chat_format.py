@@ -171,11 +171,9 @@ def test_a_tokenizer_without_eos_is_named(tokenizers):
 
 
 def test_system_text_on_a_template_without_one_names_the_record(tokenizers):
-    from stages.lib.chat.records import RecordError
-
     tokenizer = tokenizers("bpe")
     fmt = chat_format.decide(tokenizer, template_recipe("chatglm2"), "chatglm2", [])
-    with pytest.raises(RecordError, match="record 16: .*template 'chatglm2' has no system format"):
+    with pytest.raises(UserError, match="record 16: .*template 'chatglm2' has no system format"):
         tokenize_records(kinds.records(with_system=True), params_for("chatglm2"), tokenizer, fmt)
 
 
@@ -203,3 +201,16 @@ def test_a_prompt_that_ends_inside_a_token_is_reported(tokenizers, tmp_path):
     tokenizer.chat_template = kinds.LLAMA_STYLE + "{% if add_generation_prompt %}{{ ' ' }}{% endif %}"
     rows, _, enc = tokenized(tokenizer, "tokenizer", tmp_path)  # '[/INST] ' + 'white' is '[/INST]' + '▁white'
     assert enc["prompt_mismatch"] == list(range(len(rows)))
+
+
+def test_a_template_that_rewrites_earlier_turns_names_the_record(tokenizers, tmp_path):
+    tokenizer = tokenizers("bpe")  # an earlier answer rendered shorter once the conversation goes on
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ m['role'] + ': ' }}{% if m['role'] == 'assistant' and not loop.last %}"
+        "{{ m['content'][:1] }}{% else %}{{ m['content'] }}{% endif %}{{ '<|im_end|>' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+    )
+    with pytest.raises(UserError, match="record 14: .*turn 1 differently.*assistant_turns: last"):
+        tokenized(tokenizer, "tokenizer", tmp_path)
+    rows, _, enc = tokenized(tokenizer, "tokenizer", tmp_path, turns="last")
+    assert enc["prompt_mismatch"] == []

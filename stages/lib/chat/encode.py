@@ -1,10 +1,13 @@
 """Conversations → training ids: `input_ids` and `assistant_masks` (1 on the tokens that carry loss).
 
-Each conversation is rendered once by the format's chat template and tokenized once, as a whole, with
+Each conversation is rendered by the format's chat template and tokenized as a whole with
 `add_special_tokens=False` — the ids `apply_chat_template(..., tokenize=True)` gives. The trained spans (each
 assistant answer with its end marker, or only the last) are found by rendering the conversation up to each answer
-with and without it, and mapped onto tokens through the tokenizer's character offsets. The text stops at the end
-of the last answer; EOS follows unless the answer already ends in a stop token.
+with and without it. A span's first token is where the tokenized text before it ends (TRL's rule for
+prompt-completion data, len(tokenize(prompt))); that needs no character offsets, which some SentencePiece
+tokenizers report out of line with the text. Every boundary is checked: the text before it must tokenize to the
+start of the whole text's ids, as it does when a server tokenizes the prompt alone. The text stops at the end of
+the last answer; EOS follows unless the answer already ends in a stop token.
 """
 
 from __future__ import annotations
@@ -22,29 +25,68 @@ class Rendered:
     prompt: str  # the text a server renders before the last answer (add_generation_prompt=True)
 
 
-def render(messages: list[dict], fmt: ChatFormat, tokenizer, all_turns: bool) -> Rendered:
-    """The text and trained character spans of one conversation (messages end with an assistant turn).
+class RenderError(UserError):
+    def __init__(self, index: int, message: str):
+        super().__init__(f"record {index}: {message}")
+        self.index = index
 
-    Raises UserError when the template renders an earlier turn differently once later turns follow (then only
-    the last answer can be trained: tokenize.assistant_turns: last).
+
+def _render_batch(tokenizer, fmt: ChatFormat, conversations: list[list[dict]], open_turn: bool) -> list[str]:
+    """One apply_chat_template call for many conversations; a Jinja error is traced to its conversation."""
+    if not conversations:
+        return []
+    kwargs = {"chat_template": fmt.chat_template, "tokenize": False, "add_generation_prompt": open_turn}
+    try:
+        return tokenizer.apply_chat_template(conversations, **kwargs)
+    except Exception:  # the template raised (raise_exception) or broke: find which conversation, name it
+        for k, conversation in enumerate(conversations):
+            try:
+                tokenizer.apply_chat_template(conversation, **kwargs)
+            except Exception as exc:
+                raise RenderError(k, f"the chat template failed: {exc}") from None
+        raise
+
+
+def render_all(conversations: list[list[dict]], fmt: ChatFormat, tokenizer, all_turns: bool) -> list[Rendered]:
+    """The text and trained character spans of each conversation (each ends with an assistant turn).
+
+    Two batched renders: every closed prefix (up to and with an answer) and every open one (up to the answer's
+    header). Raises RenderError naming the conversation's index when the template fails on it, or renders an
+    earlier turn differently once later turns follow (then only the last answer can be trained:
+    tokenize.assistant_turns: last).
     """
+    jobs = []  # (conversation index, answer index)
+    for c, messages in enumerate(conversations):
+        answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        jobs += [(c, i) for i in (answers if all_turns else answers[-1:])]
 
-    def text(msgs: list[dict], open_turn: bool) -> str:
-        return tokenizer.apply_chat_template(
-            msgs, chat_template=fmt.chat_template, tokenize=False, add_generation_prompt=open_turn
-        )
+    def remap(error: RenderError, index_of) -> RenderError:
+        return RenderError(index_of(error.index), str(error).split(": ", 1)[1])
 
-    full = text(messages, False)
-    answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-    spans = []
-    for i in answers if all_turns else answers[-1:]:
-        prompt = text(messages[:i], True)
-        done = full if i == len(messages) - 1 else text(messages[: i + 1], False)
-        if not (full.startswith(prompt) and full.startswith(done) and done.startswith(prompt)):
-            hint = "; set tokenize.assistant_turns: last" if all_turns and i != answers[-1] else ""
-            raise UserError(f"the chat template renders turn {i} differently once later turns follow{hint}")
-        spans.append((len(prompt), len(done.rstrip())))
-    return Rendered(full[: spans[-1][1]], spans, prompt)
+    try:
+        full = _render_batch(tokenizer, fmt, conversations, False)
+    except RenderError as error:
+        raise remap(error, lambda k: k) from None
+    try:
+        opened = _render_batch(tokenizer, fmt, [conversations[c][:i] for c, i in jobs], True)
+    except RenderError as error:
+        raise remap(error, lambda k: jobs[k][0]) from None
+    inner = [(c, i) for c, i in jobs if i < len(conversations[c]) - 1]
+    try:
+        closed = dict(zip(inner, _render_batch(tokenizer, fmt, [conversations[c][: i + 1] for c, i in inner], False)))
+    except RenderError as error:
+        raise remap(error, lambda k: inner[k][0]) from None
+    spans: list[list[tuple[int, int]]] = [[] for _ in conversations]
+    prompts = [""] * len(conversations)
+    for (c, i), prompt in zip(jobs, opened):
+        done = closed.get((c, i), full[c])
+        if not (full[c].startswith(prompt) and full[c].startswith(done) and done.startswith(prompt)):
+            last = i == len(conversations[c]) - 1
+            hint = "" if last or not all_turns else "; set tokenize.assistant_turns: last"
+            raise RenderError(c, f"the chat template renders turn {i} differently once later turns follow{hint}")
+        spans[c].append((len(prompt), len(done.rstrip())))
+        prompts[c] = prompt
+    return [Rendered(text[: s[-1][1]], s, p) for text, s, p in zip(full, spans, prompts)]
 
 
 def encode(tokenizer, rendered: list[Rendered], fmt: ChatFormat, max_length: int) -> dict:
