@@ -12,6 +12,7 @@ merged model's logits equal base + adapter (unmerged) within merge.tolerance, an
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from stages.lib.errors import UserError, run_stage
@@ -88,7 +89,9 @@ def main() -> None:
     merged.generation_config.pad_token_id = tokenizer.pad_token_id
     with staged_dir(MERGED_DIR) as tmp:
         merged.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        for f in TOKENIZER.iterdir():  # byte for byte: a save/load round trip may change how text is split
+            if f.name != chat_format.FORMAT_FILE:
+                shutil.copyfile(f, tmp / f.name)
         if params.merge.chatglm2_layout:
             from stages.lib.convert import write_chatglm2_layout
 

@@ -102,3 +102,10 @@ def test_prompt_completion_with_a_template_is_refused():
 
     with pytest.raises(UserError, match="tokenize.template 'chatml': data.format prompt_completion"):
         template_name(params_with("chatml", fmt="prompt_completion"))
+
+
+@pytest.mark.parametrize("template", ["seed", "chatml"])
+def test_an_empty_answer_trains_only_its_end(template, tiny_tokenizer):
+    enc = encoded([{"instruction": "red cat", "output": ""}], params_with(template), tiny_tokenizer)
+    ids, mask, n = enc["input_ids"][0], enc["assistant_masks"][0], enc["prompt_length"][0]
+    assert n == len(ids) - 1 and mask == [0] * n + [1] and ids[-1] == tiny_tokenizer.eos_token_id

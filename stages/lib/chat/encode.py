@@ -96,19 +96,19 @@ def encode(tokenizer, rendered: list[Rendered], fmt: ChatFormat, max_length: int
     before a span boundary does not tokenize to the start of the row's ids (a token spans the boundary), so a
     server's prompt ids would differ from training's there.
     """
-    cuts = [[p for a, b in r.spans for p in (a, b) if p < len(r.text)] for r in rendered]
+    cuts = [[p for span in r.spans for p in span] for r in rendered]  # start and end of every trained span
     whole = tokenizer([r.text for r in rendered], add_special_tokens=False)["input_ids"]
-    heads = tokenizer([r.text[:p] for r, c in zip(rendered, cuts) for p in c], add_special_tokens=False)["input_ids"]
+    inner = [r.text[:p] for r, c in zip(rendered, cuts) for p in c if p < len(r.text)]
+    heads = iter(tokenizer(inner, add_special_tokens=False)["input_ids"] if inner else [])
     out = {"input_ids": [], "assistant_masks": [], "prompt_length": [], "truncated": 0, "prompt_mismatch": []}
-    stops, k = set(fmt.stop_ids), 0
+    stops = set(fmt.stop_ids)
     for row, (r, ids, c) in enumerate(zip(rendered, whole, cuts)):
-        bounds = []
-        for head in heads[k : k + len(c)]:
+        bounds = []  # token index of each cut
+        for p in c:
+            head = next(heads) if p < len(r.text) else ids  # the last span ends with the text
             bounds.append(len(head))
             if ids[: len(head)] != head and row not in out["prompt_mismatch"]:
                 out["prompt_mismatch"].append(row)
-        k += len(c)
-        bounds.append(len(ids))  # the last span ends with the text
         mask = [0] * len(ids)
         for start, end in zip(bounds[::2], bounds[1::2]):
             mask[start:end] = [1] * (end - start)
