@@ -66,14 +66,21 @@ def tokenize_records(records: list[dict], params: Params, tokenizer, fmt: chat_f
     return enc | {"reference": references, "messages": conversations}
 
 
-def split(n: int, params: Params) -> tuple[list[int], list[int]]:
-    """A seeded shuffle; the validation split is the first `validation_fraction` (capped at max_validation)."""
+def split(eligible: list[bool], params: Params) -> tuple[list[int], list[int]]:
+    """A seeded shuffle of the rows; validation takes the first `validation_fraction` of them (capped at
+    max_validation) among the `eligible` ones (rows that still hold their whole last prompt), train the rest."""
+    n = len(eligible)
     order = list(range(n))
     random.Random(params.seed).shuffle(order)
     n_val = min(params.tokenize.max_validation, max(1, round(n * params.tokenize.validation_fraction)))
-    if n_val >= n:
-        raise UserError(f"data/raw has {n} records: too few to hold out {n_val} for validation")
-    return sorted(order[n_val:]), sorted(order[:n_val])
+    val = [i for i in order if eligible[i]][:n_val]
+    if n_val >= n or len(val) < n_val:
+        raise UserError(
+            f"data/raw has {n} usable records ({sum(eligible)} with their last answer within tokenize.max_length): "
+            f"too few to hold out {n_val} for validation"
+        )
+    taken = set(val)
+    return [i for i in range(n) if i not in taken], sorted(val)
 
 
 def stats(lengths: list[int], trained_tokens: list[int], truncated: int, dropped: int) -> dict:
@@ -117,7 +124,9 @@ def build_splits(records: list[dict], enc: dict, params: Params):
     from datasets import Dataset, DatasetDict
 
     keep = [i for i, m in enumerate(enc["assistant_masks"]) if any(m)]  # truncation can cut the whole answer
-    train_idx, val_idx = split(len(keep), params)
+    # eval generates from the last prompt: a row cut inside it (a long multi-turn record) only trains
+    whole_prompt = [enc["prompt_length"][r] < len(enc["input_ids"][r]) for r in keep]
+    train_idx, val_idx = split(whole_prompt, params)
 
     def subset(idx: list[int], columns: tuple[str, ...]) -> Dataset:
         rows = [keep[i] for i in idx]
@@ -135,6 +144,8 @@ def build_splits(records: list[dict], enc: dict, params: Params):
         "train_records": len(train_idx),
         "validation_records": len(val_idx),
         "prompt_mismatch": len(enc["prompt_mismatch"]),
+        "prompt_repaired": enc["prompt_repaired"],
+        "last_prompt_truncated": whole_prompt.count(False),
     }
     return splits, summary
 

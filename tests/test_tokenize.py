@@ -104,8 +104,30 @@ def test_prompt_completion_with_a_template_is_refused():
         template_name(params_with("chatml", fmt="prompt_completion"))
 
 
-@pytest.mark.parametrize("template", ["seed", "chatml"])
-def test_an_empty_answer_trains_only_its_end(template, tiny_tokenizer):
-    enc = encoded([{"instruction": "red cat", "output": ""}], params_with(template), tiny_tokenizer)
+@pytest.mark.parametrize("template", ["seed", "chatml", "chatglm2"])
+@pytest.mark.parametrize("answer", ["", "   "])
+def test_an_empty_answer_trains_only_its_end(template, answer, tiny_tokenizer):
+    params = params_with(template)
+    fmt = chat_format.decide(tiny_tokenizer, template_recipe(template), template, [])
+    enc = tokenize_records([{"instruction": "red cat", "output": answer}], params, tiny_tokenizer, fmt)
     ids, mask, n = enc["input_ids"][0], enc["assistant_masks"][0], enc["prompt_length"][0]
-    assert n == len(ids) - 1 and mask == [0] * n + [1] and ids[-1] == tiny_tokenizer.eos_token_id
+    prompt = tiny_tokenizer.apply_chat_template(enc["messages"][0][:-1], chat_template=fmt.chat_template,
+                                                add_generation_prompt=True, tokenize=False)  # fmt: skip
+    assert ids[:n] == tiny_tokenizer(prompt, add_special_tokens=False)["input_ids"]  # the whole prompt, as served
+    assert mask[:n] == [0] * n and mask[-1] == 1 and ids[-1] == tiny_tokenizer.eos_token_id
+
+
+def test_a_row_cut_inside_its_last_prompt_trains_but_is_never_validated(tiny_tokenizer):
+    from stages.tokenize import build_splits
+
+    long = {"instruction": "red cat", "output": "红色的猫", "history": [["blue dog " * 4, "蓝色的狗"]] * 3}
+    records = [long] * 6 + toy_zh_en(4)[:14]
+    full = encoded([long], params_with("chatml"), tiny_tokenizer)
+    cut = full["prompt_length"][0] - 2  # inside the last prompt, after the earlier answers
+    raw = default_params()
+    raw["tokenize"] |= {"template": "chatml", "max_length": cut, "validation_fraction": 0.5}
+    params = validate(raw)
+    enc = encoded(records, params, tiny_tokenizer)
+    splits, summary = build_splits(records, enc, params)
+    assert summary["last_prompt_truncated"] == 6 and summary["train_records"] == 10  # the 6 cut rows train
+    assert all(r["prompt_length"] < len(r["input_ids"]) for r in splits["validation"])

@@ -25,11 +25,12 @@ LLAMA_STYLE = (
     "{% elif m['role'] == 'assistant' %}{{ ' ' + m['content'] + ' ' + eos_token }}{% endif %}{% endfor %}"
 )  # like Llama-2's, no generation prompt: the answer's leading space joins its first word
 LOCAL = ["bpe", "sp_bos", "sp_eos", "chatglm2"]
+QUOTE = '"red cat", said the panda. Done.'  # after ChatGLM2's '答：', Qwen2 merges '："' into one token
 SHARED = ["qwen2", "llama2"]
 
 
 def toy_texts() -> list[str]:
-    return [v for r in toy_zh_en(0) for v in r.values()] + ["问：你好\n\n答：", "[Round 1]", "### 问题：回答"] * 20
+    return [v for r in toy_zh_en(0) for v in r.values()] + ["问：你好\n\n答：", "[Round 1]", "### 问题：回答", QUOTE] * 20
 
 
 def train_sp(folder: Path, vocab_size: int) -> Path:
@@ -85,6 +86,9 @@ def records(with_system: bool = True) -> list[dict]:
     rows.append({"messages": [{"role": "user", "content": "translate: white bird"}, {"role": "assistant", "content": "白色的鸟"},
                               {"role": "user", "content": "and black fish?"}, {"role": "assistant", "content": "黑色的鱼"},
                               {"role": "user", "content": "grey sheep"}, {"role": "assistant", "content": "灰色的羊"}]})
+    rows.append({"messages": [{"role": "user", "content": "Quote it."},
+                              {"role": "assistant", "content": QUOTE}]})
+    rows.append({"messages": [{"role": "user", "content": "空的回答"}, {"role": "assistant", "content": "   "}]})
     if with_system:
         rows.append({"messages": [{"role": "system", "content": "Answer in Chinese."},
                                   {"role": "user", "content": "green tiger"}, {"role": "assistant", "content": "绿色的老虎"}]})

@@ -5,9 +5,9 @@ Each conversation is rendered by the format's chat template and tokenized as a w
 assistant answer with its end marker, or only the last) are found by rendering the conversation up to each answer
 with and without it. A span's first token is where the tokenized text before it ends (TRL's rule for
 prompt-completion data, len(tokenize(prompt))); that needs no character offsets, which some SentencePiece
-tokenizers report out of line with the text. Every boundary is checked: the text before it must tokenize to the
-start of the whole text's ids, as it does when a server tokenizes the prompt alone. The text stops at the end of
-the last answer; EOS follows unless the answer already ends in a stop token.
+tokenizers report out of line with the text. The last prompt is checked: its own ids must start the row, as a
+server sends them (earlier boundaries only round the mask to whole tokens: a server tokenizes the history as one
+text, as here). The text stops at the end of the last answer; EOS follows unless it ends in a stop token.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def render_all(conversations: list[list[dict]], fmt: ChatFormat, tokenizer, all_
             last = i == len(conversations[c]) - 1
             hint = "" if last or not all_turns else "; set tokenize.assistant_turns: last"
             raise RenderError(c, f"the chat template renders turn {i} differently once later turns follow{hint}")
-        spans[c].append((len(prompt), len(done.rstrip())))
+        spans[c].append((len(prompt), max(len(prompt), len(done.rstrip()))))  # an empty answer: just its end
         prompts[c] = prompt
     return [Rendered(text[: s[-1][1]], s, p) for text, s, p in zip(full, spans, prompts)]
 
@@ -92,23 +92,29 @@ def render_all(conversations: list[list[dict]], fmt: ChatFormat, tokenizer, all_
 def encode(tokenizer, rendered: list[Rendered], fmt: ChatFormat, max_length: int) -> dict:
     """Batched tokenization: `input_ids`, `assistant_masks`, `prompt_length` (tokens before the last answer).
 
-    Also counts `truncated` rows (cut to max_length tokens) and lists in `prompt_mismatch` the rows where the text
-    before a span boundary does not tokenize to the start of the row's ids (a token spans the boundary), so a
-    server's prompt ids would differ from training's there.
+    The ids start with exactly what a server tokenizes from the prompt: where a token of the whole text spans the
+    prompt/answer boundary (a byte-level BPE can merge `答：` with the answer's first character), the row becomes
+    the prompt's ids + the rest's ids, if that decodes to the same text; otherwise the row is listed in
+    `prompt_mismatch`. Also counts `truncated` rows (cut to max_length tokens).
     """
     cuts = [[p for span in r.spans for p in span] for r in rendered]  # start and end of every trained span
     whole = tokenizer([r.text for r in rendered], add_special_tokens=False)["input_ids"]
     inner = [r.text[:p] for r, c in zip(rendered, cuts) for p in c if p < len(r.text)]
     heads = iter(tokenizer(inner, add_special_tokens=False)["input_ids"] if inner else [])
     out = {"input_ids": [], "assistant_masks": [], "prompt_length": [], "truncated": 0, "prompt_mismatch": []}
+    out["prompt_repaired"] = 0
     stops = set(fmt.stop_ids)
     for row, (r, ids, c) in enumerate(zip(rendered, whole, cuts)):
-        bounds = []  # token index of each cut
-        for p in c:
-            head = next(heads) if p < len(r.text) else ids  # the last span ends with the text
-            bounds.append(len(head))
-            if ids[: len(head)] != head and row not in out["prompt_mismatch"]:
+        prefixes = [next(heads) if p < len(r.text) else ids for p in c]  # the last span ends with the text
+        prompt = prefixes[-2]
+        if ids[: len(prompt)] != prompt:
+            repaired = prompt + tokenizer(r.text[c[-2] :], add_special_tokens=False)["input_ids"]
+            if tokenizer.decode(repaired) == tokenizer.decode(ids):
+                ids, prefixes[-1] = repaired, repaired
+                out["prompt_repaired"] += 1
+            else:
                 out["prompt_mismatch"].append(row)
+        bounds = [len(head) for head in prefixes]  # token index of each cut (earlier ones: rounded to tokens)
         mask = [0] * len(ids)
         for start, end in zip(bounds[::2], bounds[1::2]):
             mask[start:end] = [1] * (end - start)
