@@ -228,3 +228,13 @@ def test_a_token_across_the_prompt_boundary_is_split_as_a_server_splits_it(token
     ids, n = enc["input_ids"][quoted], enc["prompt_length"][quoted]
     assert tokenizer.decode(ids[n:]).startswith('"red cat"')  # the quote is trained, as the answer's first token
     assert enc["prompt_repaired"] >= 1 and enc["prompt_mismatch"] == []
+
+
+def test_a_plain_word_end_marker_is_not_a_stop_token(tokenizers):
+    from stages.lib.recipes import TemplateRecipe
+
+    tokenizer = tokenizers("bpe")
+    word = TemplateRecipe(description="t", user="Q: {content}\n", assistant="A: {content} cat\n")
+    assert len(tokenizer(" cat", add_special_tokens=False)["input_ids"]) == 1  # one token, but an ordinary word
+    fmt = chat_format.decide(tokenizer, word, "word", [])
+    assert fmt.stop_ids == [tokenizer.eos_token_id] and "' cat'" in fmt.notes[0]

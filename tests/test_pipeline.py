@@ -149,7 +149,7 @@ def test_pipeline_on_a_sentencepiece_model_without_a_pad_token(shared_data, tmp_
                          "train.max_steps": 30, "train.learning_rate": 0.01, "eval.max_samples": 8,
                          "eval.max_new_tokens": 8})  # fmt: skip
     proc = dvc("repro", cwd=repo)
-    assert "end marker '<|im_end|>' is not one token of this tokenizer: answers end with '</s>'" in proc.stdout
+    assert "end marker '<|im_end|>' is not one special token of this tokenizer: answers end with '</s>'" in proc.stdout
     assert_merged_prompts_are_the_training_prompts(repo)
     from transformers import AutoTokenizer
 

@@ -87,13 +87,15 @@ def to_jinja(template: TemplateRecipe, name: str, prefix: str) -> str:
     return jinja.replace("{%- if", "\n{%- if").replace("{%- for", "\n{%- for").replace("{%- endfor", "\n{%- endfor")
 
 
-def _one_token(tokenizer, text: str) -> int | None:
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return ids[0] if len(ids) == 1 else None
-
-
 def _special_ids(tokenizer) -> set[int]:
     return set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+
+
+def _stop_token(tokenizer, text: str) -> int | None:
+    """The id of `text` when it is one special (or added) token, which a server can stop on; else None.
+    A plain-word marker would stop generation wherever the word occurs inside an answer."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids[0] if len(ids) == 1 and ids[0] in _special_ids(tokenizer) else None
 
 
 def decide(tokenizer, template: TemplateRecipe, name: str, base_stop_ids: list[int]) -> ChatFormat:
@@ -129,10 +131,11 @@ def decide(tokenizer, template: TemplateRecipe, name: str, base_stop_ids: list[i
         head, _, tail = template.assistant.partition("{content}")
         marker = tail.rstrip()
         if marker:
-            marker_id = _one_token(tokenizer, marker)
+            marker_id = _stop_token(tokenizer, marker)
             if marker_id is None:  # a text marker cannot stop a server; EOS takes its place, in training and serving
-                template = template.model_copy(update={"assistant": head + "{content}" + tokenizer.eos_token + tail[len(marker):]})
-                notes.append(f"end marker {marker!r} is not one token of this tokenizer: answers end with {tokenizer.eos_token!r}")
+                eos = tokenizer.eos_token
+                template = template.model_copy(update={"assistant": f"{head}{{content}}{eos}{tail[len(marker):]}"})
+                notes.append(f"end marker {marker!r} is not one special token of this tokenizer: answers end with {eos!r}")
             else:
                 stop.append(marker_id)
         jinja = to_jinja(template, name, prefix)
