@@ -68,7 +68,8 @@ def tokenize_records(records: list[dict], params: Params, tokenizer, fmt: chat_f
 
 def split(eligible: list[bool], params: Params) -> tuple[list[int], list[int]]:
     """A seeded shuffle of the rows; validation takes the first `validation_fraction` of them (capped at
-    max_validation) among the `eligible` ones (rows that still hold their whole last prompt), train the rest."""
+    max_validation) among the `eligible` ones (rows whose last prompt is whole and as a server sends it), train
+    the rest."""
     n = len(eligible)
     order = list(range(n))
     random.Random(params.seed).shuffle(order)
@@ -76,7 +77,7 @@ def split(eligible: list[bool], params: Params) -> tuple[list[int], list[int]]:
     val = [i for i in order if eligible[i]][:n_val]
     if n_val >= n or len(val) < n_val:
         raise UserError(
-            f"data/raw has {n} usable records ({sum(eligible)} with their last answer within tokenize.max_length): "
+            f"data/raw has {n} usable records ({sum(eligible)} with a whole last prompt, as a server sends it): "
             f"too few to hold out {n_val} for validation"
         )
     taken = set(val)
@@ -109,7 +110,8 @@ def main() -> None:
         if enc["prompt_mismatch"]:
             first = enc["prompt_mismatch"][0]
             print(f"tokenize: warning: in {len(enc['prompt_mismatch'])} records (first: record {first}) a token spans "
-                  "a prompt/answer boundary, so a server's prompt ids differ from training's there")
+                  "the prompt/answer boundary that a server would split differently (a prompt ending in a space?); "
+                  "they train, with that token as the answer's first, but are not used for validation")
         splits, summary = build_splits(records, enc, params)
         splits.save_to_disk(str(tmp))
         chat_format.save(tokenizer, fmt, tmp / TOKENIZER.name)
@@ -124,9 +126,11 @@ def build_splits(records: list[dict], enc: dict, params: Params):
     from datasets import Dataset, DatasetDict
 
     keep = [i for i, m in enumerate(enc["assistant_masks"]) if any(m)]  # truncation can cut the whole answer
-    # eval generates from the last prompt: a row cut inside it (a long multi-turn record) only trains
+    # eval generates from the prompt a server sends: a row cut inside its last prompt (a long multi-turn record) or
+    # whose prompt ids differ from a server's only trains
     whole_prompt = [enc["prompt_length"][r] < len(enc["input_ids"][r]) for r in keep]
-    train_idx, val_idx = split(whole_prompt, params)
+    mismatch = set(enc["prompt_mismatch"])
+    train_idx, val_idx = split([w and r not in mismatch for r, w in zip(keep, whole_prompt)], params)
 
     def subset(idx: list[int], columns: tuple[str, ...]) -> Dataset:
         rows = [keep[i] for i in idx]

@@ -19,6 +19,7 @@ from stages.lib.errors import UserError
 from stages.lib.params import validate
 from stages.lib.recipes import template_recipe
 from stages.lib.scores import exact_match
+from stages.lib.toy_task import toy_zh_en
 from stages.tokenize import tokenize_records
 
 TEMPLATES = ["chatml", "seed", "chatglm2", "raw", "tokenizer"]
@@ -238,3 +239,22 @@ def test_a_plain_word_end_marker_is_not_a_stop_token(tokenizers):
     assert len(tokenizer(" cat", add_special_tokens=False)["input_ids"]) == 1  # one token, but an ordinary word
     fmt = chat_format.decide(tokenizer, word, "word", [])
     assert fmt.stop_ids == [tokenizer.eos_token_id] and "' cat'" in fmt.notes[0]
+
+
+def test_prompts_ending_in_a_space_train_the_whole_answer_and_are_not_validated(tokenizers, tmp_path):
+    from stages.tokenize import build_splits
+
+    tokenizer = chat_format.reload(tokenizers("sp_bos"), tmp_path)  # SentencePiece: ' red' is one token '▁red'
+    records = [{"prompt": f"Q: {r['input']}\nA: ", "completion": r["output"]} for r in toy_zh_en(5)[:20]
+               if r["output"].isascii()]  # fmt: skip
+    params = params_for("raw", fmt="prompt_completion")
+    fmt = chat_format.decide(tokenizer, template_recipe("raw"), "raw", [])
+    enc = tokenize_records(records, params, tokenizer, fmt)
+    assert enc["prompt_mismatch"] == list(range(len(records)))  # '▁' + 'red' vs '▁red': counted
+    for record, ids, mask in zip(records, enc["input_ids"], enc["assistant_masks"]):
+        assert [tokenizer.decode(r, skip_special_tokens=True).strip() for r in runs(ids, mask)] == [record["completion"]]
+    records += [{"prompt": f"Q: {r['input']}\nA:\n", "completion": r["output"]} for r in toy_zh_en(6)[:20]]
+    enc = tokenize_records(records, params, tokenizer, fmt)
+    splits, summary = build_splits(records, enc, params)
+    assert summary["prompt_mismatch"] > 0 and all(p.endswith("A:\n") for p in
+                                                  (m[0]["content"] for m in splits["validation"]["messages"]))

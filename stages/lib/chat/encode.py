@@ -89,13 +89,24 @@ def render_all(conversations: list[list[dict]], fmt: ChatFormat, tokenizer, all_
     return [Rendered(text[: s[-1][1]], s, p) for text, s, p in zip(full, spans, prompts)]
 
 
+def _common(a: list[int], b: list[int]) -> int:
+    """Length of the common start of two id lists."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def encode(tokenizer, rendered: list[Rendered], fmt: ChatFormat, max_length: int) -> dict:
     """Batched tokenization: `input_ids`, `assistant_masks`, `prompt_length` (tokens before the last answer).
 
     The ids start with exactly what a server tokenizes from the prompt: where a token of the whole text spans the
     prompt/answer boundary (a byte-level BPE can merge `答：` with the answer's first character), the row becomes
     the prompt's ids + the rest's ids, if that decodes to the same text; otherwise the row is listed in
-    `prompt_mismatch`. Also counts `truncated` rows (cut to max_length tokens).
+    `prompt_mismatch`, and the token across the boundary is trained as the answer's first. Also counts
+    `truncated` rows (cut to max_length tokens).
     """
     cuts = [[p for span in r.spans for p in span] for r in rendered]  # start and end of every trained span
     whole = tokenizer([r.text for r in rendered], add_special_tokens=False)["input_ids"]
@@ -114,7 +125,9 @@ def encode(tokenizer, rendered: list[Rendered], fmt: ChatFormat, max_length: int
                 out["prompt_repaired"] += 1
             else:
                 out["prompt_mismatch"].append(row)
-        bounds = [len(head) for head in prefixes]  # token index of each cut (earlier ones: rounded to tokens)
+        # token index of each cut: a span starts where the row stops agreeing with the text before it (so a token
+        # across the boundary is trained), and ends after the tokens of the text up to its end
+        bounds = [_common(head, ids) if k % 2 == 0 else len(head) for k, head in enumerate(prefixes)]
         mask = [0] * len(ids)
         for start, end in zip(bounds[::2], bounds[1::2]):
             mask[start:end] = [1] * (end - start)
