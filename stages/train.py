@@ -199,7 +199,7 @@ def train(params: Params) -> None:
     trainer.save_model(str(partial))  # every rank: ZeRO-3 gathers the shards, rank 0 writes
     if is_main:
         for extra in ("checkpoints", "training_args.bin", "README.md", "tokenizer.json", "tokenizer_config.json",
-                      "chat_template.jinja"):  # merge takes the tokenizer from models/base
+                      "chat_template.jinja"):  # merge takes the tokenizer from data/tokenized/tokenizer
             path = partial / extra
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
         write_json(partial / "train_config.json", resolved_config(params, trainer, result) | telemetry.summary)
