@@ -22,7 +22,6 @@ from .format import ChatFormat
 class Rendered:
     text: str  # the conversation up to the end of its last answer
     spans: list[tuple[int, int]]  # character ranges of the trained answers
-    prompt: str  # the text a server renders before the last answer (add_generation_prompt=True)
 
 
 class RenderError(UserError):
@@ -77,7 +76,6 @@ def render_all(conversations: list[list[dict]], fmt: ChatFormat, tokenizer, all_
     except RenderError as error:
         raise remap(error, lambda k: inner[k][0]) from None
     spans: list[list[tuple[int, int]]] = [[] for _ in conversations]
-    prompts = [""] * len(conversations)
     for (c, i), prompt in zip(jobs, opened):
         done = closed.get((c, i), full[c])
         if not (full[c].startswith(prompt) and full[c].startswith(done) and done.startswith(prompt)):
@@ -85,8 +83,7 @@ def render_all(conversations: list[list[dict]], fmt: ChatFormat, tokenizer, all_
             hint = "" if last or not all_turns else "; set tokenize.assistant_turns: last"
             raise RenderError(c, f"the chat template renders turn {i} differently once later turns follow{hint}")
         spans[c].append((len(prompt), max(len(prompt), len(done.rstrip()))))  # an empty answer: just its end
-        prompts[c] = prompt
-    return [Rendered(text[: s[-1][1]], s, p) for text, s, p in zip(full, spans, prompts)]
+    return [Rendered(text[: s[-1][1]], s) for text, s in zip(full, spans)]
 
 
 def _common(a: list[int], b: list[int]) -> int:
@@ -112,8 +109,8 @@ def encode(tokenizer, rendered: list[Rendered], fmt: ChatFormat, max_length: int
     whole = tokenizer([r.text for r in rendered], add_special_tokens=False)["input_ids"]
     inner = [r.text[:p] for r, c in zip(rendered, cuts) for p in c if p < len(r.text)]
     heads = iter(tokenizer(inner, add_special_tokens=False)["input_ids"] if inner else [])
-    out = {"input_ids": [], "assistant_masks": [], "prompt_length": [], "truncated": 0, "prompt_mismatch": []}
-    out["prompt_repaired"] = 0
+    out = {"input_ids": [], "assistant_masks": [], "prompt_length": [], "truncated": 0, "prompt_mismatch": [],
+           "prompt_repaired": 0}  # fmt: skip
     stops = set(fmt.stop_ids)
     for row, (r, ids, c) in enumerate(zip(rendered, whole, cuts)):
         prefixes = [next(heads) if p < len(r.text) else ids for p in c]  # the last span ends with the text
