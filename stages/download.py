@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 from stages.lib.convert import CONVERTERS
+from stages.lib.data.mix import summary_line
+from stages.lib.data.read import data_files
+from stages.lib.data.sources import DATA_SOURCES, MODEL_SOURCES, tracked_path
 from stages.lib.errors import run_stage
 from stages.lib.outputs import sha256_file, staged_dir, write_json
-from stages.lib.params import Params, ParamsError, load_params
+from stages.lib.params import LocalSource, Params, ParamsError, load_params
 from stages.lib.recipes import ConfigModel, HubModel, ModelRecipe, model_recipe
 
 RAW_DIR = Path("data/raw")
@@ -27,19 +31,24 @@ CHATML_JINJA = (
 )
 
 
-def write_raw(params: Params, out: Path) -> None:
-    from stages.lib.sources import fetch_records
+def write_raw(params: Params, out: Path) -> dict:
+    from stages.lib.data.mix import build_raw
 
-    records, origin = fetch_records(params.data, params.seed, out)
-    if params.data.max_records:
-        records = records[: params.data.max_records]
-    if not records:
-        raise ValueError(f"data.source gave no records ({origin})")
-    path = out / "records.jsonl"
-    with open(path, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n")
-    write_json(out / "manifest.json", {"source": origin, "records": len(records), "sha256": sha256_file(path)})
+    work = Path(tempfile.mkdtemp(prefix=".download-", dir=out.parent))  # Arrow caches of the sources
+    try:
+        manifest = build_raw(params.data, params.seed, out, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    write_json(out / "manifest.json", manifest)
+    return manifest
+
+
+def training_texts(raw: Path):
+    """The text a tokenizer built from config learns from: the contents of the training split's messages."""
+    with open(raw / "train.jsonl", encoding="utf-8") as f:
+        for line in f:
+            for m in json.loads(line)["messages"]:
+                yield m["content"]
 
 
 def train_tokenizer(texts: list[str], vocab_size: int):
@@ -61,17 +70,17 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     )
 
 
-def build_from_config(source: ConfigModel, recipe: ModelRecipe, seed: int, out: Path) -> dict:
+def build_from_config(source: ConfigModel, recipe: ModelRecipe, params: Params, raw: Path, out: Path) -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if source.tokenizer:
+    if params.model.tokenizer:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(source.tokenizer)
+        tokenizer = AutoTokenizer.from_pretrained(params.model.tokenizer)
     else:
-        lines = (RAW_DIR / "records.jsonl").open(encoding="utf-8")
-        tokenizer = train_tokenizer([v for line in lines for v in _strings(json.loads(line))], source.tokenizer_vocab_size)
+        tokenizer = train_tokenizer(training_texts(raw), source.tokenizer_vocab_size)
+    seed = params.seed
     config = AutoConfig.for_model(
         source.model_type,
         vocab_size=len(tokenizer),
@@ -90,16 +99,6 @@ def build_from_config(source: ConfigModel, recipe: ModelRecipe, seed: int, out: 
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return {"kind": "config", "model_type": source.model_type, "seed": seed, "device": device, "config": source.config}
-
-
-def _strings(value) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, dict):
-        return [s for v in value.values() for s in _strings(v)]
-    if isinstance(value, list):
-        return [s for v in value for s in _strings(v)]
-    return []
 
 
 def fetch_hub(source: HubModel, recipe: ModelRecipe, params: Params, out: Path) -> dict:
@@ -138,12 +137,12 @@ def copy_local(path: Path, out: Path) -> dict:
     return {"kind": "local", "path": str(path)}
 
 
-def write_base(params: Params, out: Path) -> None:
+def write_base(params: Params, raw: Path, out: Path) -> None:
     recipe = model_recipe(params.model.recipe)
     if params.model.path:
         origin = copy_local(Path(params.model.path), out)
     elif isinstance(recipe.source, ConfigModel):
-        origin = build_from_config(recipe.source, recipe, params.seed, out)
+        origin = build_from_config(recipe.source, recipe, params, raw, out)
     else:
         origin = fetch_hub(recipe.source, recipe, params, out)
     if recipe.converter and params.model.convert:
@@ -152,9 +151,22 @@ def write_base(params: Params, out: Path) -> None:
     write_json(out / "manifest.json", {"source": origin, "recipe": params.model.recipe, "files": sizes})
 
 
-def check_model_route(params: Params) -> None:
-    """Before any download: a model that would run its Hub code needs the user's explicit opt-in."""
+def check_inputs(params: Params) -> None:
+    """Before any download: local paths lie in the folders dvc.yaml declares and exist, and a model that would
+    run its Hub code has the user's explicit opt-in."""
+    for i, src in enumerate(params.data.sources):
+        if isinstance(src, LocalSource):
+            data_files(tracked_path(src.path, f"data.sources.{i}.path", DATA_SOURCES))
     recipe = model_recipe(params.model.recipe)
+    for key in ("path", "tokenizer"):
+        value = getattr(params.model, key)
+        if value and not tracked_path(value, f"model.{key}", MODEL_SOURCES).is_dir():
+            raise ParamsError(f"model.{key} {value} is not a directory")
+    if params.model.tokenizer and not isinstance(recipe.source, ConfigModel):
+        raise ParamsError(
+            f"model.tokenizer is for recipes built from config (like tiny-llama); '{params.model.recipe}' comes "
+            "with its own tokenizer: set model.tokenizer: null"
+        )
     needs = recipe.trust_remote_code and not (recipe.converter and params.model.convert)
     if needs and not params.model.trust_remote_code:
         raise ParamsError(
@@ -165,12 +177,13 @@ def check_model_route(params: Params) -> None:
 
 def main() -> None:
     params = load_params()
-    check_model_route(params)
-    with staged_dir(RAW_DIR) as tmp:
-        write_raw(params, tmp)
-    with staged_dir(BASE_DIR) as tmp:
-        write_base(params, tmp)
-    print(f"download: {json.loads((RAW_DIR / 'manifest.json').read_text())['records']} records, base model ready")
+    check_inputs(params)
+    # both outputs are replaced together, after both succeeded: a bad model never leaves new data beside old weights
+    with staged_dir(RAW_DIR) as raw, staged_dir(BASE_DIR) as base:
+        manifest = write_raw(params, raw)
+        print(summary_line(manifest), flush=True)
+        write_base(params, raw, base)
+    print("download: base model ready")
 
 
 if __name__ == "__main__":

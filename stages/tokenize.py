@@ -1,42 +1,51 @@
 """Stage 2, tokenize: data/raw + the base tokenizer → data/tokenized (Arrow + the training tokenizer) + metrics.
 
-Each record becomes `input_ids` and `assistant_masks` (1 on the answer tokens and the token that ends them), the
-pre-tokenized format TRL's SFTTrainer turns into labels (-100 elsewhere) before it pads or packs. The prompt
+Each conversation becomes `input_ids` and `assistant_masks` (1 on the answer tokens and the token that ends them),
+the pre-tokenized format TRL's SFTTrainer turns into labels (-100 elsewhere) before it pads or packs. The prompt
 format is decided here once (stages/lib/chat/format.py) and saved with the tokenizer into
 data/tokenized/tokenizer: its chat template renders exactly the training ids, so train, merge, eval and any
 server that calls `apply_chat_template` on models/merged build the prompt the model was trained on.
+Records stream through `datasets.map` in batches into Arrow files, so memory stays flat in the number of records.
 """
 
 from __future__ import annotations
 
 import json
-import random
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from stages.lib.chat import format as chat_format
-from stages.lib.chat.encode import encode, render_all
-from stages.lib.chat.records import dialogue
+from stages.lib.chat.encode import RenderError, encode, render_all
 from stages.lib.errors import UserError, run_stage
 from stages.lib.outputs import staged_dir, write_json
 from stages.lib.params import Params, load_params
 from stages.lib.recipes import model_recipe, template_recipe
 
-RAW = Path("data/raw/records.jsonl")
+RAW_DIR = Path("data/raw")
 BASE_DIR = Path("models/base")
 OUT_DIR = Path("data/tokenized")
 TOKENIZER = OUT_DIR / "tokenizer"  # the training tokenizer: chat template, pad token, chat_format.json
 METRICS = Path("metrics/tokenize.json")
+WARN_ANSWERS_CUT = 0.05  # share of answers cut by max_length above which the stage warns
+WARN_UNK = 0.01  # share of <unk> tokens above which the stage warns
+FLAGS = ("truncated", "answer_cut", "prompt_mismatch", "prompt_repaired")
 
 
-def template_name(params: Params) -> str:
+def raw_format(raw_dir: Path = RAW_DIR) -> str:
+    """`prompt_completion` (text used as is) or `chat`, as download wrote it into data/raw/manifest.json."""
+    return json.loads((raw_dir / "manifest.json").read_text())["format"]
+
+
+def template_name(params: Params, text_format: str) -> str:
     """tokenize.template, else `raw` for prompt_completion text, else the model recipe's template."""
     name = params.tokenize.template
-    if params.data.format == "prompt_completion":
+    if text_format == "prompt_completion":
         if name not in (None, "raw"):
             raise UserError(
-                f"tokenize.template '{name}': data.format prompt_completion is text used as is; set the template to "
+                f"tokenize.template '{name}': prompt_completion sources are text used as is; set the template to "
                 "null (or raw), or give the records as alpaca or messages to render them in a template"
             )
         return "raw"
@@ -50,108 +59,159 @@ def base_stop_ids(base_dir: Path = BASE_DIR) -> list[int]:
     return [eos] if isinstance(eos, int) else list(eos or [])
 
 
-def decide_format(params: Params, tokenizer) -> chat_format.ChatFormat:
-    name = template_name(params)
-    return chat_format.decide(tokenizer, template_recipe(name), name, base_stop_ids())
-
-
-def tokenize_records(records: list[dict], params: Params, tokenizer, fmt: chat_format.ChatFormat) -> dict:
-    """`encode`'s columns for every record, plus `reference` (the last answer's text) and `messages` per record."""
-    all_turns = params.tokenize.assistant_turns == "all"
-    dialogues = [dialogue(record, params.data.format, i) for i, record in enumerate(records)]
-    conversations = [d.messages() for d in dialogues]
-    rendered = render_all(conversations, fmt, tokenizer, all_turns)
-    references = [d.response for d in dialogues]
-    enc = encode(tokenizer, rendered, fmt, params.tokenize.max_length)
-    return enc | {"reference": references, "messages": conversations}
-
-
-def split(eligible: list[bool], params: Params) -> tuple[list[int], list[int]]:
-    """A seeded shuffle of the rows; validation takes the first `validation_fraction` of them (capped at
-    max_validation) among the `eligible` ones (rows whose last prompt is whole and as a server sends it), train
-    the rest."""
-    n = len(eligible)
-    order = list(range(n))
-    random.Random(params.seed).shuffle(order)
-    n_val = min(params.tokenize.max_validation, max(1, round(n * params.tokenize.validation_fraction)))
-    val = [i for i in order if eligible[i]][:n_val]
-    if n_val >= n or len(val) < n_val:
+def decide_format(params: Params, tokenizer, text_format: str) -> chat_format.ChatFormat:
+    """The chat format; UserError when the template's markers would become <unk> (unless params allow it)."""
+    name = template_name(params, text_format)
+    template = template_recipe(name)
+    marker = chat_format.unknown_marker(tokenizer, template)
+    if marker is not None and not params.tokenize.unknown_markers:
         raise UserError(
-            f"data/raw has {n} usable records ({sum(eligible)} with a whole last prompt, as a server sends it): "
-            f"too few to hold out {n_val} for validation"
+            f"template '{name}': the tokenizer in models/base has no tokens for {marker.strip()!r} (it would train "
+            f"as {tokenizer.unk_token!r}); pick a template it can write (tokenize.template: tokenizer, or another "
+            "in recipes/templates) or set tokenize.unknown_markers: true"
         )
-    taken = set(val)
-    return [i for i in range(n) if i not in taken], sorted(val)
+    return chat_format.decide(tokenizer, template, name, base_stop_ids())
 
 
-def stats(lengths: list[int], trained_tokens: list[int], truncated: int, dropped: int) -> dict:
-    p = np.percentile(lengths, [50, 90, 99]).tolist()
-    return {
+def encode_conversations(conversations: list[list[dict]], params: Params, tokenizer, fmt) -> dict[str, list]:
+    """Per conversation: `encode`'s columns plus `length`, `trained` and `unk` token counts."""
+    rendered = render_all(conversations, fmt, tokenizer, params.tokenize.assistant_turns == "all")
+    enc = encode(tokenizer, rendered, fmt, params.tokenize.max_length)
+    unk = tokenizer.unk_token_id
+    enc["length"] = [len(ids) for ids in enc["input_ids"]]
+    enc["trained"] = [sum(m) for m in enc["assistant_masks"]]
+    enc["unk"] = [ids.count(unk) if unk is not None else 0 for ids in enc["input_ids"]]
+    return enc
+
+
+def _batch_fn(params: Params, tokenizer, fmt, validation: bool):
+    def fn(batch: dict[str, list]) -> dict[str, list]:
+        try:
+            enc = encode_conversations(batch["messages"], params, tokenizer, fmt)
+        except RenderError as exc:  # "record K" of the batch → the record of its source
+            where = f"source {batch['source'][exc.index]}, record {batch['record'][exc.index]}"
+            raise UserError(f"{where}: {str(exc).split(': ', 1)[1]}") from None
+        if validation:
+            enc["reference"] = [m[-1]["content"] for m in batch["messages"]]
+        return enc
+
+    return fn
+
+
+def tokenize_split(name: str, params: Params, tokenizer, fmt, cache: Path):
+    """data/raw/<name>.jsonl → a Dataset of encoded rows (Arrow files under `cache`)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    ds = datasets.load_dataset("json", data_files=str(RAW_DIR / f"{name}.jsonl"), split="train", cache_dir=str(cache))
+    keep = ["messages"] if name == "validation" else []
+    return ds.map(_batch_fn(params, tokenizer, fmt, name == "validation"), batched=True, batch_size=500,
+                  remove_columns=[c for c in ds.column_names if c not in keep], new_fingerprint=f"encode-{name}",
+                  load_from_cache_file=False)  # fmt: skip
+
+
+def _column(ds, name: str) -> np.ndarray:
+    return np.asarray(ds.with_format("numpy")[name])
+
+
+def build_splits(train, validation):
+    """Keep rows with a trained token left. Validation keeps the rows whose last prompt is whole and as a server
+    sends it; its other rows train. Returns (train, validation, statistics of every kept row)."""
+    from datasets import concatenate_datasets
+
+    t_keep = _column(train, "trained") > 0
+    v_keep = _column(validation, "trained") > 0
+    servable = v_keep & (_column(validation, "prompt_length") < _column(validation, "length"))
+    servable &= ~_column(validation, "prompt_mismatch")
+    moved = np.flatnonzero(v_keep & ~servable)
+    columns = ["input_ids", "assistant_masks"]
+    new_train = concatenate_datasets([train.select(np.flatnonzero(t_keep)).select_columns(columns),
+                                      validation.select(moved).select_columns(columns)])  # fmt: skip
+    new_val = validation.select(np.flatnonzero(servable)).select_columns([*columns, "prompt_length", "reference", "messages"])
+
+    def kept(name: str) -> np.ndarray:
+        return np.concatenate([_column(train, name)[t_keep], _column(validation, name)[v_keep]])
+
+    lengths = kept("length")
+    if not len(lengths):
+        return new_train, new_val, {"records": 0, "no_answer_left": len(train) + len(validation)}
+    p50, p90, p99 = np.percentile(lengths, [50, 90, 99]).tolist()
+    summary = {
         "records": len(lengths),
-        "tokens": int(sum(lengths)),
-        "trained_tokens": int(sum(trained_tokens)),
-        "truncated": truncated,
-        "dropped_no_answer_left": dropped,
-        "length": {"p50": p[0], "p90": p[1], "p99": p[2], "max": int(max(lengths)), "mean": float(np.mean(lengths))},
+        "train_records": len(new_train),
+        "validation_records": len(new_val),
+        "validation_moved_to_train": len(moved),
+        "no_answer_left": int((~t_keep).sum() + (~v_keep).sum()),
+        "tokens": int(lengths.sum()),
+        "trained_tokens": int(kept("trained").sum()),
+        "unk_tokens": int(kept("unk").sum()),
+        "length": {"p50": p50, "p90": p90, "p99": p99, "max": int(lengths.max()), "mean": float(lengths.mean())},
     }
+    return new_train, new_val, summary | {flag: int(kept(flag).sum()) for flag in FLAGS}
+
+
+def warnings(summary: dict, params: Params) -> list[str]:
+    """What a person must read: answers cut by max_length, <unk> tokens, prompts a server would split otherwise."""
+    out, n, max_length = [], summary["records"], params.tokenize.max_length
+    if summary["answer_cut"] > WARN_ANSWERS_CUT * n:
+        out.append(f"{summary['answer_cut'] / n:.1%} of the records lose part of their answer to tokenize.max_length "
+                   f"{max_length} (median record {summary['length']['p50']:.0f} tokens before the cut): raise it")
+    if summary["unk_tokens"] > WARN_UNK * summary["tokens"]:
+        out.append(f"{summary['unk_tokens'] / summary['tokens']:.1%} of the tokens are <unk>: this tokenizer does not "
+                   "cover the data's characters (pick a model whose vocabulary does)")
+    if summary["prompt_mismatch"]:
+        out.append(f"in {summary['prompt_mismatch']} records a token spans the prompt/answer boundary that a server "
+                   "would split differently (a prompt ending in a space?); they train, with that token as the "
+                   "answer's first, but are not used for validation")
+    return out
+
+
+def nothing_left(params: Params, raw_records: int) -> UserError:
+    return UserError(
+        f"all {raw_records} records of data/raw lost their whole answer to tokenize.max_length "
+        f"({params.tokenize.max_length} tokens): their prompts fill it; raise tokenize.max_length"
+    )
 
 
 def main() -> None:
     params = load_params()
     from transformers import AutoTokenizer
 
-    records = [json.loads(line) for line in RAW.read_text(encoding="utf-8").splitlines()]
+    manifest = json.loads((RAW_DIR / "manifest.json").read_text())
     with staged_dir(OUT_DIR) as tmp:
         tokenizer = chat_format.reload(AutoTokenizer.from_pretrained(BASE_DIR), tmp / TOKENIZER.name)
-        fmt = decide_format(params, tokenizer)
+        fmt = decide_format(params, tokenizer, manifest["format"])
         for note in fmt.notes:
-            print(f"tokenize: {note}")
-        enc = tokenize_records(records, params, tokenizer, fmt)
-        if enc["prompt_mismatch"]:
-            first = enc["prompt_mismatch"][0]
-            print(f"tokenize: warning: in {len(enc['prompt_mismatch'])} records (first: record {first}) a token spans "
-                  "the prompt/answer boundary that a server would split differently (a prompt ending in a space?); "
-                  "they train, with that token as the answer's first, but are not used for validation")
-        splits, summary = build_splits(records, enc, params)
-        splits.save_to_disk(str(tmp))
+            print(f"tokenize: {note}", flush=True)
+        cache = Path(tempfile.mkdtemp(prefix=".tokenize-", dir=OUT_DIR.parent))
+        try:
+            encoded = [tokenize_split(name, params, tokenizer, fmt, cache) for name in ("train", "validation")]
+            train, validation, summary = build_splits(*encoded)
+            if not summary["records"]:
+                raise nothing_left(params, len(encoded[0]) + len(encoded[1]))
+            if not len(validation):
+                raise UserError(
+                    f"no validation record keeps a whole prompt within tokenize.max_length "
+                    f"({params.tokenize.max_length} tokens): raise it, so that eval has prompts to generate from"
+                )
+            from datasets import DatasetDict
+
+            DatasetDict(train=train, validation=validation).save_to_disk(str(tmp))
+        finally:
+            shutil.rmtree(cache, ignore_errors=True)
         chat_format.save(tokenizer, fmt, tmp / TOKENIZER.name)
-    summary |= {"template": template_name(params), "stop_tokens": tokenizer.convert_ids_to_tokens(fmt.stop_ids)}
-    write_json(METRICS, summary)
-    print(f"tokenize: {summary['train_records']} train / {summary['validation_records']} validation, "
-          f"{summary['tokens']} tokens, {summary['trained_tokens']} trained")
-
-
-def build_splits(records: list[dict], enc: dict, params: Params):
-    """The train and validation Datasets (rows that kept a trained token) and their statistics."""
-    from datasets import Dataset, DatasetDict
-
-    keep = [i for i, m in enumerate(enc["assistant_masks"]) if any(m)]  # truncation can cut the whole answer
-    # eval generates from the prompt a server sends: a row cut inside its last prompt (a long multi-turn record) or
-    # whose prompt ids differ from a server's only trains
-    whole_prompt = [enc["prompt_length"][r] < len(enc["input_ids"][r]) for r in keep]
-    mismatch = set(enc["prompt_mismatch"])
-    train_idx, val_idx = split([w and r not in mismatch for r, w in zip(keep, whole_prompt)], params)
-
-    def subset(idx: list[int], columns: tuple[str, ...]) -> Dataset:
-        rows = [keep[i] for i in idx]
-        return Dataset.from_dict({k: [enc[k][r] for r in rows] for k in columns})
-
-    train_columns = ("input_ids", "assistant_masks")
-    splits = DatasetDict(
-        train=subset(train_idx, train_columns),
-        validation=subset(val_idx, (*train_columns, "prompt_length", "reference", "messages")),
-    )
-    lengths = [len(enc["input_ids"][r]) for r in keep]
-    trained = [sum(enc["assistant_masks"][r]) for r in keep]
-    summary = stats(lengths, trained, enc["truncated"], len(records) - len(keep))
     summary |= {
-        "train_records": len(train_idx),
-        "validation_records": len(val_idx),
-        "prompt_mismatch": len(enc["prompt_mismatch"]),
-        "prompt_repaired": enc["prompt_repaired"],
-        "last_prompt_truncated": whole_prompt.count(False),
+        "template": template_name(params, manifest["format"]),
+        "stop_tokens": tokenizer.convert_ids_to_tokens(fmt.stop_ids),
+        "sources": {name: {k: c[k] for k in ("read", "kept", "dropped", "train", "validation")}
+                    for name, c in manifest["sources"].items()},  # fmt: skip
     }
-    return splits, summary
+    write_json(METRICS, summary)
+    for line in warnings(summary, params):
+        print(f"tokenize: warning: {line}")
+    print(f"tokenize: {summary['train_records']} train / {summary['validation_records']} validation rows, "
+          f"{summary['tokens']} tokens of which {summary['trained_tokens']} trained; {summary['truncated']} cut at "
+          f"{params.tokenize.max_length} tokens, {summary['no_answer_left']} dropped with no answer left")
 
 
 if __name__ == "__main__":

@@ -26,37 +26,85 @@ class Strict(BaseModel):
 # ---------------------------------------------------------------- data
 
 
-class BuiltinSource(Strict):
+# Fields each record format defines (our names); `columns` maps any of them to the file's own column name.
+FORMAT_FIELDS = {
+    "alpaca": ("instruction", "input", "output", "system", "history"),
+    "messages": ("messages", "role", "content", "system", "tools"),
+    "prompt_completion": ("prompt", "completion"),
+}
+Role = Literal["user", "assistant", "system", "tool"]
+
+
+class SourceOptions(Strict):
+    """How one source's records are read and how much of it goes into the mixture."""
+
+    format: Literal["alpaca", "messages", "prompt_completion"] = "alpaca"
+    columns: dict[str, str] = {}  # our field name -> the file's column (or message key) name
+    roles: dict[str, Role] = {}  # the file's role values -> ours, added to human/gpt/user/assistant/system/tool
+    max_records: Annotated[int, Field(ge=1)] | None = None  # the first N records of this source
+    weight: Annotated[float, Field(gt=0, le=100)] = 1.0  # 0.5: a seeded half of its records; 2: each one twice
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]+$")] | None = None  # in the counts; default from the source
+
+    @model_validator(mode="after")
+    def _known_columns(self):
+        known = FORMAT_FIELDS[self.format]
+        unknown = sorted(set(self.columns) - set(known))
+        if unknown:
+            raise ValueError(
+                f"columns: '{unknown[0]}' is not a field of format {self.format} (its fields: {', '.join(known)}); "
+                "the keys are our names, the values the file's"
+            )
+        return self
+
+
+class BuiltinSource(SourceOptions):
     kind: Literal["builtin"]
-    name: Literal["toy-zh-en"] = "toy-zh-en"
+    name: Literal["toy-zh-en"] = "toy-zh-en"  # the generated set (also its name in the counts)
 
 
-class LocalSource(Strict):
+class LocalSource(SourceOptions):
     kind: Literal["local"]
-    path: str
+    path: str  # a file or a directory of files under data/sources/ (a DVC dependency)
 
 
-class UrlSource(Strict):
+class UrlSource(SourceOptions):
     kind: Literal["url"]
     url: Annotated[str, Field(pattern=r"^https?://")]
     sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$", description="required: pins the download")]
 
 
-class HubSource(Strict):
+class HubSource(SourceOptions):
     kind: Literal["hub"]
     repo: str
-    revision: Annotated[str, Field(min_length=1, description="a commit or tag: pins the download")]
+    revision: Annotated[str, Field(pattern=r"^[0-9a-f]{40}$", description="a full commit hash: pins the download")]
     split: str = "train"
     subset: str | None = None
 
 
 DataSource = Annotated[Union[BuiltinSource, LocalSource, UrlSource, HubSource], Field(discriminator="kind")]
+MOVED = {  # keys of earlier versions, and where they live now
+    "data.source": "data.sources (a list of sources)",
+    "data.format": "data.sources.N.format (each source has its own)",
+    "data.max_records": "data.sources.N.max_records (each source has its own)",
+    "tokenize.validation_fraction": "data.validation_fraction",
+    "tokenize.max_validation": "data.max_validation",
+}
 
 
 class DataParams(Strict):
-    source: DataSource
-    format: Literal["alpaca", "messages", "prompt_completion"] = "alpaca"
-    max_records: Annotated[int, Field(ge=1)] | None = None
+    sources: Annotated[list[DataSource], Field(min_length=1)]
+    validation_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1  # of the unique records, by a seeded hash
+    max_validation: Annotated[int, Field(ge=1)] = 200
+
+    @model_validator(mode="after")
+    def _one_kind_of_text(self):
+        formats = {s.format for s in self.sources}
+        if "prompt_completion" in formats and len(formats) > 1:
+            raise ValueError(
+                "data.sources: prompt_completion text is used as is, the other formats are rendered in a chat "
+                "template; one run takes either kind, not both"
+            )
+        return self
 
 
 # ---------------------------------------------------------------- model
@@ -64,7 +112,8 @@ class DataParams(Strict):
 
 class ModelParams(Strict):
     recipe: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]+$")]
-    path: str | None = None  # a local directory; replaces the recipe's hub source
+    path: str | None = None  # a local directory under models/sources/; replaces the recipe's hub source
+    tokenizer: str | None = None  # a recipe built from config: a tokenizer directory under models/sources/
     trust_remote_code: bool = False
     convert: bool = True  # checkpoints with a native equivalent (ChatGLM2 → GLM) are converted at download
 
@@ -76,8 +125,7 @@ class TokenizeParams(Strict):
     template: str | None = None  # a name in recipes/templates; null: the model recipe's
     assistant_turns: Literal["all", "last"] = "all"  # which answers of a multi-turn record carry loss
     max_length: Annotated[int, Field(ge=8)] = 512
-    validation_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1
-    max_validation: Annotated[int, Field(ge=1)] = 200
+    unknown_markers: bool = False  # true: train although the template's markers become <unk> tokens
 
 
 # ---------------------------------------------------------------- train
@@ -219,6 +267,9 @@ def _walk(loc: tuple) -> tuple[list[str], type[BaseModel] | None]:
     owner: Any = Params
     current: Any = Params
     for part in loc:
+        if isinstance(part, int):  # a list index: the same schema for every item
+            keys.append(str(part))
+            continue
         if isinstance(current, list):  # a discriminated union: pydantic puts the member's tag in the location
             current = next((m for m in current if part in getattr(m.model_fields["kind"].annotation, "__args__", ())), None)
             continue
@@ -254,6 +305,8 @@ def _describe(err: dict) -> str:
         known = list(owner.model_fields) if owner else []
         close = _suggest(keys[-1], known)
         hint = f"; did you mean '{'.'.join([*keys[:-1], close])}'?" if close else ""
+        if key in MOVED:
+            hint = f"; it moved to {MOVED[key]}"
         return f"unknown key '{key}'{hint} (allowed here: {', '.join(known)})"
     if err["type"] == "value_error":  # a cross-field rule: its message names the keys
         return err["msg"].removeprefix("Value error, ")

@@ -25,13 +25,13 @@ class HubModel(Strict):
 
 
 class ConfigModel(Strict):
-    """A model built from a config with random weights (seeded) and a tokenizer trained on the data."""
+    """A model built from a config with random weights (seeded) and a tokenizer trained on the training split's
+    text (or the one params' model.tokenizer names)."""
 
     kind: Literal["config"]
     model_type: str
     config: dict[str, Any]
     tokenizer_vocab_size: Annotated[int, Field(ge=300)] = 1000
-    tokenizer: str | None = None  # a local tokenizer directory to use instead of training one on the data
 
 
 class ModelRecipe(Strict):

@@ -102,26 +102,27 @@ def encode(tokenizer, rendered: list[Rendered], fmt: ChatFormat, max_length: int
     The ids start with exactly what a server tokenizes from the prompt: where a token of the whole text spans the
     prompt/answer boundary (a byte-level BPE can merge `答：` with the answer's first character), the row becomes
     the prompt's ids + the rest's ids, if that decodes to the same text; otherwise the row is listed in
-    `prompt_mismatch`, and the token across the boundary is trained as the answer's first. Also counts
-    `truncated` rows (cut to max_length tokens).
+    `prompt_mismatch`, and the token across the boundary is trained as the answer's first. Per-row flags:
+    `prompt_mismatch`, `prompt_repaired`, `truncated` (cut to max_length tokens) and `answer_cut` (the cut removed
+    trained tokens).
     """
     cuts = [[p for span in r.spans for p in span] for r in rendered]  # start and end of every trained span
     whole = tokenizer([r.text for r in rendered], add_special_tokens=False)["input_ids"]
     inner = [r.text[:p] for r, c in zip(rendered, cuts) for p in c if p < len(r.text)]
     heads = iter(tokenizer(inner, add_special_tokens=False)["input_ids"] if inner else [])
-    out = {"input_ids": [], "assistant_masks": [], "prompt_length": [], "truncated": 0, "prompt_mismatch": [],
-           "prompt_repaired": 0}  # fmt: skip
+    out: dict[str, list] = {k: [] for k in ("input_ids", "assistant_masks", "prompt_length", "truncated",
+                                           "answer_cut", "prompt_mismatch", "prompt_repaired")}  # fmt: skip
     stops = set(fmt.stop_ids)
-    for row, (r, ids, c) in enumerate(zip(rendered, whole, cuts)):
+    for r, ids, c in zip(rendered, whole, cuts):
         prefixes = [next(heads) if p < len(r.text) else ids for p in c]  # the last span ends with the text
         prompt = prefixes[-2]
+        mismatch = repaired = False
         if ids[: len(prompt)] != prompt:
-            repaired = prompt + tokenizer(r.text[c[-2] :], add_special_tokens=False)["input_ids"]
-            if tokenizer.decode(repaired) == tokenizer.decode(ids):
-                ids, prefixes[-1] = repaired, repaired
-                out["prompt_repaired"] += 1
-            else:
-                out["prompt_mismatch"].append(row)
+            fixed = prompt + tokenizer(r.text[c[-2] :], add_special_tokens=False)["input_ids"]
+            repaired = tokenizer.decode(fixed) == tokenizer.decode(ids)
+            mismatch = not repaired
+            if repaired:
+                ids, prefixes[-1] = fixed, fixed
         # token index of each cut: a span starts where the row stops agreeing with the text before it (so a token
         # across the boundary is trained), and ends after the tokens of the text up to its end
         bounds = [_common(head, ids) if k % 2 == 0 else len(head) for k, head in enumerate(prefixes)]
@@ -130,10 +131,9 @@ def encode(tokenizer, rendered: list[Rendered], fmt: ChatFormat, max_length: int
             mask[start:end] = [1] * (end - start)
         if not ids or ids[-1] not in stops:
             ids, mask = ids + [fmt.eos_id], mask + [1]
-        out["prompt_length"].append(bounds[-2])
-        if len(ids) > max_length:
-            out["truncated"] += 1
-            ids, mask = ids[:max_length], mask[:max_length]
-        out["input_ids"].append(ids)
-        out["assistant_masks"].append(mask)
+        truncated = len(ids) > max_length
+        answer_cut = truncated and any(mask[max_length:])
+        ids, mask = ids[:max_length], mask[:max_length]
+        for key, value in zip(out, (ids, mask, bounds[-2], truncated, answer_cut, mismatch, repaired)):
+            out[key].append(value)
     return out

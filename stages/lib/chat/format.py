@@ -98,6 +98,19 @@ def _stop_token(tokenizer, text: str) -> int | None:
     return ids[0] if len(ids) == 1 and ids[0] in _special_ids(tokenizer) else None
 
 
+def unknown_marker(tokenizer, template: TemplateRecipe) -> str | None:
+    """The first literal text of `template` (a marker such as `<|im_start|>`) that `tokenizer` can only write
+    with its unk token, else None. A tokenizer's own chat template is taken as writable."""
+    unk = tokenizer.unk_token_id
+    if unk is None or template.chat_template:
+        return None
+    for text in (template.system, template.default_system, template.user, template.assistant):
+        for piece in re.split(r"\{content\}|\{round\}", text):
+            if piece.strip() and unk in tokenizer(piece, add_special_tokens=False)["input_ids"]:
+                return piece
+    return None
+
+
 def decide(tokenizer, template: TemplateRecipe, name: str, base_stop_ids: list[int]) -> ChatFormat:
     """The format for `tokenizer` + `template` (a recipes/templates name), checked on a probe conversation.
 

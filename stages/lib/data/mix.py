@@ -1,0 +1,140 @@
+"""Sources → data/raw: normalize each, weight it, hold out a validation split by content, mix by a seeded shuffle.
+
+data/raw/train.jsonl and validation.jsonl hold one `{"messages", "source", "record"}` object per line (record =
+the number of the record in its source, for error messages downstream); manifest.json says where each source came
+from and what became of its records. The split is by content: a record is validation when its content hash,
+salted with the seed, ranks among the lowest; so exact duplicates and a weighted source's copies never sit on
+both sides, and a record keeps its side when other sources are added. Weights apply to the training side only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UserError
+from ..outputs import sha256_file
+from ..params import DataParams
+from .normalize import DROP_REASONS, Normalizer
+from .sources import label, open_source
+
+BATCH = 1000
+
+
+def _labels(data: DataParams) -> list[str]:
+    names = [label(s) for s in data.sources]
+    return [n if names.count(n) == 1 else f"{n}-{i}" for i, n in enumerate(names)]
+
+
+def normalized(data: DataParams, seed: int, workdir: Path) -> list[tuple[object, dict]]:
+    """Per source: its kept records (a Dataset with messages, key, record, source) and its counts."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    out = []
+    for i, (src, name) in enumerate(zip(data.sources, _labels(data))):
+        ds, origin = open_source(src, seed, workdir / f"source-{i}")
+        read = len(ds)
+        if src.max_records:
+            ds = ds.select(range(min(read, src.max_records)))
+        fn = Normalizer(src, name, ds.column_names)
+        ds = ds.map(fn, batched=True, batch_size=BATCH, with_indices=True, remove_columns=ds.column_names,
+                    new_fingerprint=f"normalize-{i}", load_from_cache_file=False, desc=None)  # fmt: skip
+        drops = Counter(ds["drop"])
+        kept = ds.filter(lambda d: not d, input_columns="drop", batched=False, new_fingerprint=f"kept-{i}")
+        counts = {"origin": origin, "read": read, "taken": len(ds), "kept": len(kept),
+                  "dropped": {r: drops.get(r, 0) for r in DROP_REASONS}, "ignored_columns": fn.ignored}  # fmt: skip
+        out.append((kept.remove_columns("drop"), counts))
+    return out
+
+
+def validation_keys(keys: set[str], data: DataParams, seed: int) -> set[str]:
+    """The held-out keys: the `validation_fraction` (at most max_validation) with the lowest seeded hash."""
+    n_val = min(data.max_validation, max(1, round(len(keys) * data.validation_fraction)))
+    if n_val >= len(keys):
+        raise UserError(
+            f"data.sources give {len(keys)} distinct usable records: too few to hold out {n_val} for validation "
+            "and train on the rest (add records or lower data.validation_fraction)"
+        )
+    ranked = sorted(keys, key=lambda k: hashlib.sha256(f"{seed}:{k}".encode()).digest())
+    return set(ranked[:n_val])
+
+
+def weighted(n: int, weight: float, rng: np.random.Generator) -> np.ndarray:
+    """Row indices for `weight` × n rows: every row int(weight) times, plus a seeded sample for the fraction."""
+    whole, frac = int(weight), weight - int(weight)
+    extra = np.sort(rng.choice(n, size=round(frac * n), replace=False)) if frac else np.empty(0, dtype=np.int64)
+    return np.sort(np.concatenate([np.repeat(np.arange(n), whole), extra])).astype(np.int64)
+
+
+def write_jsonl(ds, path: Path) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for batch in ds.iter(batch_size=BATCH):
+            for m, s, r in zip(batch["messages"], batch["source"], batch["record"]):
+                f.write(json.dumps({"messages": m, "record": r, "source": s}, ensure_ascii=False, sort_keys=True) + "\n")
+
+
+def build_raw(data: DataParams, seed: int, out: Path, workdir: Path) -> dict:
+    """Write data/raw (train.jsonl, validation.jsonl, manifest.json) into `out`; returns the manifest."""
+    from datasets import concatenate_datasets
+
+    parts = normalized(data, seed, workdir)
+    if not any(len(ds) for ds, _ in parts):
+        reasons = Counter()
+        for _, c in parts:
+            reasons.update(c["dropped"])
+        raise UserError(f"data.sources left no record to train on: dropped {_describe(reasons)}")
+    keys = set()
+    for ds, _ in parts:
+        keys.update(ds["key"])
+    held_out = validation_keys(keys, data, seed)
+    train_parts, val_parts, seen = [], [], set()
+    rng = np.random.default_rng(seed)
+    for (ds, counts), src in zip(parts, data.sources):
+        key_col = ds["key"]
+        val_rows = []
+        for i, k in enumerate(key_col):
+            if k in held_out and k not in seen:  # one copy of each held-out conversation
+                seen.add(k)
+                val_rows.append(i)
+        train_rows = np.array([i for i, k in enumerate(key_col) if k not in held_out], dtype=np.int64)
+        picked = train_rows[weighted(len(train_rows), src.weight, rng)]
+        counts |= {"validation": len(val_rows), "train": len(picked), "weight": src.weight}
+        val_parts.append(ds.select(val_rows))
+        train_parts.append(ds.select(picked))
+    train = concatenate_datasets(train_parts)
+    if len(parts) > 1:  # one source keeps its file order
+        train = train.select(np.random.default_rng(seed).permutation(len(train)))
+    write_jsonl(train, out / "train.jsonl")
+    write_jsonl(concatenate_datasets(val_parts), out / "validation.jsonl")
+    fmt = "prompt_completion" if data.sources[0].format == "prompt_completion" else "chat"
+    manifest = {
+        "format": fmt,
+        "sources": dict(zip(_labels(data), [c for _, c in parts])),
+        "train_records": len(train),
+        "validation_records": sum(len(v) for v in val_parts),
+        "sha256": {name: sha256_file(out / name) for name in ("train.jsonl", "validation.jsonl")},
+    }
+    return manifest
+
+
+def _describe(reasons: Counter) -> str:
+    shown = [f"{n} {r}" for r, n in reasons.most_common() if n]
+    return ", ".join(shown) or "nothing (the sources are empty)"
+
+
+def summary_line(manifest: dict) -> str:
+    """One line a person reads: per source, kept of read and drops by reason."""
+    parts = []
+    for name, c in manifest["sources"].items():
+        dropped = {r: n for r, n in c["dropped"].items() if n}
+        extra = f", dropped {', '.join(f'{n} {r}' for r, n in dropped.items())}" if dropped else ""
+        ignored = f", ignored columns {', '.join(c['ignored_columns'])}" if c["ignored_columns"] else ""
+        weight = f", weight {c['weight']:g} -> {c['train']} train rows" if c["weight"] != 1 else ""
+        parts.append(f"{name}: {c['kept']} of {c['read']} kept{extra}{weight}{ignored}")
+    return (f"download: {manifest['train_records']} train / {manifest['validation_records']} validation records ("
+            + "; ".join(parts) + ")")

@@ -1,0 +1,127 @@
+"""Local data files → an Arrow-backed `datasets.Dataset`, whatever the layout a real export has.
+
+JSON (an array or one object per line, whatever the extension), CSV, TSV, Parquet, Arrow, or a folder of such
+files are read by `datasets`' builders, memory-mapped, so a million records never sit in Python lists. Text
+files must be UTF-8 (a BOM is fine): anything else fails with one line naming the file, the byte and the fix.
+"""
+
+from __future__ import annotations
+
+import codecs
+from pathlib import Path
+
+from ..errors import UserError
+
+BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
+TRACKED_HINT = (
+    "; `dvc exp run --temp/--queue` copies only files tracked by git or DVC into the run: track it with "
+    "`dvc add <file>` (or git add) first"
+)
+
+
+class SourceError(UserError):
+    pass
+
+
+def data_files(path: Path) -> list[Path]:
+    """The readable files of `path` (a file, or a folder searched recursively), all of one builder."""
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in BUILDERS
+                       and not any(part.startswith(".") for part in p.relative_to(path).parts))  # fmt: skip
+        if not files:
+            raise SourceError(f"data folder {path} holds no {', '.join(sorted(BUILDERS))} file")
+        kinds = {p.suffix.lower().replace(".jsonl", ".json") for p in files}
+        if len(kinds) > 1:
+            raise SourceError(f"data folder {path} mixes file types ({', '.join(sorted(kinds))}): use one type per source")
+        return files
+    if not path.exists():
+        raise SourceError(f"data file {path} does not exist{TRACKED_HINT}")
+    if path.suffix.lower() not in BUILDERS:
+        raise SourceError(f"{path}: unsupported data file type '{path.suffix}' (use one of {', '.join(sorted(BUILDERS))})")
+    return [path]
+
+
+def check_utf8(path: Path) -> None:
+    """Raise SourceError naming the byte offset and line of the first invalid UTF-8 sequence (UTF-16 named)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = lines = 0
+    with open(path, "rb") as f:
+        head = f.read(2)
+        if head in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):
+            raise SourceError(f"{path} is UTF-16 text: re-save it as UTF-8 (iconv -f UTF-16 -t UTF-8)")
+        f.seek(0)
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as exc:
+                at = offset + exc.start
+                line = lines + chunk[: exc.start].count(b"\n") + 1
+                raise SourceError(
+                    f"{path} is not UTF-8 text (byte {at}, line {line}): re-save it as UTF-8, e.g. "
+                    f"`iconv -f GBK -t UTF-8 {path.name} > utf8-{path.name}` for a Chinese Windows export"
+                ) from None
+            offset += len(chunk)
+            lines += chunk.count(b"\n")
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise SourceError(f"{path} ends inside a UTF-8 character (truncated file?)") from None
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    while exc.__cause__ is not None or (exc.__context__ is not None and not exc.__suppress_context__):
+        exc = exc.__cause__ or exc.__context__
+    return exc
+
+
+def _first_bad_json_line(path: Path) -> str:
+    """For a JSON Lines file that failed to load: the first line that is not one JSON object."""
+    import json
+
+    with open(path, encoding="utf-8-sig") as f:
+        first = f.read(1)
+        if first == "[":
+            return "as a JSON array it does not parse"
+        f.seek(0)
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except ValueError as exc:
+                return f"line {n} is not valid JSON ({exc.msg})"
+            if not isinstance(value, dict):
+                return f"line {n} is a JSON {type(value).__name__}, not an object (one record per line)"
+    return ""
+
+
+def read_table(path: Path, cache_dir: Path):
+    """`path` (a file or a folder) as one `datasets.Dataset`; SourceError names the file and the fix.
+
+    CSV/TSV cells stay text (no number or NaN guessing: an answer "0" stays "0", an empty cell is "").
+    Reading writes Arrow files under `cache_dir` (a temp folder the caller removes).
+    """
+    import datasets
+
+    files = data_files(path)
+    builder = BUILDERS[files[0].suffix.lower()]
+    kwargs: dict = {}
+    if builder in ("json", "csv"):
+        for f in files:
+            check_utf8(f)
+    if builder == "csv":
+        kwargs = {"sep": "\t" if files[0].suffix.lower() == ".tsv" else ",", "dtype": str, "keep_default_na": False,
+                  "encoding": "utf-8-sig"}  # fmt: skip
+    datasets.logging.set_verbosity_error()  # its own retry messages would precede ours
+    datasets.disable_progress_bars()
+    try:
+        return datasets.load_dataset(
+            builder, data_files=[str(f) for f in files], split="train", cache_dir=str(cache_dir), **kwargs
+        )
+    except Exception as exc:  # the builders raise many kinds; the cause's message is the useful part
+        cause = _root_cause(exc)
+        detail = next((d for f in files if builder == "json" and (d := _first_bad_json_line(f))), "")
+        where = files[0] if len(files) == 1 else path
+        raise SourceError(
+            f"{where} cannot be read as {builder}: {detail or f'{type(cause).__name__}: {cause}'}".splitlines()[0]
+        ) from None
