@@ -79,8 +79,8 @@ class Profile(TrainerCallback):
 def one_variant(name: str, steps: int) -> dict:
     """Runs inside the variant's own process, in a work dir laid out like the project."""
     sys.path.insert(0, os.getcwd())
-    from stages.lib.params import load_params
-    from stages.lib.telemetry import Telemetry
+    from stages.lib.core.params import load_params
+    from stages.lib.train.telemetry import Telemetry
     from stages.train import BASE_DIR, build_trainer
 
     changes, overrides = VARIANTS[name]

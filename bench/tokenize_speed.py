@@ -35,8 +35,8 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from stages.lib.chat import format as chat_format
-    from stages.lib.params import validate
-    from stages.lib.recipes import template_recipe
+    from stages.lib.core.params import validate
+    from stages.lib.core.recipes import template_recipe
     from stages.tokenize import tokenize_records
 
     disable_progress_bars()

@@ -15,10 +15,10 @@ from stages.lib.convert import CONVERTERS
 from stages.lib.data.mix import summary_line
 from stages.lib.data.read import data_files
 from stages.lib.data.sources import DATA_SOURCES, MODEL_SOURCES, tracked_path
-from stages.lib.errors import run_stage
-from stages.lib.outputs import sha256_file, staged_dir, write_json
-from stages.lib.params import LocalSource, Params, ParamsError, load_params
-from stages.lib.recipes import ConfigModel, HubModel, ModelRecipe, model_recipe
+from stages.lib.core.errors import run_stage
+from stages.lib.core.outputs import sha256_file, staged_dir, write_json
+from stages.lib.core.params import LocalSource, Params, ParamsError, load_params
+from stages.lib.core.recipes import ConfigModel, HubModel, ModelRecipe, model_recipe
 
 RAW_DIR = Path("data/raw")
 BASE_DIR = Path("models/base")

@@ -12,10 +12,10 @@ import json
 import math
 from pathlib import Path
 
-from stages.lib.errors import run_stage
-from stages.lib.outputs import write_json, write_text
-from stages.lib.params import Params, load_params
-from stages.lib.scores import exact_match, rouge_l
+from stages.lib.core.errors import run_stage
+from stages.lib.core.outputs import write_json, write_text
+from stages.lib.core.params import Params, load_params
+from stages.lib.eval.scores import exact_match, rouge_l
 
 TOKENIZED = Path("data/tokenized")
 MODELS = {"base": Path("models/base"), "tuned": Path("models/merged")}

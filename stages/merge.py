@@ -15,9 +15,9 @@ import json
 import shutil
 from pathlib import Path
 
-from stages.lib.errors import UserError, run_stage
-from stages.lib.outputs import staged_dir, write_json
-from stages.lib.params import Params, load_params
+from stages.lib.core.errors import UserError, run_stage
+from stages.lib.core.outputs import staged_dir, write_json
+from stages.lib.core.params import Params, load_params
 
 BASE_DIR = Path("models/base")
 ADAPTER_DIR = Path("models/adapter")

@@ -19,10 +19,10 @@ import numpy as np
 
 from stages.lib.chat import format as chat_format
 from stages.lib.chat.encode import RenderError, encode, render_all
-from stages.lib.errors import UserError, run_stage
-from stages.lib.outputs import staged_dir, write_json
-from stages.lib.params import Params, load_params
-from stages.lib.recipes import model_recipe, template_recipe
+from stages.lib.core.errors import UserError, run_stage
+from stages.lib.core.outputs import staged_dir, write_json
+from stages.lib.core.params import Params, load_params
+from stages.lib.core.recipes import model_recipe, template_recipe
 
 RAW_DIR = Path("data/raw")
 BASE_DIR = Path("models/base")

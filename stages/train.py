@@ -3,7 +3,7 @@
 TRL's SFTTrainer does the work. QLoRA: the base loads as 4-bit NF4 whose storage dtype is the compute dtype
 (ZeRO-3 flattens parameters of one dtype only); the DeepSpeed config exists before the model loads, and no
 device_map is passed under DeepSpeed. When params ask for several processes, this module re-launches itself through DeepSpeed's
-launcher (stages/lib/launch.py) and every rank runs `train()`; only global rank 0 writes outputs.
+launcher (stages/lib/train/launch.py) and every rank runs `train()`; only global rank 0 writes outputs.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import json
 import shutil
 from pathlib import Path
 
-from stages.lib.errors import run_stage
-from stages.lib.outputs import replace_path, write_json
-from stages.lib.params import Params, load_params
-from stages.lib.recipes import deepspeed_config, model_recipe
+from stages.lib.core.errors import run_stage
+from stages.lib.core.outputs import replace_path, write_json
+from stages.lib.core.params import Params, load_params
+from stages.lib.core.recipes import deepspeed_config, model_recipe
 
 TOKENIZED = Path("data/tokenized")
 TOKENIZER = TOKENIZED / "tokenizer"  # the training tokenizer, written by tokenize (chat template, pad token)
@@ -130,7 +130,7 @@ def build_trainer(params: Params, output_dir: Path, callbacks: list, **overrides
 
     t = params.train
     if t.attn_implementation == "varlen":
-        from stages.lib.varlen_attention import register
+        from stages.lib.train.varlen_attention import register
 
         register()
     args = sft_config(params, output_dir, **overrides)  # the DeepSpeed config is live from here on
@@ -138,7 +138,7 @@ def build_trainer(params: Params, output_dir: Path, callbacks: list, **overrides
     if t.token_metrics:
         trainer_class = SFTTrainer
     else:
-        from stages.lib.lean_trainer import LeanSFTTrainer as trainer_class
+        from stages.lib.train.lean_trainer import LeanSFTTrainer as trainer_class
     trainer = trainer_class(
         model=str(BASE_DIR),
         args=args,
@@ -150,7 +150,7 @@ def build_trainer(params: Params, output_dir: Path, callbacks: list, **overrides
     )
     check_labels(trainer.train_dataset, train_set)
     if t.deepspeed:
-        from stages.lib.zero3_release import Zero3EarlyRelease
+        from stages.lib.train.zero3_release import Zero3EarlyRelease
 
         trainer.add_callback(Zero3EarlyRelease(trainer))  # acts only under ZeRO-3
     return trainer
@@ -182,8 +182,8 @@ def train(params: Params) -> None:
     import datasets
     import torch.distributed as dist
 
-    from stages.lib.launch import join_world
-    from stages.lib.telemetry import Telemetry
+    from stages.lib.train.launch import join_world
+    from stages.lib.train.telemetry import Telemetry
 
     join_world(params.train.launch.timeout_minutes)
     datasets.disable_caching()  # TRL's maps would otherwise write cache files into data/tokenized, a DVC input
@@ -233,7 +233,7 @@ def resolved_config(params: Params, trainer, result) -> dict:
 
 def main() -> None:
     params = load_params()
-    from stages.lib.launch import relaunch_if_needed
+    from stages.lib.train.launch import relaunch_if_needed
 
     if relaunch_if_needed(params):
         return

@@ -30,15 +30,16 @@ def env_with_project() -> dict:
     return env
 
 
-def run(cmd: list[str], cwd: Path, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=cwd, env=env_with_venv(), capture_output=True, text=True, timeout=timeout)
+def run(cmd: list[str], cwd: Path, check: bool = True, timeout: int = 900, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = env_with_venv() | (env or {})
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
 
 
-def dvc(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    return run([sys.executable, "-m", "dvc", *args], cwd=cwd, check=check)
+def dvc(*args: str, cwd: Path, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "dvc", *args], cwd=cwd, check=check, env=env)
 
 
 def clone(dest: Path) -> Path:
@@ -87,3 +88,32 @@ def assert_merged_prompts_are_the_training_prompts(repo: Path) -> None:
         assert got == row["input_ids"][: row["prompt_length"]], tokenizer.decode(got)
     stops = GenerationConfig.from_pretrained(repo / "models" / "merged").eos_token_id
     assert tokenizer.eos_token_id in ([stops] if isinstance(stops, int) else stops)
+
+
+def conversations(records: list[dict], fmt: str = "alpaca", **options) -> list[list[dict]]:
+    """Records of one format → chat messages, through the download stage's normalizer (a drop fails)."""
+    from stages.lib.core.params import validate
+    from stages.lib.data.normalize import Normalizer
+
+    raw = default_params()
+    raw["data"]["sources"] = [{"kind": "local", "path": "data/sources/x.jsonl", "format": fmt, **options}]
+    source = validate(raw).data.sources[0]
+    columns = sorted({k for r in records for k in r})
+    batch = {c: [r.get(c) for r in records] for c in columns}
+    out = Normalizer(source, "x", columns)(batch, list(range(len(records))))
+    assert not any(out["drop"]), out["drop"]
+    return out["messages"]
+
+
+def write_raw(folder: Path, train: list[list[dict]], validation: list[list[dict]], fmt: str = "chat") -> None:
+    """data/raw as the download stage writes it, from conversations."""
+    import json
+
+    raw = folder / "data" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("train", train), ("validation", validation)):
+        lines = [json.dumps({"messages": m, "record": i, "source": "x"}, ensure_ascii=False) + "\n" for i, m in enumerate(rows)]
+        (raw / f"{name}.jsonl").write_text("".join(lines), encoding="utf-8")
+    counts = {"read": len(train) + len(validation), "kept": len(train) + len(validation), "dropped": {},
+              "train": len(train), "validation": len(validation)}  # fmt: skip
+    (raw / "manifest.json").write_text(json.dumps({"format": fmt, "sources": {"x": counts}}))

@@ -9,7 +9,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from stages.lib import varlen_attention
-from stages.lib.params import ParamsError, validate
+from stages.lib.core.params import ParamsError, validate
 from test_params import with_change
 
 

@@ -15,11 +15,11 @@ from conftest import SHARED_DATA, default_params
 
 from stages.eval import answer_text
 from stages.lib.chat import format as chat_format
-from stages.lib.errors import UserError
-from stages.lib.params import validate
-from stages.lib.recipes import template_recipe
-from stages.lib.scores import exact_match
-from stages.lib.toy_task import toy_zh_en
+from stages.lib.core.errors import UserError
+from stages.lib.core.params import validate
+from stages.lib.core.recipes import template_recipe
+from stages.lib.eval.scores import exact_match
+from stages.lib.data.toy_task import toy_zh_en
 from stages.tokenize import tokenize_records
 
 TEMPLATES = ["chatml", "seed", "chatglm2", "raw", "tokenizer"]
@@ -232,7 +232,7 @@ def test_a_token_across_the_prompt_boundary_is_split_as_a_server_splits_it(token
 
 
 def test_a_plain_word_end_marker_is_not_a_stop_token(tokenizers):
-    from stages.lib.recipes import TemplateRecipe
+    from stages.lib.core.recipes import TemplateRecipe
 
     tokenizer = tokenizers("bpe")
     word = TemplateRecipe(description="t", user="Q: {content}\n", assistant="A: {content} cat\n")

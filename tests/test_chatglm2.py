@@ -112,7 +112,7 @@ def sp_model(tmp_path_factory) -> Path:
     """A SentencePiece BPE model trained here, standing in for ChatGLM2's tokenizer.model."""
     import sentencepiece as spm
 
-    from stages.lib.toy_task import toy_zh_en
+    from stages.lib.data.toy_task import toy_zh_en
 
     folder = tmp_path_factory.mktemp("sp")
     texts = [v for r in toy_zh_en(0) for v in r.values()] + ["问：你好\n\n答：", "[Round 1]"] * 20

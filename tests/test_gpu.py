@@ -40,7 +40,7 @@ def test_topology_trains_and_saves_a_complete_adapter(topology, gpus, shared_dat
 
 def test_varlen_flash_kernel_matches_per_sample_attention():
     """The flash path of `attn_implementation: varlen` against causal SDPA on each sample alone (bf16, GQA)."""
-    from stages.lib.varlen_attention import per_sample_sdpa, varlen_attention
+    from stages.lib.train.varlen_attention import per_sample_sdpa, varlen_attention
 
     torch.manual_seed(0)
     lengths = [300, 1, 77, 1024, 5]

@@ -12,8 +12,8 @@ import pytest
 import yaml
 from conftest import ROOT, default_params, env_with_project
 
-from stages.lib.launch import launcher_command
-from stages.lib.params import validate
+from stages.lib.train.launch import launcher_command
+from stages.lib.core.params import validate
 
 
 def params_with(**launch) -> object:

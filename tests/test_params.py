@@ -12,8 +12,8 @@ import pytest
 import yaml
 from conftest import ROOT, default_params, env_with_project
 
-from stages.lib.params import ParamsError, validate
-from stages.lib.recipes import RECIPES, ModelRecipe, TemplateRecipe, deepspeed_config, model_recipe, template_recipe
+from stages.lib.core.params import ParamsError, validate
+from stages.lib.core.recipes import RECIPES, ModelRecipe, TemplateRecipe, deepspeed_config, model_recipe, template_recipe
 
 
 def with_change(path: str, value) -> dict:

@@ -18,10 +18,16 @@ def out_hash(repo: Path, stage: str, path: str) -> str:
     return next(o["md5"] for o in lock(repo)[stage]["outs"] if o["path"] == path)
 
 
+AUDIT = Path(__file__).parent / "file_audit"  # a sitecustomize that records the files each process reads
+
+
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
     repo = clone(tmp_path_factory.mktemp("pipeline") / "repo")
-    dvc("repro", cwd=repo)
+    (repo / ".audit").mkdir()
+    audit = {"PYTHONPATH": str(AUDIT), "FILE_AUDIT_DIR": str(repo / ".audit")}
+    dvc("repro", cwd=repo, env=audit)
+    (repo / ".git" / "info" / "exclude").write_text(".audit/\n")
     run(["git", "add", "-A"], cwd=repo)
     run(["git", "commit", "-qm", "first run"], cwd=repo)
     return repo
@@ -44,6 +50,41 @@ def test_fresh_clone_repro_trains_a_model_that_beats_the_base(repo):
     assert (repo / "dvclive" / "train" / "plots" / "metrics" / "loss.tsv").exists()
     assert len((repo / "eval" / "generations.jsonl").read_text().splitlines()) == scores["samples"]
     assert dvc("status", cwd=repo).stdout.strip() == "Data and pipelines are up to date."
+
+
+def files_read_by_stage(repo: Path) -> dict[str, set[str]]:
+    """Per stage: the project files its processes opened for reading or imported (empty files aside)."""
+    out: dict[str, set[str]] = {}
+    for log in (repo / ".audit").glob("*.json"):
+        record = json.loads(log.read_text())
+        main = record["main"] or ""
+        if not main.startswith("stages."):
+            continue
+        for name in record["read"] + record["modules"]:
+            path = Path(name)
+            if path.parent.name == "__pycache__":
+                path = path.parent.parent / (path.name.split(".")[0] + ".py")
+            if not path.is_relative_to(repo) or not path.is_file() or not path.stat().st_size:
+                continue  # outside the project, a temp file since removed, or an empty package marker
+            rel = path.relative_to(repo)
+            if rel.parts[0].startswith(".") or rel.parts[0].endswith(".egg-info") or rel.name == "params.yaml":
+                continue
+            out.setdefault(main.split(".")[1], set()).add(rel.as_posix())
+    return out
+
+
+def test_every_file_a_stage_reads_is_declared(repo):
+    """A file a stage reads but dvc.yaml does not list would leave stale outputs that `dvc status` calls fresh."""
+    stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    read = files_read_by_stage(repo)
+    assert set(read) == set(stages)
+    for stage, files in read.items():
+        spec = stages[stage]
+        declared = [d.replace("${model.recipe}", params["model"]["recipe"]) for d in spec["deps"]]
+        declared += [next(iter(o)) if isinstance(o, dict) else o for k in ("outs", "metrics", "plots") for o in spec.get(k, [])]
+        missing = sorted(f for f in files if not any(f == d or f.startswith(d.rstrip("/") + "/") for d in declared))
+        assert not missing, f"stage {stage} reads files dvc.yaml does not list: {missing}"
 
 
 def test_merged_model_ships_the_training_prompt_format(repo):

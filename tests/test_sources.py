@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from conftest import default_params
 
-from stages.lib.params import ParamsError, validate
-from stages.lib.sources import SourceError, fetch_records, read_records
+from stages.lib.core.params import ParamsError, validate
+from stages.lib.data.sources import SourceError, fetch_records, read_records
 
 RECORDS = [{"instruction": "说你好", "input": "", "output": "你好"}, {"instruction": "Say hi", "input": "x", "output": "hi"}]
 
@@ -84,7 +84,7 @@ def test_url_source_checks_the_pinned_sha256(tmp_path, http_server):
 def test_hub_model_comes_from_the_pinned_revision_in_the_cache(tmp_path, monkeypatch):
     """The real snapshot_download call, offline, against a Hub cache laid out as huggingface_hub lays it out."""
     from stages.download import fetch_hub
-    from stages.lib.recipes import model_recipe
+    from stages.lib.core.recipes import model_recipe
 
     recipe = model_recipe("qwen2.5-7b-instruct")
     repo, revision = recipe.source.repo, recipe.source.revision

@@ -1,17 +1,21 @@
-"""Records → conversations, and the tokenized set's columns (the format itself: tests/test_chat_format.py)."""
+"""The tokenized set's columns and the tokenize stage's counts and refusals (the format itself:
+tests/test_chat_format.py; records → conversations: tests/test_data.py)."""
 
 from __future__ import annotations
 
+import json
+import os
+
 import pytest
-from conftest import default_params
+from conftest import ROOT, conversations, default_params, write_raw
 
 from stages.download import train_tokenizer
 from stages.lib.chat import format as chat_format
-from stages.lib.chat.records import Dialogue, RecordError, from_alpaca, from_messages
-from stages.lib.params import validate
-from stages.lib.recipes import template_recipe
-from stages.lib.toy_task import toy_zh_en
-from stages.tokenize import tokenize_records
+from stages.lib.core.errors import UserError
+from stages.lib.core.params import validate
+from stages.lib.core.recipes import template_recipe
+from stages.lib.data.toy_task import toy_zh_en
+from stages.tokenize import encode_conversations
 
 
 @pytest.fixture(scope="module")
@@ -20,56 +24,23 @@ def tiny_tokenizer():
     return train_tokenizer([v for r in records for v in r.values()], 600)
 
 
-def params_with(template: str, fmt: str = "alpaca", max_length: int = 512):
+def params_with(template: str | None, max_length: int = 512, **tokenize):
     raw = default_params()
-    raw["tokenize"] |= {"template": template, "max_length": max_length}
-    raw["data"]["format"] = fmt
+    raw["tokenize"] |= {"template": template, "max_length": max_length} | tokenize
     return validate(raw)
 
 
-def encoded(records, params, tokenizer):
-    fmt = chat_format.decide(tokenizer, template_recipe(params.tokenize.template), params.tokenize.template, [])
-    return tokenize_records(records, params, tokenizer, fmt)
-
-
-def test_alpaca_input_and_history_become_turns():
-    record = {"instruction": "介绍", "input": "北京", "output": "首都。", "history": [["你好", "你好！"]], "system": "S"}
-    assert from_alpaca(record, 0).messages() == [
-        {"role": "system", "content": "S"}, {"role": "user", "content": "你好"},
-        {"role": "assistant", "content": "你好！"}, {"role": "user", "content": "介绍\n北京"},
-        {"role": "assistant", "content": "首都。"},
-    ]  # fmt: skip
-
-def test_messages_and_sharegpt_records_parse_alike():
-    openai = {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "q1"},
-                           {"role": "assistant", "content": "a1"}, {"role": "user", "content": "q2"},
-                           {"role": "assistant", "content": "a2"}]}
-    sharegpt = {"conversations": [{"from": "system", "value": "S"}, {"from": "human", "value": "q1"},
-                                  {"from": "gpt", "value": "a1"}, {"from": "human", "value": "q2"},
-                                  {"from": "gpt", "value": "a2"}]}
-    assert from_messages(openai, 0) == from_messages(sharegpt, 0) == Dialogue("q2", "a2", [("q1", "a1")], "S")
-
-
-@pytest.mark.parametrize("record, message", [
-    ({"messages": [{"role": "user", "content": "q"}]}, "end with assistant"),
-    ({"messages": [{"role": "robot", "content": "q"}]}, "unknown role 'robot'"),
-    ({}, "non-empty 'messages'"),
-])
-def test_bad_message_records_are_named(record, message):
-    with pytest.raises(RecordError, match=message):
-        from_messages(record, 7)
-
-
-def test_alpaca_record_without_output_is_named():
-    with pytest.raises(RecordError, match="record 3: 'output' must be a string"):
-        from_alpaca({"instruction": "x"}, 3)
+def encoded(records, params, tokenizer, fmt: str = "alpaca"):
+    name = params.tokenize.template or "raw"
+    chat = chat_format.decide(tokenizer, template_recipe(name), name, [])
+    return encode_conversations(conversations(records, fmt), params, tokenizer, chat)
 
 
 def test_truncation_keeps_masks_aligned(tiny_tokenizer):
     params = params_with("chatml", max_length=24)
     records = [{"instruction": "Translate into Chinese. " * 3, "input": "red cat", "output": "红色的猫"}]
     enc = encoded(records, params, tiny_tokenizer)
-    assert enc["truncated"] == 1
+    assert enc["truncated"] == [True] and enc["answer_cut"] == [True]
     assert len(enc["input_ids"][0]) == len(enc["assistant_masks"][0]) == 24
 
 
@@ -88,46 +59,92 @@ def test_trl_collator_pads_labels_with_ignore_index(tiny_tokenizer):
 
 
 def test_prompt_completion_text_is_used_as_is(tiny_tokenizer):
-    params = params_with(None, fmt="prompt_completion")
-    fmt = chat_format.decide(tiny_tokenizer, template_recipe("raw"), "raw", [])
-    out = tokenize_records([{"prompt": "red cat =", "completion": " 红色的猫"}], params, tiny_tokenizer, fmt)
+    out = encoded([{"prompt": "red cat =", "completion": " 红色的猫"}], params_with(None), tiny_tokenizer,
+                  "prompt_completion")  # fmt: skip
     ids, n = out["input_ids"][0], out["prompt_length"][0]
     assert tiny_tokenizer.decode(ids[:n]) == "red cat ="
     assert tiny_tokenizer.decode(ids[n:]) == " 红色的猫<|im_end|>"
 
 
 def test_prompt_completion_with_a_template_is_refused():
-    from stages.lib.errors import UserError
     from stages.tokenize import template_name
 
-    with pytest.raises(UserError, match="tokenize.template 'chatml': data.format prompt_completion"):
-        template_name(params_with("chatml", fmt="prompt_completion"))
+    with pytest.raises(UserError, match="tokenize.template 'chatml': prompt_completion sources are text used as is"):
+        template_name(params_with("chatml"), "prompt_completion")
 
 
-@pytest.mark.parametrize("template", ["seed", "chatml", "chatglm2"])
-@pytest.mark.parametrize("answer", ["", "   "])
-def test_an_empty_answer_trains_only_its_end(template, answer, tiny_tokenizer):
-    params = params_with(template)
-    fmt = chat_format.decide(tiny_tokenizer, template_recipe(template), template, [])
-    enc = tokenize_records([{"instruction": "red cat", "output": answer}], params, tiny_tokenizer, fmt)
-    ids, mask, n = enc["input_ids"][0], enc["assistant_masks"][0], enc["prompt_length"][0]
-    prompt = tiny_tokenizer.apply_chat_template(enc["messages"][0][:-1], chat_template=fmt.chat_template,
-                                                add_generation_prompt=True, tokenize=False)  # fmt: skip
-    assert ids[:n] == tiny_tokenizer(prompt, add_special_tokens=False)["input_ids"]  # the whole prompt, as served
-    assert mask[:n] == [0] * n and mask[-1] == 1 and ids[-1] == tiny_tokenizer.eos_token_id
+@pytest.fixture
+def project(tmp_path, tiny_tokenizer, monkeypatch):
+    """A folder with params.yaml, recipes and models/base (the tiny tokenizer), as the tokenize stage sees it."""
+    (tmp_path / "recipes").symlink_to(ROOT / "recipes")
+    tiny_tokenizer.save_pretrained(tmp_path / "models" / "base")
+    monkeypatch.chdir(tmp_path)
+
+    def params(**tokenize):
+        raw = default_params()
+        raw["tokenize"] |= tokenize
+        (tmp_path / "params.yaml").write_text(json.dumps(raw))
+
+    return params
 
 
-def test_a_row_cut_inside_its_last_prompt_trains_but_is_never_validated(tiny_tokenizer):
-    from stages.tokenize import build_splits
+def run_tokenize(capsys) -> tuple[str, dict]:
+    from stages import tokenize
 
+    tokenize.main()
+    return capsys.readouterr().out, json.loads(open("metrics/tokenize.json").read())
+
+
+def test_a_row_cut_inside_its_last_prompt_trains_but_is_never_validated(project, tiny_tokenizer, tmp_path, capsys):
     long = {"instruction": "red cat", "output": "红色的猫", "history": [["blue dog " * 4, "蓝色的狗"]] * 3}
-    records = [long] * 6 + toy_zh_en(4)[:14]
     full = encoded([long], params_with("chatml"), tiny_tokenizer)
     cut = full["prompt_length"][0] - 2  # inside the last prompt, after the earlier answers
-    raw = default_params()
-    raw["tokenize"] |= {"template": "chatml", "max_length": cut, "validation_fraction": 0.5}
-    params = validate(raw)
-    enc = encoded(records, params, tiny_tokenizer)
-    splits, summary = build_splits(records, enc, params)
-    assert summary["last_prompt_truncated"] == 6 and summary["train_records"] == 10  # the 6 cut rows train
-    assert all(r["prompt_length"] < len(r["input_ids"]) for r in splits["validation"])
+    project(template="chatml", max_length=cut)
+    short = conversations(toy_zh_en(4)[:14])
+    write_raw(tmp_path, short[:8], conversations([long]) * 3 + short[8:])
+    _, summary = run_tokenize(capsys)
+    assert summary["validation_moved_to_train"] == 3 and summary["train_records"] == 11  # the 3 cut rows train
+    from datasets import load_from_disk
+
+    validation = load_from_disk("data/tokenized")["validation"]
+    assert len(validation) == 6 and all(r["prompt_length"] < len(r["input_ids"]) for r in validation)
+
+
+def test_when_truncation_leaves_no_answer_the_error_says_why(project, tmp_path, capsys):
+    project(template="chatml", max_length=8)
+    rows = conversations(toy_zh_en(0)[:10])
+    write_raw(tmp_path, rows[:8], rows[8:])
+    os.makedirs("data/tokenized/old", exist_ok=True)
+    with pytest.raises(UserError, match=r"all 10 records of data/raw lost their whole answer to tokenize.max_length "
+                                        r"\(8 tokens\): their prompts fill it; raise tokenize.max_length"):  # fmt: skip
+        run_tokenize(capsys)
+    assert os.path.isdir("data/tokenized/old")  # the last good output stays
+
+
+def test_cut_answers_are_counted_and_warned_about(project, tmp_path, capsys):
+    project(template="chatml", max_length=26)
+    rows = conversations([{"instruction": "Translate.", "input": "red cat", "output": "红色的猫 " * 5}] * 3 +
+                         toy_zh_en(0)[:20])  # fmt: skip
+    write_raw(tmp_path, rows[:18], rows[18:])
+    out, summary = run_tokenize(capsys)
+    assert summary["answer_cut"] >= 3 and summary["truncated"] >= summary["answer_cut"]
+    assert "of the records lose part of their answer to tokenize.max_length 26" in out
+
+
+def test_a_template_the_tokenizer_cannot_write_is_refused_unless_allowed(project, tmp_path, capsys):
+    """A SentencePiece tokenizer (ChatGLM2's kind) without ChatML's markers: '|' would be <unk>."""
+    import shutil
+
+    import tokenizer_kinds as kinds
+
+    shutil.rmtree(tmp_path / "models" / "base")
+    kinds.build("chatglm2", tmp_path / "tok").save_pretrained(tmp_path / "models" / "base")
+    rows = conversations([{"instruction": "red cat", "output": "红色的猫"}] * 4 + toy_zh_en(0)[:8])
+    write_raw(tmp_path, rows[:9], rows[9:])
+    project(template="chatml")
+    with pytest.raises(UserError, match=r"template 'chatml': the tokenizer in models/base has no tokens for "
+                                        r"'<\|im_start\|>system'.*tokenize.unknown_markers: true"):  # fmt: skip
+        run_tokenize(capsys)
+    project(template="chatml", unknown_markers=True)
+    out, summary = run_tokenize(capsys)
+    assert summary["unk_tokens"] > 0.01 * summary["tokens"] and "of the tokens are <unk>" in out

@@ -103,7 +103,7 @@ def test_the_trainer_trains_exactly_the_answers(kind, template, packing, token_m
         pytest.skip("../shared/data is absent")
     monkeypatch.chdir(tmp_path)
     make_project(tmp_path, kind, template, packing=packing, token_metrics=token_metrics)
-    from stages.lib.params import load_params
+    from stages.lib.core.params import load_params
     from stages.train import build_trainer
 
     trainer = build_trainer(load_params(), tmp_path / "out", [])

@@ -1,4 +1,4 @@
-"""ZeRO-3 frees gathered frozen weights right after their use (real DeepSpeed on the CPU, stages/lib/zero3_release.py).
+"""ZeRO-3 frees gathered frozen weights right after their use (real DeepSpeed on the CPU, stages/lib/train/zero3_release.py).
 
 Each case runs tests/zero3_release_probe.py in its own process: a 4-layer Llama with LoRA on q/v (all else frozen),
 reentrant checkpointing, TRL's fused LM head, two ZeRO-3 steps. At the end of each layer's backward it records the

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from conftest import SHARED_DATA
 
-from stages.lib.toy_task import toy_zh_en
+from stages.lib.data.toy_task import toy_zh_en
 
 # A Llama-2-like format written for these tests: BOS from the template, answers closed by EOS.
 LLAMA_STYLE = (

@@ -4,7 +4,7 @@ Run by tests/test_zero3_release.py in its own process (DeepSpeed sets up a proce
     python tests/zero3_release_probe.py around_call|inside_forward fix|nofix [offload]
 `around_call` runs the reentrant checkpoint around each decoder layer's __call__, as transformers 5.17 does;
 `inside_forward` leaves checkpointing to the installed transformers. The loss goes through TRL's fused LM head,
-as in the train stage. `fix` installs stages/lib/zero3_release.py; `offload` puts parameters and optimizer
+as in the train stage. `fix` installs stages/lib/train/zero3_release.py; `offload` puts parameters and optimizer
 states in CPU memory, as the seed's recipe does. Output: one JSON line.
 """
 
@@ -29,7 +29,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.integrations import HfDeepSpeedConfig
 from trl.trainer.utils import add_fused_lm_head
 
-from stages.lib.zero3_release import head_gathers_per_use, layers_own_their_recompute
+from stages.lib.train.zero3_release import head_gathers_per_use, layers_own_their_recompute
 
 LAYERS = 4
 

@@ -19,8 +19,8 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..errors import UserError
-from ..recipes import TemplateRecipe
+from ..core.errors import UserError
+from ..core.recipes import TemplateRecipe
 
 PROBE = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]
 FORMAT_FILE = "chat_format.json"  # beside the saved tokenizer

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UserError
-from ..outputs import sha256_file
-from ..params import DataParams
+from ..core.errors import UserError
+from ..core.outputs import sha256_file
+from ..core.params import DataParams
 from .normalize import DROP_REASONS, Normalizer
 from .sources import label, open_source
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 import hashlib
 import json
 
-from ..errors import UserError
-from ..params import FORMAT_FIELDS, DataSource
+from ..core.errors import UserError
+from ..core.params import FORMAT_FIELDS, DataSource
 
 DEFAULT_ROLES = {
     "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system",

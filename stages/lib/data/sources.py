@@ -6,7 +6,7 @@ import hashlib
 import urllib.request
 from pathlib import Path
 
-from ..params import BuiltinSource, DataSource, HubSource, LocalSource, ParamsError, UrlSource
+from ..core.params import BuiltinSource, DataSource, HubSource, LocalSource, ParamsError, UrlSource
 from .read import SourceError, read_table
 from .toy_task import BUILTIN
 

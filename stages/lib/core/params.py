@@ -175,7 +175,7 @@ class TrainParams(Strict):
     packed_length: Annotated[int, Field(ge=8)] | None = None  # tokens per packed row; null: tokenize.max_length
     gradient_checkpointing: bool = False
     reentrant_checkpointing: bool | None = None  # null: reentrant under ZeRO-3 only
-    # varlen: packed rows attend per sample in torch's flash kernel (stages/lib/varlen_attention.py); needs packing
+    # varlen: packed rows attend per sample in torch's flash kernel (stages/lib/train/varlen_attention.py); needs packing
     attn_implementation: Literal[
         "sdpa", "varlen", "eager", "flex_attention", "flash_attention_2", "flash_attention_3"
     ] = "sdpa"

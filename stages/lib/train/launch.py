@@ -12,8 +12,8 @@ import shlex
 import subprocess
 import sys
 
-from .errors import UserError
-from .params import Params
+from ..core.errors import UserError
+from ..core.params import Params
 
 STAGE_MODULE = "stages.train"
 

@@ -1,0 +1,1 @@
+"""What every stage shares: the params schema, recipes, user errors and atomic outputs."""
