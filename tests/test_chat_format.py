@@ -20,7 +20,7 @@ from stages.lib.core.params import validate
 from stages.lib.core.recipes import template_recipe
 from stages.lib.eval.scores import exact_match
 from stages.lib.data.toy_task import toy_zh_en
-from stages.tokenize import tokenize_records
+from stages.tokenize import encode_conversations
 
 TEMPLATES = ["chatml", "seed", "chatglm2", "raw", "tokenizer"]
 
@@ -39,12 +39,16 @@ def tokenizers(tmp_path_factory):
     return get
 
 
-def params_for(template: str, fmt: str = "messages", turns: str = "all", max_length: int = 512):
+def params_for(template: str, turns: str = "all", max_length: int = 512):
     raw = default_params()
     raw["tokenize"] |= {"template": None if template == "raw" else template, "max_length": max_length,
                         "assistant_turns": turns}  # fmt: skip
-    raw["data"]["format"] = fmt
     return validate(raw)
+
+
+def prompt_completion(records: list[dict]) -> list[list[dict]]:
+    """prompt_completion text as the download stage writes it: the prompt as the user's turn, as is."""
+    return [[{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}] for r in records]
 
 
 def tokenized(tokenizer, template: str, folder: Path, turns: str = "all"):
@@ -55,13 +59,10 @@ def tokenized(tokenizer, template: str, folder: Path, turns: str = "all"):
         rows = [r for r in rows if len(r["messages"]) == 2]
         for r in rows:  # prompt_completion text carries its own separator, here a newline
             r["messages"][0]["content"] += "\n"
-        data = [{"prompt": r["messages"][0]["content"], "completion": r["messages"][1]["content"]} for r in rows]
-        params = params_for(template, fmt="prompt_completion")
-    else:
-        data, params = rows, params_for(template, turns=turns)
+    params = params_for(template, turns=turns)
     tokenizer = chat_format.reload(tokenizer, folder)
     fmt = chat_format.decide(tokenizer, template_recipe(template), template, [])
-    enc = tokenize_records(data, params, tokenizer, fmt)
+    enc = encode_conversations([r["messages"] for r in rows], params, tokenizer, fmt)
     chat_format.save(tokenizer, fmt, folder)
     return rows, fmt, enc
 
@@ -105,7 +106,7 @@ def test_one_format_from_tokenize_to_serving(kind, template, tokenizers, tmp_pat
         assert server_prompt_ids(saved, row["messages"][:-1]) == ids[:n_prompt]
         # the trained target, decoded as eval (and a server) decodes, is the reference: exact match 1
         assert exact_match(answer_text(saved, ids[n_prompt:], fmt.stop_ids), kinds.answers(row)[-1]) == 1.0
-    assert enc["prompt_mismatch"] == []
+    assert not any(enc["prompt_mismatch"])
 
 
 def test_only_the_last_answer_is_trained_when_asked(tokenizers, tmp_path):
@@ -177,7 +178,8 @@ def test_system_text_on_a_template_without_one_names_the_record(tokenizers):
     tokenizer = tokenizers("bpe")
     fmt = chat_format.decide(tokenizer, template_recipe("chatglm2"), "chatglm2", [])
     with pytest.raises(UserError, match="record 18: .*template 'chatglm2' has no system format"):
-        tokenize_records(kinds.records(with_system=True), params_for("chatglm2"), tokenizer, fmt)
+        encode_conversations([r["messages"] for r in kinds.records(with_system=True)], params_for("chatglm2"),
+                             tokenizer, fmt)  # fmt: skip
 
 
 def test_the_word_sop_stays_text_for_chatglm2(tokenizers):
@@ -204,7 +206,7 @@ def test_a_prompt_that_ends_inside_a_token_is_reported(tokenizers, tmp_path):
     tokenizer.chat_template = kinds.LLAMA_STYLE + "{% if add_generation_prompt %}{{ ' ' }}{% endif %}"
     rows, _, enc = tokenized(tokenizer, "tokenizer", tmp_path)  # '[/INST] ' + 'white' is '[/INST]' + '▁white'
     blank = [k for k, r in enumerate(rows) if not kinds.answers(r)[-1].strip()]  # nothing to join the space to
-    assert enc["prompt_mismatch"] == [k for k in range(len(rows)) if k not in blank]
+    assert [k for k, m in enumerate(enc["prompt_mismatch"]) if m] == [k for k in range(len(rows)) if k not in blank]
 
 
 def test_a_template_that_rewrites_earlier_turns_names_the_record(tokenizers, tmp_path):
@@ -217,7 +219,7 @@ def test_a_template_that_rewrites_earlier_turns_names_the_record(tokenizers, tmp
     with pytest.raises(UserError, match="record 14: .*turn 1 differently.*assistant_turns: last"):
         tokenized(tokenizer, "tokenizer", tmp_path)
     rows, _, enc = tokenized(tokenizer, "tokenizer", tmp_path, turns="last")
-    assert enc["prompt_mismatch"] == []
+    assert not any(enc["prompt_mismatch"])
 
 
 def test_a_token_across_the_prompt_boundary_is_split_as_a_server_splits_it(tokenizers, tmp_path):
@@ -228,7 +230,7 @@ def test_a_token_across_the_prompt_boundary_is_split_as_a_server_splits_it(token
     quoted = next(k for k, r in enumerate(rows) if kinds.answers(r)[-1].startswith('"'))
     ids, n = enc["input_ids"][quoted], enc["prompt_length"][quoted]
     assert tokenizer.decode(ids[n:]).startswith('"red cat"')  # the quote is trained, as the answer's first token
-    assert enc["prompt_repaired"] >= 1 and enc["prompt_mismatch"] == []
+    assert sum(enc["prompt_repaired"]) >= 1 and not any(enc["prompt_mismatch"])
 
 
 def test_a_plain_word_end_marker_is_not_a_stop_token(tokenizers):
@@ -242,19 +244,24 @@ def test_a_plain_word_end_marker_is_not_a_stop_token(tokenizers):
 
 
 def test_prompts_ending_in_a_space_train_the_whole_answer_and_are_not_validated(tokenizers, tmp_path):
+    from datasets import Dataset
+
     from stages.tokenize import build_splits
 
     tokenizer = chat_format.reload(tokenizers("sp_bos"), tmp_path)  # SentencePiece: ' red' is one token '▁red'
     records = [{"prompt": f"Q: {r['input']}\nA: ", "completion": r["output"]} for r in toy_zh_en(5)[:20]
                if r["output"].isascii()]  # fmt: skip
-    params = params_for("raw", fmt="prompt_completion")
+    params = params_for("raw")
     fmt = chat_format.decide(tokenizer, template_recipe("raw"), "raw", [])
-    enc = tokenize_records(records, params, tokenizer, fmt)
-    assert enc["prompt_mismatch"] == list(range(len(records)))  # '▁' + 'red' vs '▁red': counted
+    enc = encode_conversations(prompt_completion(records), params, tokenizer, fmt)
+    assert all(enc["prompt_mismatch"])  # '▁' + 'red' vs '▁red': counted
     for record, ids, mask in zip(records, enc["input_ids"], enc["assistant_masks"]):
         assert [tokenizer.decode(r, skip_special_tokens=True).strip() for r in runs(ids, mask)] == [record["completion"]]
     records += [{"prompt": f"Q: {r['input']}\nA:\n", "completion": r["output"]} for r in toy_zh_en(6)[:20]]
-    enc = tokenize_records(records, params, tokenizer, fmt)
-    splits, summary = build_splits(records, enc, params)
-    assert summary["prompt_mismatch"] > 0 and all(p.endswith("A:\n") for p in
-                                                  (m[0]["content"] for m in splits["validation"]["messages"]))
+    conversations = prompt_completion(records)
+    enc = encode_conversations(conversations, params, tokenizer, fmt)
+    rows = Dataset.from_dict(enc | {"messages": conversations, "reference": [r["completion"] for r in records]})
+    train, validation, summary = build_splits(rows.select(range(0)), rows)  # all offered for validation
+    assert summary["prompt_mismatch"] > 0 and summary["validation_moved_to_train"] == summary["prompt_mismatch"]
+    assert len(train) == summary["prompt_mismatch"]
+    assert all(m[0]["content"].endswith("A:\n") for m in validation["messages"])

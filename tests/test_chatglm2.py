@@ -162,8 +162,8 @@ def test_a_tiny_chatglm2_checkpoint_runs_the_whole_pipeline(sp_model, tmp_path):
     from datasets import load_from_disk
 
     repo = clone(tmp_path / "repo")
-    checkpoint = write_chatglm2_checkpoint(tmp_path / "chatglm2-tiny", sp_model)
-    edit_params(repo, **{"model.recipe": "chatglm2-6b", "model.path": str(checkpoint), "train.dtype": "float32",
+    write_chatglm2_checkpoint(repo / "models" / "sources" / "chatglm2-tiny", sp_model)
+    edit_params(repo, **{"model.recipe": "chatglm2-6b", "model.path": "models/sources/chatglm2-tiny", "train.dtype": "float32",
                          "train.epochs": 3, "eval.max_samples": 8, "eval.max_new_tokens": 8,
                          "merge.chatglm2_layout": True})  # fmt: skip
     dvc("repro", cwd=repo)

@@ -50,9 +50,9 @@ def test_a_misspelt_key_is_named_with_a_suggestion(bad, right):
 
 
 def test_a_misspelt_key_inside_a_tagged_source_gets_a_suggestion():
-    message = error_of(with_change("data.source", {"kind": "local", "pth": "x.json"}))
-    assert "unknown key 'data.source.pth'; did you mean 'data.source.path'" in message
-    assert "missing required key 'data.source.path'" in message
+    message = error_of(with_change("data.sources", [{"kind": "builtin"}, {"kind": "local", "pth": "x.json"}]))
+    assert "unknown key 'data.sources.1.pth'; did you mean 'data.sources.1.path'" in message
+    assert "missing required key 'data.sources.1.path'" in message
 
 
 @pytest.mark.parametrize(
@@ -61,10 +61,13 @@ def test_a_misspelt_key_inside_a_tagged_source_gets_a_suggestion():
         ("train.learning_rate", -1, "'train.learning_rate'"),
         ("train.lora.r", "eight", "'train.lora.r'"),
         ("train.method", "qlor", "'train.method'"),
-        ("tokenize.validation_fraction", 1.5, "'tokenize.validation_fraction'"),
-        ("data.source", {"kind": "url", "url": "https://x/y.json"}, "missing required key 'data.source.sha256'"),
-        ("data.source", {"kind": "url", "url": "ftp://x", "sha256": "0" * 64}, "'data.source.url'"),
-        ("data.source", {"kind": "hub", "repo": "a/b"}, "missing required key 'data.source.revision'"),
+        ("data.validation_fraction", 1.5, "'data.validation_fraction'"),
+        ("data.sources", [{"kind": "url", "url": "https://x/y.json"}], "missing required key 'data.sources.0.sha256'"),
+        ("data.sources", [{"kind": "url", "url": "ftp://x", "sha256": "0" * 64}], "'data.sources.0.url'"),
+        ("data.sources", [{"kind": "hub", "repo": "a/b"}], "missing required key 'data.sources.0.revision'"),
+        ("data.sources", [{"kind": "hub", "repo": "a/b", "revision": "main"}], "'data.sources.0.revision'"),
+        ("data.sources", [{"kind": "builtin", "weight": 0}], "'data.sources.0.weight'"),
+        ("data.sources", [], "'data.sources'"),
     ],
 )
 def test_types_and_ranges_name_the_key(path, value, expected):

@@ -148,29 +148,50 @@ def test_two_fresh_runs_give_identical_data_hashes(repo, tmp_path):
 
 
 @pytest.mark.shared_data
-def test_pipeline_on_alpaca_zh_with_the_qwen2_tokenizer(shared_data, tmp_path):
-    """The real Chinese alpaca set and Qwen2's tokenizer through every stage, with a tiny random Qwen2."""
+def test_a_belle_style_mixture_with_the_qwen2_tokenizer(shared_data, tmp_path):
+    """Real Chinese alpaca records exported BELLE-style (question/std_answer, JSON Lines in a file named .json) mixed
+    with a ShareGPT set that carries a top-level system prompt, mapped by params alone, through every stage with a
+    tiny random Qwen2 on the real Qwen2 tokenizer (model.tokenizer)."""
+    import shutil
+
     repo = clone(tmp_path / "zh")
+    records = json.loads((shared_data / "instruct" / "alpaca_zh_demo.json").read_text())[:200]
+    belle = "".join(json.dumps({"question": f"{r['instruction']}\n{r['input']}".strip(), "std_answer": r["output"],
+                                "id": i}, ensure_ascii=False) + "\n" for i, r in enumerate(records))  # fmt: skip
+    (repo / "data" / "sources" / "belle.json").write_text(belle, encoding="utf-8")
+    sharegpt = [{"system": "你是翻译。", "conversations": [{"from": "human", "value": r["instruction"]},
+                                                        {"from": "gpt", "value": r["output"]}]}
+                for r in json.loads((shared_data / "instruct" / "alpaca_en_demo.json").read_text())[:60]]  # fmt: skip
+    (repo / "data" / "sources" / "en.json").write_text(json.dumps(sharegpt, ensure_ascii=False), encoding="utf-8")
+    shutil.copytree(shared_data / "tokenizers" / "qwen2", repo / "models" / "sources" / "qwen2")
     recipe = {
-        "description": "tiny random Qwen2 with the real Qwen2 tokenizer (test only)",
-        "source": {"kind": "config", "model_type": "qwen2", "tokenizer": str(shared_data / "tokenizers" / "qwen2"),
+        "description": "tiny random Qwen2 (test only)",
+        "source": {"kind": "config", "model_type": "qwen2",
                    "config": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
                               "num_attention_heads": 4, "num_key_value_heads": 2, "initializer_range": 0.2,
                               "tie_word_embeddings": True}},
         "template": "chatml",
         "lora_targets": ["q_proj", "k_proj", "v_proj", "o_proj"],
         "dtype": "float32",
-    }
+    }  # fmt: skip
     (repo / "recipes" / "models" / "tiny-qwen2-test.yaml").write_text(yaml.safe_dump(recipe))
     edit_params(repo, **{
-        "data.source": {"kind": "local", "path": str(shared_data / "instruct" / "alpaca_zh_demo.json")},
-        "data.max_records": 200, "model.recipe": "tiny-qwen2-test", "tokenize.max_length": 256,
+        "data.sources": [
+            {"kind": "local", "path": "data/sources/belle.json", "columns": {"instruction": "question", "output": "std_answer"}},
+            {"kind": "local", "path": "data/sources/en.json", "format": "messages", "weight": 0.5},
+        ],
+        "model.recipe": "tiny-qwen2-test", "model.tokenizer": "models/sources/qwen2", "tokenize.max_length": 256,
         "train.max_steps": 12, "train.batch_size": 4, "train.packing": True, "eval.max_samples": 8,
         "eval.max_new_tokens": 8,
-    })
-    dvc("repro", cwd=repo)
+    })  # fmt: skip
+    proc = dvc("repro", cwd=repo)
+    assert "belle: 200 of 200 kept, ignored columns id" in proc.stdout and "en: 60 of 60 kept, weight 0.5" in proc.stdout
     stats = json.loads((repo / "metrics" / "tokenize.json").read_text())
-    assert stats["records"] == 200 and stats["validation_records"] == 20
+    belle_counts, en = stats["sources"]["belle"], stats["sources"]["en"]
+    assert belle_counts["validation"] + en["validation"] == 26  # 10 % of the 260 distinct records
+    assert en["train"] == round((60 - en["validation"]) * 0.5)
+    assert any(line.startswith('{"messages": [{"content": "你是翻译。", "role": "system"}')
+               for line in (repo / "data" / "raw" / "train.jsonl").read_text().splitlines())  # fmt: skip
     train_log = json.loads((repo / "dvclive" / "train" / "metrics.json").read_text())
     assert train_log["step"] == 12
     rows = (repo / "dvclive" / "train" / "plots" / "metrics" / "loss.tsv").read_text().splitlines()[1:]
@@ -185,8 +206,11 @@ def test_pipeline_on_alpaca_zh_with_the_qwen2_tokenizer(shared_data, tmp_path):
 def test_pipeline_on_a_sentencepiece_model_without_a_pad_token(shared_data, tmp_path):
     """stories260K: a real tiny Llama whose SentencePiece tokenizer adds BOS, has no pad token and reads ChatML's
     <|im_end|> as plain text. Every stage runs (eval used to crash on the missing pad), answers end in EOS."""
+    import shutil
+
     repo = clone(tmp_path / "sp")
-    edit_params(repo, **{"model.path": str(shared_data / "models" / "stories260K"), "tokenize.template": "chatml",
+    shutil.copytree(shared_data / "models" / "stories260K", repo / "models" / "sources" / "stories260K")
+    edit_params(repo, **{"model.path": "models/sources/stories260K", "tokenize.template": "chatml",
                          "train.max_steps": 30, "train.learning_rate": 0.01, "eval.max_samples": 8,
                          "eval.max_new_tokens": 8})  # fmt: skip
     proc = dvc("repro", cwd=repo)

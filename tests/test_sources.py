@@ -1,4 +1,5 @@
-"""Download sources: local files in four formats, a pinned URL (local HTTP server), a Hub model from the cache."""
+"""Download sources: a pinned URL (local HTTP server), a Hub model from the cache, the remote-code opt-in (local
+files and the data layer: tests/test_data.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import pytest
 from conftest import default_params
 
 from stages.lib.core.params import ParamsError, validate
-from stages.lib.data.sources import SourceError, fetch_records, read_records
+from stages.lib.data.read import SourceError
+from stages.lib.data.sources import open_source
 
 RECORDS = [{"instruction": "说你好", "input": "", "output": "你好"}, {"instruction": "Say hi", "input": "x", "output": "hi"}]
 
@@ -34,22 +36,6 @@ def write_all_formats(folder: Path) -> dict[str, Path]:
     return paths
 
 
-def test_local_files_in_every_format_give_the_same_records(tmp_path):
-    for suffix, path in write_all_formats(tmp_path).items():
-        assert read_records(path) == RECORDS, suffix
-
-
-def test_bad_local_files_are_named(tmp_path):
-    with pytest.raises(SourceError, match="does not exist"):
-        read_records(tmp_path / "missing.json")
-    (tmp_path / "data.txt").write_text("x")
-    with pytest.raises(SourceError, match="data.txt: unsupported data file type '.txt'"):
-        read_records(tmp_path / "data.txt")
-    (tmp_path / "obj.json").write_text("{}")
-    with pytest.raises(SourceError, match="expected a JSON array"):
-        read_records(tmp_path / "obj.json")
-
-
 @pytest.fixture
 def http_server(tmp_path):
     handler = functools.partial(SimpleHTTPRequestHandler, directory=str(tmp_path))
@@ -62,7 +48,7 @@ def http_server(tmp_path):
 
 def data_params(source: dict):
     raw = default_params()
-    raw["data"]["source"] = source
+    raw["data"]["sources"] = [source]
     return validate(raw)
 
 
@@ -72,13 +58,12 @@ def test_url_source_checks_the_pinned_sha256(tmp_path, http_server):
     work = tmp_path / "work"
     work.mkdir()
     params = data_params({"kind": "url", "url": f"{http_server}/data.jsonl", "sha256": digest})
-    records, origin = fetch_records(params.data, 0, work)
-    assert records == RECORDS and origin["sha256"] == digest
-    assert not list(work.iterdir())  # the download is not left behind
+    ds, origin = open_source(params.data.sources[0], 0, work)
+    assert ds.to_list() == RECORDS and origin["sha256"] == digest
     wrong = data_params({"kind": "url", "url": f"{http_server}/data.jsonl", "sha256": "0" * 64})
-    with pytest.raises(SourceError, match="data.source.sha256 mismatch"):
-        fetch_records(wrong.data, 0, work)
-    assert not list(work.iterdir())
+    with pytest.raises(SourceError, match="sha256 mismatch"):
+        open_source(wrong.data.sources[0], 0, work)
+    assert not list(work.glob("*.part"))  # a wrong download is not left behind
 
 
 def test_hub_model_comes_from_the_pinned_revision_in_the_cache(tmp_path, monkeypatch):
@@ -103,9 +88,9 @@ def test_hub_model_comes_from_the_pinned_revision_in_the_cache(tmp_path, monkeyp
 
 
 def test_a_recipe_that_needs_remote_code_is_refused_without_opt_in(tmp_path):
-    from stages.download import check_model_route
+    from stages.download import check_inputs
 
     raw = default_params()
     raw["model"] |= {"recipe": "chatglm2-6b", "convert": False}
     with pytest.raises(ParamsError, match="set model.trust_remote_code true"):
-        check_model_route(validate(raw))
+        check_inputs(validate(raw))

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import tokenizer_kinds as kinds
 import yaml
-from conftest import ROOT, SHARED_DATA, default_params
+from conftest import ROOT, SHARED_DATA, default_params, write_raw
 
 
 def make_project(folder: Path, kind: str, template: str | None, **train) -> Path:
@@ -27,13 +27,11 @@ def make_project(folder: Path, kind: str, template: str | None, **train) -> Path
     tokenizer = kinds.build(kind, folder / "tok")
     (folder / "recipes").symlink_to(ROOT / "recipes")
     raw = default_params()
-    raw["data"]["format"] = "messages"
-    raw["tokenize"] |= {"template": template, "validation_fraction": 0.1}
+    raw["tokenize"] |= {"template": template}
     raw["train"] |= {"batch_size": 3, "epochs": 1, "logging_steps": 1} | train
     (folder / "params.yaml").write_text(yaml.safe_dump(raw, allow_unicode=True))
-    (folder / "data" / "raw").mkdir(parents=True)
-    rows = kinds.records(with_system=template in ("chatml", "tokenizer"))
-    (folder / "data" / "raw" / "records.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    rows = [r["messages"] for r in kinds.records(with_system=template in ("chatml", "tokenizer"))]
+    write_raw(folder, rows[2:], rows[:2])
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=1, initializer_range=0.2)  # fmt: skip

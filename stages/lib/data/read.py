@@ -8,6 +8,7 @@ files must be UTF-8 (a BOM is fine): anything else fails with one line naming th
 from __future__ import annotations
 
 import codecs
+import csv
 from pathlib import Path
 
 from ..core.errors import UserError
@@ -110,8 +111,11 @@ def read_table(path: Path, cache_dir: Path):
         for f in files:
             check_utf8(f)
     if builder == "csv":
-        kwargs = {"sep": "\t" if files[0].suffix.lower() == ".tsv" else ",", "dtype": str, "keep_default_na": False,
-                  "encoding": "utf-8-sig"}  # fmt: skip
+        sep = "\t" if files[0].suffix.lower() == ".tsv" else ","
+        with open(files[0], newline="", encoding="utf-8-sig") as f:
+            header = next(csv.reader(f, delimiter=sep), [])
+        # every cell as its text: pandas would read "007" as 7 and an empty cell as NaN
+        kwargs = {"sep": sep, "converters": {c: str for c in header}, "na_filter": False, "encoding": "utf-8-sig"}
     datasets.logging.set_verbosity_error()  # its own retry messages would precede ours
     datasets.disable_progress_bars()
     try:

@@ -1,0 +1,248 @@
+"""The data layer of the download stage: any layout `datasets` reads, column and role mapping, drops counted by
+reason, errors that name the source, record and field, mixtures, and the split by content."""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from conftest import default_params
+
+from stages.lib.core.errors import UserError
+from stages.lib.core.params import ParamsError, validate
+from stages.lib.data.mix import build_raw, summary_line
+from stages.lib.data.normalize import Normalizer, RecordError
+from stages.lib.data.read import SourceError, read_table
+
+RECORDS = [{"instruction": "说你好", "input": "", "output": "你好"}, {"instruction": "Say hi", "input": "x", "output": "hi"}]
+
+
+def lines(records) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+
+
+def every_layout(folder: Path) -> list[Path]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from datasets import Dataset
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "array.json").write_text(json.dumps(RECORDS, ensure_ascii=False), encoding="utf-8")
+    (folder / "lines.json").write_text(lines(RECORDS), encoding="utf-8")  # what Dataset.to_json("x.json") writes
+    (folder / "array.jsonl").write_text(json.dumps(RECORDS, ensure_ascii=False), encoding="utf-8")
+    (folder / "lines.jsonl").write_bytes(codecs.BOM_UTF8 + lines(RECORDS).encode())
+    for name, sep in (("data.csv", ","), ("data.tsv", "\t")):
+        with open(folder / name, "w", newline="", encoding="utf-8-sig") as f:  # Excel writes a BOM
+            writer = csv.DictWriter(f, fieldnames=list(RECORDS[0]), delimiter=sep)
+            writer.writeheader()
+            writer.writerows(RECORDS)
+    pq.write_table(pa.Table.from_pylist(RECORDS), folder / "data.parquet")
+    Dataset.from_list(RECORDS).to_parquet(str(folder / "ds.parquet"))
+    arrow = folder / "arrow"
+    Dataset.from_list(RECORDS).save_to_disk(str(arrow))
+    shards = folder / "shards"
+    shards.mkdir()
+    for i, r in enumerate(RECORDS):
+        (shards / f"part-{i}.jsonl").write_text(lines([r]), encoding="utf-8")
+    return [*sorted(p for p in folder.iterdir() if p.is_file()), next(arrow.glob("*.arrow")), shards]
+
+
+def test_every_layout_reads_as_the_same_records(tmp_path):
+    for path in every_layout(tmp_path / "in"):
+        assert read_table(path, tmp_path / "cache").to_list() == RECORDS, path.name
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("missing.jsonl", None, r"missing.jsonl does not exist; `dvc exp run --temp/--queue` copies only files tracked "
+                            r"by git or DVC .* `dvc add <file>`"),
+    ("notes.txt", "x", r"notes.txt: unsupported data file type '.txt'"),
+    ("gbk.jsonl", "你好".encode("gbk"), r"gbk.jsonl is not UTF-8 text \(byte 0, line 1\): re-save it as UTF-8, e.g. "
+                                        r"`iconv -f GBK -t UTF-8"),
+    ("utf16.json", "[]".encode("utf-16"), r"utf16.json is UTF-16 text"),
+    ("broken.json", b'{"a": "x"}\n{"a": \n', r"broken.json cannot be read as json: line 2 is not valid JSON"),
+    ("scalar.jsonl", b'{"a": "x"}\n5\n', r"scalar.jsonl cannot be read as json: line 2 is a JSON int, not an object"),
+])  # fmt: skip
+def test_unreadable_files_are_one_line_naming_the_file_and_the_fix(tmp_path, name, content, message):
+    path = tmp_path / name
+    if content is not None:
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(SourceError, match=message) as err:
+        read_table(path, tmp_path / "cache")
+    assert "\n" not in str(err.value)
+
+
+def test_folders_without_data_or_with_mixed_types_are_named(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SourceError, match="data folder .*empty holds no"):
+        read_table(tmp_path / "empty", tmp_path / "cache")
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "a.jsonl").write_text(lines(RECORDS))
+    (mixed / "b.csv").write_text("instruction,output\nx,y\n")
+    with pytest.raises(SourceError, match=r"mixes file types \(.csv, .json\)"):
+        read_table(mixed, tmp_path / "cache")
+
+
+def source(fmt: str = "alpaca", **options):
+    raw = default_params()
+    raw["data"]["sources"] = [{"kind": "local", "path": "data/sources/x.json", "format": fmt, **options}]
+    return validate(raw).data.sources[0]
+
+
+def normalize(records: list[dict], fmt: str = "alpaca", **options) -> dict:
+    columns = sorted({k for r in records for k in r})
+    batch = {c: [r.get(c) for r in records] for c in columns}
+    return Normalizer(source(fmt, **options), "x", columns)(batch, list(range(len(records))))
+
+
+def test_alpaca_fields_become_turns():
+    record = {"instruction": "介绍", "input": "北京", "output": "首都。", "history": [["你好", "你好！"]], "system": "S"}
+    assert normalize([record])["messages"] == [[
+        {"role": "system", "content": "S"}, {"role": "user", "content": "你好"},
+        {"role": "assistant", "content": "你好！"}, {"role": "user", "content": "介绍\n北京"},
+        {"role": "assistant", "content": "首都。"},
+    ]]  # fmt: skip
+
+
+def test_openai_and_sharegpt_layouts_agree_and_keep_the_system_prompt():
+    expected = [{"role": "system", "content": "S"}, {"role": "user", "content": "q1"},
+                {"role": "assistant", "content": "a1"}, {"role": "user", "content": "q2"},
+                {"role": "assistant", "content": "a2"}]  # fmt: skip
+    openai = {"messages": expected}
+    sharegpt = {"conversations": [{"from": "human", "value": "q1"}, {"from": "gpt", "value": "a1"},
+                                  {"from": "human", "value": "q2"}, {"from": "gpt", "value": "a2"}],
+                "system": "S"}  # LLaMA-Factory's ShareGPT: the system prompt is a top-level key
+    assert normalize([openai], "messages")["messages"] == normalize([sharegpt], "messages")["messages"] == [expected]
+
+
+def test_belle_columns_and_custom_message_keys_and_roles_map_by_params():
+    belle = normalize([{"question": "1+1?", "std_answer": "2", "id": 7}], columns={"instruction": "question",
+                      "output": "std_answer"})  # fmt: skip
+    assert belle["messages"] == [[{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"}]]
+    odd = {"dialog": [{"speaker": "customer", "text": "hi"}, {"speaker": "bot", "text": "hello"}]}
+    out = normalize([odd], "messages", columns={"messages": "dialog", "role": "speaker", "content": "text"},
+                    roles={"customer": "user", "bot": "assistant"})  # fmt: skip
+    assert out["messages"] == [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]]
+
+
+def test_records_with_nothing_to_train_are_dropped_with_a_reason():
+    out = normalize([
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]},
+        {"messages": [{"role": "user", "content": "q"}]},
+        {"messages": [{"role": "user", "content": "q"}, {"role": "tool", "content": "{}"}]},
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "tools": "[{}]"},
+        {"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "a"}]},
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+    ], "messages")  # fmt: skip
+    assert out["drop"] == ["empty_answer", "no_answer", "tool_use", "tool_use", "empty_prompt", ""]
+
+
+@pytest.mark.parametrize("record, fmt, options, message", [
+    ({"question": "q", "answer": "a"}, "alpaca", {},
+     r"source x: no column 'instruction' for the alpaca field 'instruction' \(the file has: answer, question\); "
+     r"map yours with columns: \{instruction: <your column>\}"),
+    ({"instruction": "q", "output": 5}, "alpaca", {}, r"source x, record 0: 'output' is a int, not text"),
+    ({"q": "q", "a": None}, "alpaca", {"columns": {"instruction": "q", "output": "a"}},
+     r"source x, record 0: 'a' \(output\) is missing"),
+    ({"messages": [{"role": "robot", "content": "q"}]}, "messages", {},
+     r"record 0: 'messages'\[0\]: unknown role 'robot'; map it with roles: \{robot: user\|assistant\|system\|tool\}"),
+    ({"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"},
+                   {"role": "assistant", "content": "a"}]}, "messages", {}, "turns must alternate user/assistant"),
+    ({"messages": [{"role": "user", "content": [{"type": "image"}]}, {"role": "assistant", "content": "a"}]},
+     "messages", {}, r"\[0\] content is a list, not text \(multimodal parts are not supported\)"),
+    ({"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "q"},
+                   {"role": "assistant", "content": "a"}], "system": "T"}, "messages", {}, "is given twice"),
+])  # fmt: skip
+def test_bad_records_name_the_source_record_and_field(record, fmt, options, message):
+    with pytest.raises(RecordError, match=message):
+        normalize([record], fmt, **options)
+
+
+def test_columns_must_be_fields_of_the_format():
+    with pytest.raises(ParamsError, match=r"columns: 'question' is not a field of format alpaca"):
+        raw = default_params()
+        raw["data"]["sources"] = [{"kind": "builtin", "columns": {"question": "q"}}]
+        validate(raw)
+
+
+def test_moved_keys_say_where_they_went():
+    raw = default_params()
+    raw["data"]["format"] = "alpaca"
+    with pytest.raises(ParamsError, match=r"unknown key 'data.format'; it moved to data.sources.N.format"):
+        validate(raw)
+
+
+def data_params(sources: list[dict], **data):
+    raw = default_params()
+    raw["data"] = {"sources": sources} | data
+    return validate(raw).data
+
+
+def qa(n: int, tag: str) -> list[dict]:
+    return [{"instruction": f"{tag} question {i}", "output": f"{tag} answer {i}"} for i in range(n)]
+
+
+def built(tmp_path: Path, data, seed: int = 1, name: str = "raw") -> tuple[dict, list[dict], list[dict]]:
+    out = tmp_path / name
+    out.mkdir()
+    manifest = build_raw(data, seed, out, tmp_path / "work")
+    read = [[json.loads(x) for x in (out / f"{s}.jsonl").read_text().splitlines()] for s in ("train", "validation")]
+    return manifest, *read
+
+
+def test_a_mixture_weights_caps_counts_and_never_splits_a_record(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    src = tmp_path / "data" / "sources"
+    src.mkdir(parents=True)
+    (src / "big.jsonl").write_text(lines(qa(300, "big")))
+    dup = qa(40, "small") + qa(10, "small")  # ten exact duplicates
+    (src / "small.json").write_text(json.dumps(dup + [{"instruction": "q", "output": ""}]))
+    data = data_params([
+        {"kind": "local", "path": "data/sources/big.jsonl", "max_records": 200, "weight": 0.5},
+        {"kind": "local", "path": "data/sources/small.json", "weight": 2},
+    ], validation_fraction=0.1)
+    manifest, train, validation = built(tmp_path, data)
+    big, small = manifest["sources"]["big"], manifest["sources"]["small"]
+    assert (big["read"], big["taken"], big["kept"]) == (300, 200, 200)
+    assert small["dropped"]["empty_answer"] == 1 and small["kept"] == 50
+    assert big["validation"] + small["validation"] == len(validation) == round(240 * 0.1)  # 240 distinct records
+    assert big["train"] == round((200 - big["validation"]) * 0.5)
+    duplicated = {f"small question {i}" for i in range(10)}  # one copy in validation, neither copy in train
+    held = [v["messages"][0]["content"] for v in validation if v["source"] == "small"]
+    assert small["train"] == 2 * (50 - len(held) - len(duplicated.intersection(held)))
+    assert {json.dumps(r["messages"]) for r in train}.isdisjoint(json.dumps(r["messages"]) for r in validation)
+    assert [r["source"] for r in train[:20]].count("small") not in (0, 20)  # mixed, not one source after another
+    _, train2, validation2 = built(tmp_path, data, name="again")
+    assert (train2, validation2) == (train, validation)  # seeded
+    line = summary_line(manifest)
+    assert "small: 50 of 51 kept, dropped 1 empty_answer, weight 2 ->" in line and "big: 200 of 300 kept" in line
+
+
+def test_nothing_left_names_the_drop_reasons(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "sources").mkdir(parents=True)
+    (tmp_path / "data" / "sources" / "x.jsonl").write_text(lines([{"instruction": "q", "output": ""}] * 3))
+    with pytest.raises(UserError, match="data.sources left no record to train on: dropped 3 empty_answer"):
+        built(tmp_path, data_params([{"kind": "local", "path": "data/sources/x.jsonl"}]))
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("data", {"sources": [{"kind": "local", "path": "/etc/x.json"}]},
+     r"data.sources.0.path /etc/x.json is outside data/sources/, so DVC would never see it change"),
+    ("model", {"recipe": "tiny-llama", "path": "/opt/model"},
+     r"model.path /opt/model is outside models/sources/.*`dvc add models/sources/<name>`"),
+    ("model", {"recipe": "qwen2.5-7b-instruct", "tokenizer": "models/sources"}, r"model.tokenizer is for recipes built"),
+])  # fmt: skip
+def test_local_paths_outside_the_declared_folders_are_refused_before_any_work(key, value, message, monkeypatch):
+    from conftest import ROOT
+
+    from stages.download import check_inputs
+
+    monkeypatch.chdir(ROOT)
+    raw = default_params()
+    raw[key] = value
+    with pytest.raises(UserError, match=message):
+        check_inputs(validate(raw))
