@@ -37,7 +37,8 @@ def main() -> None:
     from stages.lib.chat import format as chat_format
     from stages.lib.core.params import validate
     from stages.lib.core.recipes import template_recipe
-    from stages.tokenize import tokenize_records
+    from stages.lib.data.normalize import Normalizer
+    from stages.tokenize import encode_conversations
 
     disable_progress_bars()
     root = Path(__file__).resolve().parents[1]
@@ -52,8 +53,13 @@ def main() -> None:
              f"### 问题：\n{r['instruction']}\n\n### 回答：\n{r['output']}" for r in records]  # fmt: skip
     tokens = sum(len(ids) for ids in tokenizer(texts)["input_ids"])
 
-    def stage():  # render with the chat template, tokenize, tokenize the prompts again (span bounds + check)
-        tokenize_records(records, params, tokenizer, fmt)
+    columns = ["instruction", "input", "output"]
+    normalizer = Normalizer(params.data.sources[0], "bench", columns)
+
+    def stage():  # records → messages, render with the chat template, tokenize, tokenize the prompts again
+        batch = {c: [r[c] for r in records] for c in columns}
+        conversations = normalizer(batch, list(range(len(records))))["messages"]
+        encode_conversations(conversations, params, tokenizer, fmt)
 
     def ceiling():
         tokenizer(texts)
