@@ -36,12 +36,13 @@ TOPOLOGIES = {"1gpu": (1, 1, 4), "2gpu": (1, 2, 2), "2x1": (2, 1, 2), "2x2": (2,
               "2x4": (2, 4, 1)}  # fmt: skip
 
 
-def base_params(data: Path, steps: int, deepspeed: str) -> dict:
+def base_params(steps: int, deepspeed: str) -> dict:
     return {
         "seed": 42,
-        "data": {"source": {"kind": "local", "path": str(data / "alpaca_zh_demo.json")}, "format": "alpaca"},
-        "model": {"recipe": "bench-qwen2"},
-        "tokenize": {"template": "seed", "max_length": 2048, "validation_fraction": 0.02, "max_validation": 20},
+        "data": {"sources": [{"kind": "local", "path": "data/sources/alpaca_zh_demo.json"}], "validation_fraction": 0.02,
+                 "max_validation": 20},
+        "model": {"recipe": "bench-qwen2", "tokenizer": "models/sources/qwen2"},
+        "tokenize": {"template": "seed", "max_length": 2048},
         "train": {
             "method": "qlora", "dtype": "bfloat16", "learning_rate": 1e-3, "lr_scheduler": "constant",
             "warmup_ratio": 0.0, "max_steps": steps, "batch_size": 1, "packing": True, "logging_steps": 1,
@@ -74,11 +75,14 @@ def prepare(work: Path, data: Path, size: str, steps: int, deepspeed: str) -> Pa
         (base / "stages").symlink_to(ROOT / "stages")
     recipe = {
         "description": f"random Qwen2 {size} (benchmark)",
-        "source": {"kind": "config", "model_type": "qwen2", "config": SIZES[size], "tokenizer": str(data / "qwen2")},
+        "source": {"kind": "config", "model_type": "qwen2", "config": SIZES[size]},
         "template": "seed", "lora_targets": ["q_proj", "k_proj", "v_proj"], "dtype": "bfloat16",
     }  # fmt: skip
     (base / "recipes" / "models" / "bench-qwen2.yaml").write_text(yaml.safe_dump(recipe))
-    (base / "params.yaml").write_text(yaml.safe_dump(base_params(data, steps, deepspeed)))
+    (base / "params.yaml").write_text(yaml.safe_dump(base_params(steps, deepspeed)))
+    (base / "data" / "sources").mkdir(parents=True, exist_ok=True)  # the stages read local inputs from here only
+    shutil.copyfile(data / "alpaca_zh_demo.json", base / "data" / "sources" / "alpaca_zh_demo.json")
+    shutil.copytree(data / "qwen2", base / "models" / "sources" / "qwen2", dirs_exist_ok=True)
     for stage in ("download", "tokenize"):
         t = time.time()
         wait([run([sys.executable, "-m", f"stages.{stage}"], base, base / f"{stage}.log")], [base / f"{stage}.log"], stage)

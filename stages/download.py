@@ -16,7 +16,7 @@ from stages.lib.data.mix import summary_line
 from stages.lib.data.read import data_files
 from stages.lib.data.sources import DATA_SOURCES, MODEL_SOURCES, tracked_path
 from stages.lib.core.errors import run_stage
-from stages.lib.core.outputs import sha256_file, staged_dir, write_json
+from stages.lib.core.outputs import staged_dir, write_json
 from stages.lib.core.params import LocalSource, Params, ParamsError, load_params
 from stages.lib.core.recipes import ConfigModel, HubModel, ModelRecipe, model_recipe
 

@@ -8,7 +8,6 @@ sample with a plain forward pass. Independent of the tokenized columns: the expe
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest

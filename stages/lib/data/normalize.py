@@ -53,8 +53,8 @@ class Normalizer:
                     f"source {label}: no column '{self.col[field]}' for the {self.fmt} field '{field}' (the file has: "
                     f"{found}); map yours with columns: {{{field}: <your column>}} or pick the right format"
                 )
-        self.used = sorted(self.col[f] for f in FORMAT_FIELDS[self.fmt] if f not in ("role", "content") and self.col[f] in self.names)
-        self.ignored = sorted(self.names - set(self.used) - ({"conversations"} if self.fmt == "messages" else set()))
+        used = {self.col[f] for f in FORMAT_FIELDS[self.fmt] if f not in ("role", "content")}  # role/content: per message
+        self.ignored = sorted(self.names - used)  # listed by download: columns no field of the format reads
 
     def where(self, index: int, field: str) -> str:
         name = self.col.get(field, field)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import urllib.request
 from pathlib import Path
 
@@ -21,8 +22,8 @@ def tracked_path(value: str, key: str, root: Path) -> Path:
     dvc.lock could not say which data a run used.
     """
     path = Path(value)
-    try:
-        path.resolve().relative_to(root.resolve())
+    try:  # lexically: a file `dvc add` turned into a link into DVC's cache is still inside
+        Path(os.path.abspath(path)).relative_to(os.path.abspath(root))
     except ValueError:
         raise ParamsError(
             f"{key} {value} is outside {root}/, so DVC would never see it change: copy it there (for a large or "
