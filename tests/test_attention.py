@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from transformers import Qwen2Config, Qwen2ForCausalLM
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from stages.lib import varlen_attention
+from stages.lib.train import varlen_attention
 from stages.lib.core.params import ParamsError, validate
 from test_params import with_change
 
