@@ -181,9 +181,8 @@ def main() -> None:
     # both outputs are replaced together, after both succeeded: a bad model never leaves new data beside old weights
     with staged_dir(RAW_DIR) as raw, staged_dir(BASE_DIR) as base:
         manifest = write_raw(params, raw)
-        print(summary_line(manifest), flush=True)
         write_base(params, raw, base)
-    print("download: base model ready")
+    print(f"{summary_line(manifest)}; base model ready")
 
 
 if __name__ == "__main__":

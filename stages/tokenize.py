@@ -106,7 +106,7 @@ def tokenize_split(name: str, params: Params, tokenizer, fmt, cache: Path):
 
     datasets.disable_progress_bars()
     ds = datasets.load_dataset("json", data_files=str(RAW_DIR / f"{name}.jsonl"), split="train", cache_dir=str(cache))
-    keep = ["messages"] if name == "validation" else []
+    keep = ["source", "messages"] if name == "validation" else ["source"]
     workers = min(os.cpu_count() or 1, 8) if len(ds) >= PARALLEL_FROM else None
     return ds.map(_batch_fn(params, tokenizer, fmt, name == "validation"), batched=True, batch_size=500,
                   remove_columns=[c for c in ds.column_names if c not in keep], new_fingerprint=f"encode-{name}",
@@ -139,6 +139,14 @@ def build_splits(train, validation):
     lengths = kept("length")
     if not len(lengths):
         return new_train, new_val, {"records": 0, "no_answer_left": len(train) + len(validation)}
+    t_source, v_source = _column(train, "source"), _column(validation, "source")
+    per_source = {
+        str(name): {"train": int((t_source[t_keep] == name).sum() + (v_source[moved] == name).sum()),
+                    "validation": int((v_source[servable] == name).sum()),
+                    "no_answer_left": int((t_source[~t_keep] == name).sum() + (v_source[~v_keep] == name).sum())}
+        for name in np.unique(np.concatenate([t_source, v_source]))
+    }  # fmt: skip
+    cut = kept("answer_cut").astype(bool)
     p50, p90, p99 = np.percentile(lengths, [50, 90, 99]).tolist()
     summary = {
         "records": len(lengths),
@@ -150,8 +158,21 @@ def build_splits(train, validation):
         "trained_tokens": int(kept("trained").sum()),
         "unk_tokens": int(kept("unk").sum()),
         "length": {"p50": p50, "p90": p90, "p99": p99, "max": int(lengths.max()), "mean": float(lengths.mean())},
+        "cut_answer_median_length": float(np.median(kept("full_length")[cut])) if cut.any() else 0.0,
+        "per_source": per_source,
     }
     return new_train, new_val, summary | {flag: int(kept(flag).sum()) for flag in FLAGS}
+
+
+def source_counts(manifest: dict, per_source: dict) -> dict:
+    """Per source: download's counts (read, kept, dropped by reason), then the rows tokenize kept of it."""
+    out = {}
+    for name, c in manifest["sources"].items():
+        mine = per_source.get(name, {"train": 0, "validation": 0, "no_answer_left": 0})
+        dropped = c["dropped"] | {"no_answer_left": mine["no_answer_left"]}
+        out[name] = {"read": c["read"], "kept": c["kept"], "dropped": dropped, "train": mine["train"],
+                     "validation": mine["validation"]}  # fmt: skip
+    return out
 
 
 def warnings(summary: dict, params: Params) -> list[str]:
@@ -159,7 +180,8 @@ def warnings(summary: dict, params: Params) -> list[str]:
     out, n, max_length = [], summary["records"], params.tokenize.max_length
     if summary["answer_cut"] > WARN_ANSWERS_CUT * n:
         out.append(f"{summary['answer_cut'] / n:.1%} of the records lose part of their answer to tokenize.max_length "
-                   f"{max_length} (median record {summary['length']['p50']:.0f} tokens before the cut): raise it")
+                   f"{max_length} (those records have a median of {summary['cut_answer_median_length']:.0f} tokens "
+                   "before the cut): raise it")
     if summary["unk_tokens"] > WARN_UNK * summary["tokens"]:
         out.append(f"{summary['unk_tokens'] / summary['tokens']:.1%} of the tokens are <unk>: this tokenizer does not "
                    "cover the data's characters (pick a model whose vocabulary does)")
@@ -207,8 +229,7 @@ def main() -> None:
     summary |= {
         "template": template_name(params, manifest["format"]),
         "stop_tokens": tokenizer.convert_ids_to_tokens(fmt.stop_ids),
-        "sources": {name: {k: c[k] for k in ("read", "kept", "dropped", "train", "validation")}
-                    for name, c in manifest["sources"].items()},  # fmt: skip
+        "sources": source_counts(manifest, summary.pop("per_source")),
     }
     write_json(METRICS, summary)
     for line in warnings(summary, params):

@@ -64,6 +64,9 @@ def test_every_layout_reads_as_the_same_records(tmp_path):
     ("utf16.json", "[]".encode("utf-16"), r"utf16.json is UTF-16 text"),
     ("broken.json", b'{"a": "x"}\n{"a": \n', r"broken.json cannot be read as json: line 2 is not valid JSON"),
     ("scalar.jsonl", b'{"a": "x"}\n5\n', r"scalar.jsonl cannot be read as json: line 2 is a JSON int, not an object"),
+    ("empty.jsonl", b"", r"empty.jsonl cannot be read as json: the file is empty"),
+    ("header.csv", b"instruction,output\n", r"header.csv holds no records"),
+    ("nobom16.json", "[]".encode("utf-16-le"), r"nobom16.json holds NUL bytes: UTF-16 text without a byte-order mark"),
 ])  # fmt: skip
 def test_unreadable_files_are_one_line_naming_the_file_and_the_fix(tmp_path, name, content, message):
     path = tmp_path / name
@@ -84,6 +87,13 @@ def test_folders_without_data_or_with_mixed_types_are_named(tmp_path):
     (mixed / "b.csv").write_text("instruction,output\nx,y\n")
     with pytest.raises(SourceError, match=r"mixes file types \(.csv, .json\)"):
         read_table(mixed, tmp_path / "cache")
+    shapes = tmp_path / "shapes"
+    shapes.mkdir()
+    (shapes / "a.jsonl").write_text(lines(RECORDS))
+    (shapes / "b.jsonl").write_text(lines([r | {"id": 1} for r in RECORDS]))
+    with pytest.raises(SourceError, match=r"the files of .*shapes have different columns \(a.jsonl: instruction, "
+                                          r"input, output; b.jsonl: .*id.*\): give each layout its own source"):  # fmt: skip
+        read_table(shapes, tmp_path / "cache")
 
 
 def source(fmt: str = "alpaca", **options):
@@ -129,6 +139,14 @@ def test_belle_columns_and_custom_message_keys_and_roles_map_by_params():
 
 
 def test_records_with_nothing_to_train_are_dropped_with_a_reason():
+    call = {"role": "assistant", "content": "", "tool_calls": [{"id": "1", "type": "function"}]}
+    out = normalize([
+        {"messages": [{"role": "user", "content": "q"}, call, {"role": "tool", "content": "{}"}]},
+        {"messages": [{"role": "user", "content": "q"}, call]},
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""},
+                      {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]},
+    ], "messages")  # fmt: skip
+    assert out["drop"] == ["tool_use", "tool_use", "empty_answer"]  # a tool call, even as the last turn; an empty middle answer
     out = normalize([
         {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]},
         {"messages": [{"role": "user", "content": "q"}]},
@@ -155,17 +173,32 @@ def test_records_with_nothing_to_train_are_dropped_with_a_reason():
      "messages", {}, r"\[0\] content is a list, not text \(multimodal parts are not supported\)"),
     ({"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "q"},
                    {"role": "assistant", "content": "a"}], "system": "T"}, "messages", {}, "is given twice"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 0}]},
+     "messages", {}, r"\[1\] has weight 0: per-turn weights are not supported"),
+    ({"q": "q", "a": "a"}, "alpaca", {"columns": {"instruction": "q", "output": "a", "input": "context"}},
+     r"source x: columns maps 'input' to 'context', which the file does not have \(it has: a, q\)"),
 ])  # fmt: skip
 def test_bad_records_name_the_source_record_and_field(record, fmt, options, message):
     with pytest.raises(RecordError, match=message):
         normalize([record], fmt, **options)
 
 
-def test_columns_must_be_fields_of_the_format():
-    with pytest.raises(ParamsError, match=r"columns: 'question' is not a field of format alpaca"):
-        raw = default_params()
-        raw["data"]["sources"] = [{"kind": "builtin", "columns": {"question": "q"}}]
+@pytest.mark.parametrize("options, message", [
+    ({"columns": {"question": "q"}}, r"columns: 'question' is not a field of format alpaca"),
+    ({"roles": {"bot": "assistant"}}, r"roles maps role values of messages records; this source's format is alpaca"),
+])  # fmt: skip
+def test_mappings_must_fit_the_format(options, message):
+    raw = default_params()
+    raw["data"]["sources"] = [{"kind": "builtin", **options}]
+    with pytest.raises(ParamsError, match=message):
         validate(raw)
+
+
+def test_unused_message_keys_are_listed():
+    records = [{"messages": [{"role": "user", "content": "q", "name": "ann"}, {"role": "assistant", "content": "a"}]}]
+    fn = Normalizer(source("messages"), "x", ["messages"])
+    fn({"messages": [r["messages"] for r in records]}, [0])
+    assert fn.unused() == ["messages.name"]
 
 
 def test_moved_keys_say_where_they_went():
@@ -215,6 +248,7 @@ def test_a_mixture_weights_caps_counts_and_never_splits_a_record(tmp_path, monke
     assert small["train"] == 2 * (50 - len(held) - len(duplicated.intersection(held)))
     assert {json.dumps(r["messages"]) for r in train}.isdisjoint(json.dumps(r["messages"]) for r in validation)
     assert [r["source"] for r in train[:20]].count("small") not in (0, 20)  # mixed, not one source after another
+    assert [r["source"] for r in validation[:10]].count("small") not in (0, 10)  # eval's first rows mix them too
     _, train2, validation2 = built(tmp_path, data, name="again")
     assert (train2, validation2) == (train, validation)  # seeded
     line = summary_line(manifest)
@@ -235,13 +269,23 @@ def test_nothing_left_names_the_drop_reasons(tmp_path, monkeypatch):
     ("model", {"recipe": "tiny-llama", "path": "/opt/model"},
      r"model.path /opt/model is outside models/sources/.*`dvc add models/sources/<name>`"),
     ("model", {"recipe": "qwen2.5-7b-instruct", "tokenizer": "models/sources"}, r"model.tokenizer is for recipes built"),
+    ("data", {"sources": [{"kind": "local", "path": "data/sources/linked-outside"}]},
+     r"data.sources.0.path: data/sources/linked-outside leads to .*, outside the project; DVC does not follow"),
 ])  # fmt: skip
-def test_local_paths_outside_the_declared_folders_are_refused_before_any_work(key, value, message, monkeypatch):
+def test_local_paths_outside_the_declared_folders_are_refused_before_any_work(key, value, message, monkeypatch, tmp_path):
     from conftest import ROOT
 
     from stages.download import check_inputs
 
-    monkeypatch.chdir(ROOT)
+    project = tmp_path / "project"
+    (project / "data" / "sources").mkdir(parents=True)
+    (project / "models" / "sources").mkdir(parents=True)
+    (project / "recipes").symlink_to(ROOT / "recipes")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "x.jsonl").write_text(lines(RECORDS))
+    (project / "data" / "sources" / "linked-outside").symlink_to(outside)  # DVC hashes neither link nor target
+    monkeypatch.chdir(project)
     raw = default_params()
     raw[key] = value
     with pytest.raises(UserError, match=message):

@@ -55,8 +55,7 @@ def data_params(source: dict):
 def test_url_source_checks_the_pinned_sha256(tmp_path, http_server):
     path = write_all_formats(tmp_path)["jsonl"]
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    work = tmp_path / "work"
-    work.mkdir()
+    work = tmp_path / "work" / "source-0"  # as download passes it: not created yet
     params = data_params({"kind": "url", "url": f"{http_server}/data.jsonl", "sha256": digest})
     ds, origin = open_source(params.data.sources[0], 0, work)
     assert ds.to_list() == RECORDS and origin["sha256"] == digest
@@ -64,6 +63,12 @@ def test_url_source_checks_the_pinned_sha256(tmp_path, http_server):
     with pytest.raises(SourceError, match="sha256 mismatch"):
         open_source(wrong.data.sources[0], 0, work)
     assert not list(work.glob("*.part"))  # a wrong download is not left behind
+    (tmp_path / "export").write_bytes(path.read_bytes())  # a URL without an extension: the type from the content
+    ds, _ = open_source(data_params({"kind": "url", "url": f"{http_server}/export", "sha256": digest}).data.sources[0], 0, work)
+    assert ds.to_list() == RECORDS
+    with pytest.raises(SourceError, match=r"^http://127.0.0.1:\d+/missing.json could not be downloaded: HTTP 404 File not found$"):
+        open_source(data_params({"kind": "url", "url": f"{http_server}/missing.json", "sha256": digest}).data.sources[0], 0,
+                    work)  # fmt: skip
 
 
 def test_hub_model_comes_from_the_pinned_revision_in_the_cache(tmp_path, monkeypatch):

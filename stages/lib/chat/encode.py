@@ -103,15 +103,15 @@ def encode(tokenizer, rendered: list[Rendered], fmt: ChatFormat, max_length: int
     prompt/answer boundary (a byte-level BPE can merge `答：` with the answer's first character), the row becomes
     the prompt's ids + the rest's ids, if that decodes to the same text; otherwise the row is listed in
     `prompt_mismatch`, and the token across the boundary is trained as the answer's first. Per-row flags:
-    `prompt_mismatch`, `prompt_repaired`, `truncated` (cut to max_length tokens) and `answer_cut` (the cut removed
-    trained tokens).
+    `prompt_mismatch`, `prompt_repaired`, `truncated` (cut to max_length tokens), `answer_cut` (the cut removed
+    trained tokens) and `full_length` (tokens before the cut).
     """
     cuts = [[p for span in r.spans for p in span] for r in rendered]  # start and end of every trained span
     whole = tokenizer([r.text for r in rendered], add_special_tokens=False)["input_ids"]
     inner = [r.text[:p] for r, c in zip(rendered, cuts) for p in c if p < len(r.text)]
     heads = iter(tokenizer(inner, add_special_tokens=False)["input_ids"] if inner else [])
     out: dict[str, list] = {k: [] for k in ("input_ids", "assistant_masks", "prompt_length", "truncated",
-                                           "answer_cut", "prompt_mismatch", "prompt_repaired")}  # fmt: skip
+                                           "answer_cut", "prompt_mismatch", "prompt_repaired", "full_length")}  # fmt: skip
     stops = set(fmt.stop_ids)
     for r, ids, c in zip(rendered, whole, cuts):
         prefixes = [next(heads) if p < len(r.text) else ids for p in c]  # the last span ends with the text
@@ -133,7 +133,8 @@ def encode(tokenizer, rendered: list[Rendered], fmt: ChatFormat, max_length: int
             ids, mask = ids + [fmt.eos_id], mask + [1]
         truncated = len(ids) > max_length
         answer_cut = truncated and any(mask[max_length:])
+        full_length = len(ids)
         ids, mask = ids[:max_length], mask[:max_length]
-        for key, value in zip(out, (ids, mask, bounds[-2], truncated, answer_cut, mismatch, repaired)):
+        for key, value in zip(out, (ids, mask, bounds[-2], truncated, answer_cut, mismatch, repaired, full_length)):
             out[key].append(value)
     return out

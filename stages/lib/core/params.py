@@ -47,6 +47,8 @@ class SourceOptions(Strict):
 
     @model_validator(mode="after")
     def _known_columns(self):
+        if self.roles and self.format != "messages":
+            raise ValueError(f"roles maps role values of messages records; this source's format is {self.format}")
         known = FORMAT_FIELDS[self.format]
         unknown = sorted(set(self.columns) - set(known))
         if unknown:

@@ -47,7 +47,7 @@ def normalized(data: DataParams, seed: int, workdir: Path) -> list[tuple[object,
         drops = Counter(ds["drop"])
         kept = ds.filter(lambda d: not d, input_columns="drop", batched=False, new_fingerprint=f"kept-{i}")
         counts = {"origin": origin, "read": read, "taken": len(ds), "kept": len(kept),
-                  "dropped": {r: drops.get(r, 0) for r in DROP_REASONS}, "ignored_columns": fn.ignored}  # fmt: skip
+                  "dropped": {r: drops.get(r, 0) for r in DROP_REASONS}, "ignored_columns": fn.unused()}  # fmt: skip
         out.append((kept.remove_columns("drop"), counts))
     return out
 
@@ -56,9 +56,10 @@ def validation_keys(keys: set[str], data: DataParams, seed: int) -> set[str]:
     """The held-out keys: the `validation_fraction` (at most max_validation) with the lowest seeded hash."""
     n_val = min(data.max_validation, max(1, round(len(keys) * data.validation_fraction)))
     if n_val >= len(keys):
+        fix = "add records" + (" or lower data.validation_fraction" if n_val > 1 else "")
         raise UserError(
             f"data.sources give {len(keys)} distinct usable records: too few to hold out {n_val} for validation "
-            "and train on the rest (add records or lower data.validation_fraction)"
+            f"and train on the rest ({fix})"
         )
     ranked = sorted(keys, key=lambda k: hashlib.sha256(f"{seed}:{k}".encode()).digest())
     return set(ranked[:n_val])
@@ -87,7 +88,10 @@ def build_raw(data: DataParams, seed: int, out: Path, workdir: Path) -> dict:
         reasons = Counter()
         for _, c in parts:
             reasons.update(c["dropped"])
-        raise UserError(f"data.sources left no record to train on: dropped {_describe(reasons)}")
+        raise UserError(
+            f"data.sources left no record to train on: dropped {_describe(reasons)}; check each source's format and "
+            "columns (data.sources.N.columns maps our field names to yours)"
+        )
     keys = set()
     for ds, _ in parts:
         keys.update(ds["key"])
@@ -106,17 +110,18 @@ def build_raw(data: DataParams, seed: int, out: Path, workdir: Path) -> dict:
         counts |= {"validation": len(val_rows), "train": len(picked), "weight": src.weight}
         val_parts.append(ds.select(val_rows))
         train_parts.append(ds.select(picked))
-    train = concatenate_datasets(train_parts)
-    if len(parts) > 1:  # one source keeps its file order
+    train, validation = concatenate_datasets(train_parts), concatenate_datasets(val_parts)
+    if len(parts) > 1:  # one source keeps its file order; eval's first max_samples rows must mix sources too
         train = train.select(np.random.default_rng(seed).permutation(len(train)))
+        validation = validation.select(np.random.default_rng(seed + 1).permutation(len(validation)))
     write_jsonl(train, out / "train.jsonl")
-    write_jsonl(concatenate_datasets(val_parts), out / "validation.jsonl")
+    write_jsonl(validation, out / "validation.jsonl")
     fmt = "prompt_completion" if data.sources[0].format == "prompt_completion" else "chat"
     manifest = {
         "format": fmt,
         "sources": dict(zip(_labels(data), [c for _, c in parts])),
         "train_records": len(train),
-        "validation_records": sum(len(v) for v in val_parts),
+        "validation_records": len(validation),
         "sha256": {name: sha256_file(out / name) for name in ("train.jsonl", "validation.jsonl")},
     }
     return manifest
@@ -135,6 +140,7 @@ def summary_line(manifest: dict) -> str:
         extra = f", dropped {', '.join(f'{n} {r}' for r, n in dropped.items())}" if dropped else ""
         ignored = f", ignored columns {', '.join(c['ignored_columns'])}" if c["ignored_columns"] else ""
         weight = f", weight {c['weight']:g} -> {c['train']} train rows" if c["weight"] != 1 else ""
-        parts.append(f"{name}: {c['kept']} of {c['read']} kept{extra}{weight}{ignored}")
+        taken = f" (the first {c['taken']}: max_records)" if c["taken"] < c["read"] else ""
+        parts.append(f"{name}: {c['kept']} of {c['read']} kept{taken}{extra}{weight}{ignored}")
     return (f"download: {manifest['train_records']} train / {manifest['validation_records']} validation records ("
             + "; ".join(parts) + ")")

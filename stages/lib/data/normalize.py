@@ -26,6 +26,7 @@ DEFAULT_ROLES = {
     "tool": "tool", "function": "tool", "function_call": "tool", "observation": "tool",
 }  # fmt: skip
 DROP_REASONS = ("empty_answer", "empty_prompt", "no_answer", "tool_use")
+TOOL_KEYS = {"tool_calls", "function_call", "tool_call_id"}  # OpenAI's tool use inside a message
 
 
 class RecordError(UserError):
@@ -46,6 +47,12 @@ class Normalizer:
             self.col["messages"] = "conversations"  # ShareGPT
         required = {"alpaca": ("instruction", "output"), "messages": ("messages",),
                     "prompt_completion": ("prompt", "completion")}[self.fmt]  # fmt: skip
+        for field in sorted(set(source.columns) - {"role", "content"}):  # a mapping names a column that must exist
+            if self.col[field] not in self.names:
+                raise RecordError(
+                    f"source {label}: columns maps '{field}' to '{self.col[field]}', which the file does not have "
+                    f"(it has: {', '.join(sorted(self.names))})"
+                )
         for field in required:
             if self.col[field] not in self.names:
                 found = ", ".join(sorted(self.names)) or "none"
@@ -55,6 +62,12 @@ class Normalizer:
                 )
         used = {self.col[f] for f in FORMAT_FIELDS[self.fmt] if f not in ("role", "content")}  # role/content: per message
         self.ignored = sorted(self.names - used)  # listed by download: columns no field of the format reads
+        self.message_keys: set[str] = set()  # every key seen inside messages, to list the unused ones
+
+    def unused(self) -> list[str]:
+        """Columns and message keys (as messages.<key>) that no field reads, after the records went through."""
+        known = {*self.role_keys, *self.content_keys, "weight"} | TOOL_KEYS
+        return self.ignored + sorted(f"{self.col['messages']}.{k}" for k in self.message_keys - known)
 
     def where(self, index: int, field: str) -> str:
         name = self.col.get(field, field)
@@ -114,6 +127,15 @@ class Normalizer:
         turns = []
         for n, m in enumerate(raw):
             m = m if isinstance(m, dict) else {}
+            present = {k for k, v in m.items() if v is not None}  # Arrow fills keys of other messages with None
+            self.message_keys |= present
+            if present & TOOL_KEYS:
+                return [], "tool_use"
+            if m.get("weight") not in (None, 1, 1.0):
+                raise RecordError(
+                    f"{self.where(index, 'messages')}[{n}] has weight {m['weight']!r}: per-turn weights are not "
+                    "supported; remove the turns not to train (or their records), or set tokenize.assistant_turns: last"
+                )
             value = _first(m, self.role_keys)
             role = self.roles.get(value) if isinstance(value, str) else None
             if role is None:
@@ -149,7 +171,8 @@ def _first(m: dict, keys: tuple[str, ...]):
 
 
 def _empty(messages: list[dict]) -> str | None:
-    if not messages[-1]["content"].strip():
+    """An empty answer anywhere would train just its end marker; an empty last prompt has nothing to answer."""
+    if any(not m["content"].strip() for m in messages if m["role"] == "assistant"):
         return "empty_answer"
     if not messages[-2]["content"].strip():
         return "empty_prompt"

@@ -14,6 +14,7 @@ from pathlib import Path
 from ..core.errors import UserError
 
 BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
+SAVED_METADATA = {"dataset_info.json", "state.json", "dataset_dict.json"}
 TRACKED_HINT = (
     "; `dvc exp run --temp/--queue` copies only files tracked by git or DVC into the run: track it with "
     "`dvc add <file>` (or git add) first"
@@ -29,6 +30,8 @@ def data_files(path: Path) -> list[Path]:
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in BUILDERS
                        and not any(part.startswith(".") for part in p.relative_to(path).parts))  # fmt: skip
+        if any(p.suffix == ".arrow" for p in files):  # a Dataset.save_to_disk folder: its JSON files are metadata
+            files = [p for p in files if p.name not in SAVED_METADATA]
         if not files:
             raise SourceError(f"data folder {path} holds no {', '.join(sorted(BUILDERS))} file")
         kinds = {p.suffix.lower().replace(".jsonl", ".json") for p in files}
@@ -50,6 +53,10 @@ def check_utf8(path: Path) -> None:
         head = f.read(2)
         if head in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):
             raise SourceError(f"{path} is UTF-16 text: re-save it as UTF-8 (iconv -f UTF-16 -t UTF-8)")
+        f.seek(0)
+        if b"\x00" in f.read(4096):
+            raise SourceError(f"{path} holds NUL bytes: UTF-16 text without a byte-order mark? Re-save it as UTF-8 "
+                              "(iconv -f UTF-16LE -t UTF-8)")  # fmt: skip
         f.seek(0)
         for chunk in iter(lambda: f.read(1 << 22), b""):
             try:
@@ -75,14 +82,21 @@ def _root_cause(exc: BaseException) -> BaseException:
     return exc
 
 
-def _first_bad_json_line(path: Path) -> str:
-    """For a JSON Lines file that failed to load: the first line that is not one JSON object."""
+def _json_problem(path: Path) -> str:
+    """For a JSON file that failed to load: what is wrong with it as JSON ('' when it parses)."""
     import json
 
     with open(path, encoding="utf-8-sig") as f:
-        first = f.read(1)
-        if first == "[":
-            return "as a JSON array it does not parse"
+        text = f.read(1 << 16)
+        if not text.strip():
+            return "the file is empty"
+        if text.lstrip()[0] == "[":
+            f.seek(0)
+            try:
+                json.load(f)
+            except ValueError as exc:
+                return f"it is not valid JSON ({exc})"
+            return ""
         f.seek(0)
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -94,6 +108,16 @@ def _first_bad_json_line(path: Path) -> str:
             if not isinstance(value, dict):
                 return f"line {n} is a JSON {type(value).__name__}, not an object (one record per line)"
     return ""
+
+
+def _columns(path: Path, builder: str) -> list[str]:
+    """The column names of one file (for a folder whose files disagree)."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True).column_names or []
+    except Exception:
+        return []
 
 
 def read_table(path: Path, cache_dir: Path):
@@ -116,16 +140,31 @@ def read_table(path: Path, cache_dir: Path):
             header = next(csv.reader(f, delimiter=sep), [])
         # every cell as its text: pandas would read "007" as 7 and an empty cell as NaN
         kwargs = {"sep": sep, "converters": {c: str for c in header}, "na_filter": False, "encoding": "utf-8-sig"}
-    datasets.logging.set_verbosity_error()  # its own retry messages would precede ours
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its own retry messages would precede ours
     datasets.disable_progress_bars()
     try:
-        return datasets.load_dataset(
+        ds = datasets.load_dataset(
             builder, data_files=[str(f) for f in files], split="train", cache_dir=str(cache_dir), **kwargs
         )
-    except Exception as exc:  # the builders raise many kinds; the cause's message is the useful part
-        cause = _root_cause(exc)
-        detail = next((d for f in files if builder == "json" and (d := _first_bad_json_line(f))), "")
-        where = files[0] if len(files) == 1 else path
-        raise SourceError(
-            f"{where} cannot be read as {builder}: {detail or f'{type(cause).__name__}: {cause}'}".splitlines()[0]
-        ) from None
+    except Exception as exc:  # the builders raise many kinds; name the file and what is wrong with it
+        raise SourceError(_explain(exc, path, files, builder)) from None
+    if not len(ds):
+        raise SourceError(f"{path} holds no records")
+    return ds
+
+
+def _explain(exc: BaseException, path: Path, files: list[Path], builder: str) -> str:
+    cause = _root_cause(exc)
+    for f in files:
+        problem = _json_problem(f) if builder == "json" else ("the file is empty" if not f.stat().st_size else "")
+        if problem:
+            return f"{f} cannot be read as {builder}: {problem}"
+    if len(files) > 1 and "cast" in str(cause).lower():
+        layouts = {}
+        for f in files:
+            layouts.setdefault(tuple(_columns(f, builder)), f)
+        shown = "; ".join(f"{f.name}: {', '.join(cols) or '?'}" for cols, f in list(layouts.items())[:3])
+        return f"the files of {path} have different columns ({shown}): give each layout its own source"
+    if isinstance(cause, StopIteration) or "corresponds to no data" in str(cause):
+        return f"{path} holds no records"
+    return f"{files[0] if len(files) == 1 else path} cannot be read as {builder}: {type(cause).__name__}: {cause}".splitlines()[0]

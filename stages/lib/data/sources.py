@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import os
 import urllib.request
 from pathlib import Path
 
 from ..core.params import BuiltinSource, DataSource, HubSource, LocalSource, ParamsError, UrlSource
-from .read import SourceError, read_table
+from .read import BUILDERS, SourceError, read_table
 from .toy_task import BUILTIN
 
 DATA_SOURCES = Path("data/sources")  # a dependency of the download stage in dvc.yaml
@@ -29,20 +30,45 @@ def tracked_path(value: str, key: str, root: Path) -> Path:
             f"{key} {value} is outside {root}/, so DVC would never see it change: copy it there (for a large or "
             f"shared one, `dvc add {root}/<name>` after copying) and set {key}: {root}/{path.name}"
         ) from None
+    files = [path, *(path.rglob("*") if path.is_dir() else [])]
+    for f in files:
+        target = f.resolve()
+        inside = target.is_relative_to(Path.cwd().resolve()) or "md5" in target.parts  # DVC's cache (files/md5/..)
+        if not inside:  # the lexical check passed: a link on the way leads out
+            raise ParamsError(
+                f"{key}: {f} leads to {target}, outside the project; DVC does not follow such links, so it would "
+                f"never see that data change: copy it into {root}/ instead (`dvc add` it if large)"
+            )
     return path
 
 
 def download_url(url: str, sha256: str, dest: Path) -> Path:
-    """Stream `url` to `dest`, failing unless its sha256 is the pinned one."""
+    """Stream `url` to `dest`, failing unless its sha256 is the pinned one. A name without a known extension gets
+    one from the content (JSON, Parquet, else CSV is not guessed: SourceError)."""
+    import urllib.error
+
     digest = hashlib.sha256()
+    dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(dest.name + ".part")
-    with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as out:
-        for chunk in iter(lambda: response.read(1 << 20), b""):
-            digest.update(chunk)
-            out.write(chunk)
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as out:
+            for chunk in iter(lambda: response.read(1 << 20), b""):
+                digest.update(chunk)
+                out.write(chunk)
+    except (urllib.error.URLError, OSError) as exc:  # HTTPError is a URLError; timeouts and resets are OSErrors
+        tmp.unlink(missing_ok=True)
+        detail = f"HTTP {exc.code} {exc.reason}" if isinstance(exc, urllib.error.HTTPError) else getattr(exc, "reason", exc)
+        raise SourceError(f"{url} could not be downloaded: {detail}") from None
     if digest.hexdigest() != sha256:
         tmp.unlink()
         raise SourceError(f"sha256 mismatch for {url}: expected {sha256}, got {digest.hexdigest()} (data.sources.N.sha256)")
+    if dest.suffix.lower() not in BUILDERS:
+        head = tmp.read_bytes()[:4096].lstrip(codecs.BOM_UTF8).lstrip()
+        suffix = ".parquet" if head[:4] == b"PAR1" else ".json" if head[:1] in (b"{", b"[") else None
+        if suffix is None:
+            raise SourceError(f"{url}: cannot tell the file type from its name or content; serve it with one of the "
+                              f"extensions {', '.join(sorted(BUILDERS))}")  # fmt: skip
+        dest = dest.with_name(dest.name + suffix)
     tmp.rename(dest)
     return dest
 
