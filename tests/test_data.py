@@ -290,3 +290,14 @@ def test_local_paths_outside_the_declared_folders_are_refused_before_any_work(ke
     raw[key] = value
     with pytest.raises(UserError, match=message):
         check_inputs(validate(raw))
+
+
+def test_a_tokenizer_built_from_data_learns_the_training_split_text_only(tmp_path):
+    from conftest import write_raw
+
+    from stages.download import training_texts
+
+    train = [[{"role": "user", "content": "red cat"}, {"role": "assistant", "content": "红色的猫"}]]
+    validation = [[{"role": "user", "content": "held-out words"}, {"role": "assistant", "content": "保留"}]]
+    write_raw(tmp_path, train, validation)
+    assert list(training_texts(tmp_path / "data" / "raw")) == ["red cat", "红色的猫"]  # no roles, keys or validation
