@@ -66,7 +66,9 @@ def test_every_layout_reads_as_the_same_records(tmp_path):
     ("scalar.jsonl", b'{"a": "x"}\n5\n', r"scalar.jsonl cannot be read as json: line 2 is a JSON int, not an object"),
     ("empty.jsonl", b"", r"empty.jsonl cannot be read as json: the file is empty"),
     ("header.csv", b"instruction,output\n", r"header.csv holds no records"),
-    ("nobom16.json", "[]".encode("utf-16-le"), r"nobom16.json holds NUL bytes: UTF-16 text without a byte-order mark"),
+    ("nobom16.json", "[]".encode("utf-16-le"), r"nobom16.json holds NUL bytes: UTF-16 text without a byte-order mark"
+                                               r"\? Re-save it as UTF-8 \(iconv -f UTF-16LE"),
+    ("be16.json", "[]".encode("utf-16-be"), r"iconv -f UTF-16BE -t UTF-8"),
 ])  # fmt: skip
 def test_unreadable_files_are_one_line_naming_the_file_and_the_fix(tmp_path, name, content, message):
     path = tmp_path / name
@@ -85,7 +87,7 @@ def test_folders_without_data_or_with_mixed_types_are_named(tmp_path):
     mixed.mkdir()
     (mixed / "a.jsonl").write_text(lines(RECORDS))
     (mixed / "b.csv").write_text("instruction,output\nx,y\n")
-    with pytest.raises(SourceError, match=r"mixes file types \(.csv, .json\)"):
+    with pytest.raises(SourceError, match=r"mixes file types \(.csv, .jsonl\)"):
         read_table(mixed, tmp_path / "cache")
     shapes = tmp_path / "shapes"
     shapes.mkdir()
@@ -94,6 +96,18 @@ def test_folders_without_data_or_with_mixed_types_are_named(tmp_path):
     with pytest.raises(SourceError, match=r"the files of .*shapes have different columns \(a.jsonl: instruction, "
                                           r"input, output; b.jsonl: .*id.*\): give each layout its own source"):  # fmt: skip
         read_table(shapes, tmp_path / "cache")
+    nested = tmp_path / "nested"
+    nested.mkdir()
+    (nested / "a.jsonl").write_text(lines([{"instruction": "q", "output": "a", "history": []}]))
+    (nested / "b.jsonl").write_text(lines([{"instruction": "q", "output": "a", "history": [["q", "a"]]}]))
+    with pytest.raises(SourceError, match=r"the files of .*nested disagree on the type of a column"):
+        read_table(nested, tmp_path / "cache")
+    from datasets import Dataset, DatasetDict
+
+    DatasetDict(train=Dataset.from_list(RECORDS), test=Dataset.from_list(RECORDS)).save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(SourceError, match=r"dd is a saved DatasetDict with splits test, train: point the path at one "
+                                          r"split's folder \(.*dd/test\)"):  # fmt: skip
+        read_table(tmp_path / "dd", tmp_path / "cache")
 
 
 def source(fmt: str = "alpaca", **options):
@@ -173,6 +187,10 @@ def test_records_with_nothing_to_train_are_dropped_with_a_reason():
      "messages", {}, r"\[0\] content is a list, not text \(multimodal parts are not supported\)"),
     ({"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "q"},
                    {"role": "assistant", "content": "a"}], "system": "T"}, "messages", {}, "is given twice"),
+    ({"messages": [{"speaker": "user", "content": "q"}]}, "messages", {"columns": {"role": "from"}},
+     r"'messages'\[0\] has no role key \(from; map yours with columns: \{role: <key>\}\)"),
+    ({"messages": [{"role": "user", "text": "q"}]}, "messages", {},
+     r"\[0\] content is missing \(looked for content or value; map yours with columns: \{content: <key>\}\)"),
     ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 0}]},
      "messages", {}, r"\[1\] has weight 0: per-turn weights are not supported"),
     ({"q": "q", "a": "a"}, "alpaca", {"columns": {"instruction": "q", "output": "a", "input": "context"}},
@@ -270,7 +288,9 @@ def test_nothing_left_names_the_drop_reasons(tmp_path, monkeypatch):
      r"model.path /opt/model is outside models/sources/.*`dvc add models/sources/<name>`"),
     ("model", {"recipe": "qwen2.5-7b-instruct", "tokenizer": "models/sources"}, r"model.tokenizer is for recipes built"),
     ("data", {"sources": [{"kind": "local", "path": "data/sources/linked-outside"}]},
-     r"data.sources.0.path: data/sources/linked-outside leads to .*, outside the project; DVC does not follow"),
+     r"data.sources.0.path: data/sources/linked-outside leads to .*, outside data/sources/; DVC does not follow"),
+    ("data", {"sources": [{"kind": "local", "path": "data/sources/linked-within"}]},
+     r"data.sources.0.path: data/sources/linked-within leads to .*project/elsewhere, outside data/sources/"),
 ])  # fmt: skip
 def test_local_paths_outside_the_declared_folders_are_refused_before_any_work(key, value, message, monkeypatch, tmp_path):
     from conftest import ROOT
@@ -285,6 +305,9 @@ def test_local_paths_outside_the_declared_folders_are_refused_before_any_work(ke
     outside.mkdir()
     (outside / "x.jsonl").write_text(lines(RECORDS))
     (project / "data" / "sources" / "linked-outside").symlink_to(outside)  # DVC hashes neither link nor target
+    (project / "elsewhere").mkdir()
+    (project / "elsewhere" / "x.jsonl").write_text(lines(RECORDS))
+    (project / "data" / "sources" / "linked-within").symlink_to(project / "elsewhere")
     monkeypatch.chdir(project)
     raw = default_params()
     raw[key] = value

@@ -74,6 +74,11 @@ def test_types_and_ranges_name_the_key(path, value, expected):
     assert expected in error_of(with_change(path, value))
 
 
+def test_one_problem_is_one_line():
+    assert error_of(with_change("train.lerning_rate", 1)).startswith("params.yaml: unknown key 'train.lerning_rate';")
+    assert "\n" not in error_of(with_change("train.lerning_rate", 1))
+
+
 def test_4bit_storage_dtype_must_equal_compute_dtype():
     params = with_change("train.dtype", "bfloat16")
     params["train"]["quant"]["storage_dtype"] = "float32"

@@ -325,6 +325,8 @@ def validate(raw: Any, source: str = str(PARAMS_FILE)) -> Params:
         return Params.model_validate(raw)
     except ValidationError as exc:
         lines = [_describe(e) for e in exc.errors()]
+        if len(lines) == 1:
+            raise ParamsError(f"{source}: {lines[0]}") from None
         raise ParamsError(f"{source} is not valid:\n  - " + "\n  - ".join(lines)) from None
 
 

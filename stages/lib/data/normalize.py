@@ -127,7 +127,7 @@ class Normalizer:
         turns = []
         for n, m in enumerate(raw):
             m = m if isinstance(m, dict) else {}
-            present = {k for k, v in m.items() if v is not None}  # Arrow fills keys of other messages with None
+            present = {k for k, v in m.items() if v not in (None, [], "")}  # Arrow fills other messages' keys: None
             self.message_keys |= present
             if present & TOOL_KEYS:
                 return [], "tool_use"
@@ -137,6 +137,9 @@ class Normalizer:
                     "supported; remove the turns not to train (or their records), or set tokenize.assistant_turns: last"
                 )
             value = _first(m, self.role_keys)
+            if value is None:
+                raise RecordError(f"{self.where(index, 'messages')}[{n}] has no role key ({' or '.join(self.role_keys)}; "
+                                  "map yours with columns: {role: <key>})")  # fmt: skip
             role = self.roles.get(value) if isinstance(value, str) else None
             if role is None:
                 raise RecordError(
@@ -147,7 +150,8 @@ class Normalizer:
                 return [], "tool_use"
             content = _first(m, self.content_keys)
             if not isinstance(content, str):
-                got = "missing" if content is None else f"a {type(content).__name__}, not text (multimodal parts are not supported)"
+                got = (f"missing (looked for {' or '.join(self.content_keys)}; map yours with columns: {{content: <key>}})"
+                       if content is None else f"a {type(content).__name__}, not text (multimodal parts are not supported)")
                 raise RecordError(f"{self.where(index, 'messages')}[{n}] content is {got}")
             turns.append({"role": role, "content": content})
         system = self.text(self._get(row, "system"), index, "system", required=False)

@@ -30,13 +30,17 @@ def data_files(path: Path) -> list[Path]:
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in BUILDERS
                        and not any(part.startswith(".") for part in p.relative_to(path).parts))  # fmt: skip
+        if (path / "dataset_dict.json").exists():
+            splits = sorted(p.name for p in path.iterdir() if (p / "state.json").exists())
+            raise SourceError(f"{path} is a saved DatasetDict with splits {', '.join(splits)}: point the path at one "
+                              f"split's folder ({path}/{splits[0] if splits else 'train'})")  # fmt: skip
         if any(p.suffix == ".arrow" for p in files):  # a Dataset.save_to_disk folder: its JSON files are metadata
             files = [p for p in files if p.name not in SAVED_METADATA]
         if not files:
             raise SourceError(f"data folder {path} holds no {', '.join(sorted(BUILDERS))} file")
-        kinds = {p.suffix.lower().replace(".jsonl", ".json") for p in files}
-        if len(kinds) > 1:
-            raise SourceError(f"data folder {path} mixes file types ({', '.join(sorted(kinds))}): use one type per source")
+        kinds = sorted({p.suffix.lower() for p in files})
+        if len({k.replace(".jsonl", ".json") for k in kinds}) > 1:
+            raise SourceError(f"data folder {path} mixes file types ({', '.join(kinds)}): use one type per source")
         return files
     if not path.exists():
         raise SourceError(f"data file {path} does not exist{TRACKED_HINT}")
@@ -54,9 +58,11 @@ def check_utf8(path: Path) -> None:
         if head in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):
             raise SourceError(f"{path} is UTF-16 text: re-save it as UTF-8 (iconv -f UTF-16 -t UTF-8)")
         f.seek(0)
-        if b"\x00" in f.read(4096):
+        head = f.read(4096)
+        if b"\x00" in head:
+            order = "BE" if head[:1] == b"\x00" else "LE"  # ASCII text: the NUL comes first in big-endian
             raise SourceError(f"{path} holds NUL bytes: UTF-16 text without a byte-order mark? Re-save it as UTF-8 "
-                              "(iconv -f UTF-16LE -t UTF-8)")  # fmt: skip
+                              f"(iconv -f UTF-16{order} -t UTF-8)")  # fmt: skip
         f.seek(0)
         for chunk in iter(lambda: f.read(1 << 22), b""):
             try:
@@ -163,6 +169,9 @@ def _explain(exc: BaseException, path: Path, files: list[Path], builder: str) ->
         layouts = {}
         for f in files:
             layouts.setdefault(tuple(_columns(f, builder)), f)
+        if len(layouts) == 1:  # same columns: a nested field or a value type differs
+            return (f"the files of {path} disagree on the type of a column ({str(cause).splitlines()[0][:200]}): "
+                    "make them agree or give each its own source")
         shown = "; ".join(f"{f.name}: {', '.join(cols) or '?'}" for cols, f in list(layouts.items())[:3])
         return f"the files of {path} have different columns ({shown}): give each layout its own source"
     if isinstance(cause, StopIteration) or "corresponds to no data" in str(cause):

@@ -33,10 +33,10 @@ def tracked_path(value: str, key: str, root: Path) -> Path:
     files = [path, *(path.rglob("*") if path.is_dir() else [])]
     for f in files:
         target = f.resolve()
-        inside = target.is_relative_to(Path.cwd().resolve()) or "md5" in target.parts  # DVC's cache (files/md5/..)
+        inside = target.is_relative_to(root.resolve()) or "md5" in target.parts  # or DVC's cache (files/md5/..)
         if not inside:  # the lexical check passed: a link on the way leads out
             raise ParamsError(
-                f"{key}: {f} leads to {target}, outside the project; DVC does not follow such links, so it would "
+                f"{key}: {f} leads to {target}, outside {root}/; DVC does not follow such links, so it would "
                 f"never see that data change: copy it into {root}/ instead (`dvc add` it if large)"
             )
     return path
@@ -61,7 +61,7 @@ def download_url(url: str, sha256: str, dest: Path) -> Path:
         raise SourceError(f"{url} could not be downloaded: {detail}") from None
     if digest.hexdigest() != sha256:
         tmp.unlink()
-        raise SourceError(f"sha256 mismatch for {url}: expected {sha256}, got {digest.hexdigest()} (data.sources.N.sha256)")
+        raise SourceError(f"sha256 mismatch for {url}: the source pins {sha256}, the download is {digest.hexdigest()}")
     if dest.suffix.lower() not in BUILDERS:
         head = tmp.read_bytes()[:4096].lstrip(codecs.BOM_UTF8).lstrip()
         suffix = ".parquet" if head[:4] == b"PAR1" else ".json" if head[:1] in (b"{", b"[") else None
