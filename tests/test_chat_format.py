@@ -260,7 +260,8 @@ def test_prompts_ending_in_a_space_train_the_whole_answer_and_are_not_validated(
     records += [{"prompt": f"Q: {r['input']}\nA:\n", "completion": r["output"]} for r in toy_zh_en(6)[:20]]
     conversations = prompt_completion(records)
     enc = encode_conversations(conversations, params, tokenizer, fmt)
-    rows = Dataset.from_dict(enc | {"messages": conversations, "reference": [r["completion"] for r in records]})
+    rows = Dataset.from_dict(enc | {"messages": conversations, "reference": [r["completion"] for r in records],
+                                    "source": ["x"] * len(records)})  # fmt: skip
     train, validation, summary = build_splits(rows.select(range(0)), rows)  # all offered for validation
     assert summary["prompt_mismatch"] > 0 and summary["validation_moved_to_train"] == summary["prompt_mismatch"]
     assert len(train) == summary["prompt_mismatch"]

@@ -53,6 +53,7 @@ def test_a_missing_hostfile_is_named():
         launcher_command(params_with(nodes=2, hostfile="/nope"))
 
 
+@pytest.mark.slow  # waits out the rendezvous timeout (about 100 s); run with -m slow
 def test_a_node_that_never_joins_fails_within_the_timeout(tmp_path: Path):
     """Node 0 of 2 starts alone (CPU, gloo): it gives up after timeout_minutes with a message, not a hang."""
     raw = default_params()
