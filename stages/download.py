@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 from stages.lib.convert import CONVERTERS
@@ -51,7 +52,7 @@ def training_texts(raw: Path):
                 yield m["content"]
 
 
-def train_tokenizer(texts: list[str], vocab_size: int):
+def train_tokenizer(texts: Iterable[str], vocab_size: int):
     """A byte-level BPE tokenizer trained on the data, with ChatML special tokens and chat template."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -127,8 +128,7 @@ def fetch_hub(source: HubModel, recipe: ModelRecipe, params: Params, out: Path) 
 
 
 def copy_local(path: Path, out: Path) -> dict:
-    if not path.is_dir():
-        raise ParamsError(f"model.path {path} is not a directory")
+    """Copy a local model directory (checked by check_inputs: under models/sources/, a directory)."""
     files = sorted({p for pattern in MODEL_FILES for p in path.glob(pattern)})
     if not any(p.suffix == ".safetensors" for p in files):
         raise ParamsError(f"model.path {path} has no *.safetensors weights (pickled weights are not loaded)")

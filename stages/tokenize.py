@@ -36,11 +36,6 @@ PARALLEL_FROM = 50_000  # records from which tokenize uses a process per core
 FLAGS = ("truncated", "answer_cut", "prompt_mismatch", "prompt_repaired")
 
 
-def raw_format(raw_dir: Path = RAW_DIR) -> str:
-    """`prompt_completion` (text used as is) or `chat`, as download wrote it into data/raw/manifest.json."""
-    return json.loads((raw_dir / "manifest.json").read_text())["format"]
-
-
 def template_name(params: Params, text_format: str) -> str:
     """tokenize.template, else `raw` for prompt_completion text, else the model recipe's template."""
     name = params.tokenize.template
@@ -123,10 +118,10 @@ def build_splits(train, validation):
     sends it; its other rows train. Returns (train, validation, statistics of every kept row)."""
     from datasets import concatenate_datasets
 
-    t_keep = _column(train, "trained") > 0
-    v_keep = _column(validation, "trained") > 0
-    servable = v_keep & (_column(validation, "prompt_length") < _column(validation, "length"))
-    servable &= ~_column(validation, "prompt_mismatch")
+    names = ("trained", "length", "prompt_length", "prompt_mismatch", "source", "unk", "full_length", *FLAGS)
+    t, v = ({name: _column(ds, name) for name in set(names)} for ds in (train, validation))  # each column read once
+    t_keep, v_keep = t["trained"] > 0, v["trained"] > 0
+    servable = v_keep & (v["prompt_length"] < v["length"]) & ~v["prompt_mismatch"]
     moved = np.flatnonzero(v_keep & ~servable)
     columns = ["input_ids", "assistant_masks"]
     new_train = concatenate_datasets([train.select(np.flatnonzero(t_keep)).select_columns(columns),
@@ -134,12 +129,12 @@ def build_splits(train, validation):
     new_val = validation.select(np.flatnonzero(servable)).select_columns([*columns, "prompt_length", "reference", "messages"])
 
     def kept(name: str) -> np.ndarray:
-        return np.concatenate([_column(train, name)[t_keep], _column(validation, name)[v_keep]])
+        return np.concatenate([t[name][t_keep], v[name][v_keep]])
 
     lengths = kept("length")
     if not len(lengths):
         return new_train, new_val, {"records": 0, "no_answer_left": len(train) + len(validation)}
-    t_source, v_source = _column(train, "source"), _column(validation, "source")
+    t_source, v_source = t["source"], v["source"]
     per_source = {
         str(name): {"train": int((t_source[t_keep] == name).sum() + (v_source[moved] == name).sum()),
                     "validation": int((v_source[servable] == name).sum()),

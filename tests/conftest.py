@@ -90,17 +90,27 @@ def assert_merged_prompts_are_the_training_prompts(repo: Path) -> None:
     assert tokenizer.eos_token_id in ([stops] if isinstance(stops, int) else stops)
 
 
-def conversations(records: list[dict], fmt: str = "alpaca", **options) -> list[list[dict]]:
-    """Records of one format → chat messages, through the download stage's normalizer (a drop fails)."""
+def data_source(fmt: str = "alpaca", **options):
+    """A validated local source of `fmt` (the path is never read)."""
     from stages.lib.core.params import validate
-    from stages.lib.data.normalize import Normalizer
 
     raw = default_params()
     raw["data"]["sources"] = [{"kind": "local", "path": "data/sources/x.jsonl", "format": fmt, **options}]
-    source = validate(raw).data.sources[0]
+    return validate(raw).data.sources[0]
+
+
+def normalized(records: list[dict], fmt: str = "alpaca", **options) -> dict:
+    """The download stage's normalizer over `records` (messages, drop, key, record, source per record)."""
+    from stages.lib.data.normalize import Normalizer
+
     columns = sorted({k for r in records for k in r})
     batch = {c: [r.get(c) for r in records] for c in columns}
-    out = Normalizer(source, "x", columns)(batch, list(range(len(records))))
+    return Normalizer(data_source(fmt, **options), "x", columns)(batch, list(range(len(records))))
+
+
+def conversations(records: list[dict], fmt: str = "alpaca", **options) -> list[list[dict]]:
+    """Records of one format → chat messages, through the download stage's normalizer (a drop fails)."""
+    out = normalized(records, fmt, **options)
     assert not any(out["drop"]), out["drop"]
     return out["messages"]
 

@@ -9,7 +9,8 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import default_params
+from conftest import data_source, default_params
+from conftest import normalized as normalize
 
 from stages.lib.core.errors import UserError
 from stages.lib.core.params import ParamsError, validate
@@ -110,18 +111,6 @@ def test_folders_without_data_or_with_mixed_types_are_named(tmp_path):
         read_table(tmp_path / "dd", tmp_path / "cache")
 
 
-def source(fmt: str = "alpaca", **options):
-    raw = default_params()
-    raw["data"]["sources"] = [{"kind": "local", "path": "data/sources/x.json", "format": fmt, **options}]
-    return validate(raw).data.sources[0]
-
-
-def normalize(records: list[dict], fmt: str = "alpaca", **options) -> dict:
-    columns = sorted({k for r in records for k in r})
-    batch = {c: [r.get(c) for r in records] for c in columns}
-    return Normalizer(source(fmt, **options), "x", columns)(batch, list(range(len(records))))
-
-
 def test_alpaca_fields_become_turns():
     record = {"instruction": "介绍", "input": "北京", "output": "首都。", "history": [["你好", "你好！"]], "system": "S"}
     assert normalize([record])["messages"] == [[
@@ -214,7 +203,7 @@ def test_mappings_must_fit_the_format(options, message):
 
 def test_unused_message_keys_are_listed():
     records = [{"messages": [{"role": "user", "content": "q", "name": "ann"}, {"role": "assistant", "content": "a"}]}]
-    fn = Normalizer(source("messages"), "x", ["messages"])
+    fn = Normalizer(data_source("messages"), "x", ["messages"])
     fn({"messages": [r["messages"] for r in records]}, [0])
     assert fn.unused() == ["messages.name"]
 

@@ -30,13 +30,13 @@ def _labels(data: DataParams) -> list[str]:
     return [n if names.count(n) == 1 else f"{n}-{i}" for i, n in enumerate(names)]
 
 
-def normalized(data: DataParams, seed: int, workdir: Path) -> list[tuple[object, dict]]:
+def normalized(data: DataParams, labels: list[str], seed: int, workdir: Path) -> list[tuple[object, dict]]:
     """Per source: its kept records (a Dataset with messages, key, record, source) and its counts."""
     import datasets
 
     datasets.disable_progress_bars()
     out = []
-    for i, (src, name) in enumerate(zip(data.sources, _labels(data))):
+    for i, (src, name) in enumerate(zip(data.sources, labels)):
         ds, origin = open_source(src, seed, workdir / f"source-{i}")
         read = len(ds)
         if src.max_records:
@@ -68,7 +68,7 @@ def validation_keys(keys: set[str], data: DataParams, seed: int) -> set[str]:
 def weighted(n: int, weight: float, rng: np.random.Generator) -> np.ndarray:
     """Row indices for `weight` × n rows: every row int(weight) times, plus a seeded sample for the fraction."""
     whole, frac = int(weight), weight - int(weight)
-    extra = np.sort(rng.choice(n, size=round(frac * n), replace=False)) if frac else np.empty(0, dtype=np.int64)
+    extra = rng.choice(n, size=round(frac * n), replace=False) if frac else np.empty(0, dtype=np.int64)
     return np.sort(np.concatenate([np.repeat(np.arange(n), whole), extra])).astype(np.int64)
 
 
@@ -80,10 +80,11 @@ def write_jsonl(ds, path: Path) -> None:
 
 
 def build_raw(data: DataParams, seed: int, out: Path, workdir: Path) -> dict:
-    """Write data/raw (train.jsonl, validation.jsonl, manifest.json) into `out`; returns the manifest."""
+    """Write data/raw's train.jsonl and validation.jsonl into `out`; returns the manifest (the caller writes it)."""
     from datasets import concatenate_datasets
 
-    parts = normalized(data, seed, workdir)
+    labels = _labels(data)
+    parts = normalized(data, labels, seed, workdir)
     if not any(len(ds) for ds, _ in parts):
         reasons = Counter()
         for _, c in parts:
@@ -92,14 +93,11 @@ def build_raw(data: DataParams, seed: int, out: Path, workdir: Path) -> dict:
             f"data.sources left no record to train on: dropped {_describe(reasons)}; check each source's format and "
             "columns (data.sources.N.columns maps our field names to yours)"
         )
-    keys = set()
-    for ds, _ in parts:
-        keys.update(ds["key"])
-    held_out = validation_keys(keys, data, seed)
+    key_cols = [ds["key"] for ds, _ in parts]
+    held_out = validation_keys({k for col in key_cols for k in col}, data, seed)
     train_parts, val_parts, seen = [], [], set()
     rng = np.random.default_rng(seed)
-    for (ds, counts), src in zip(parts, data.sources):
-        key_col = ds["key"]
+    for (ds, counts), src, key_col in zip(parts, data.sources, key_cols):
         val_rows = []
         for i, k in enumerate(key_col):
             if k in held_out and k not in seen:  # one copy of each held-out conversation
@@ -119,7 +117,7 @@ def build_raw(data: DataParams, seed: int, out: Path, workdir: Path) -> dict:
     fmt = "prompt_completion" if data.sources[0].format == "prompt_completion" else "chat"
     manifest = {
         "format": fmt,
-        "sources": dict(zip(_labels(data), [c for _, c in parts])),
+        "sources": dict(zip(labels, [c for _, c in parts])),
         "train_records": len(train),
         "validation_records": len(validation),
         "sha256": {name: sha256_file(out / name) for name in ("train.jsonl", "validation.jsonl")},

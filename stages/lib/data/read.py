@@ -54,11 +54,9 @@ def check_utf8(path: Path) -> None:
     decoder = codecs.getincrementaldecoder("utf-8")()
     offset = lines = 0
     with open(path, "rb") as f:
-        head = f.read(2)
-        if head in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):
-            raise SourceError(f"{path} is UTF-16 text: re-save it as UTF-8 (iconv -f UTF-16 -t UTF-8)")
-        f.seek(0)
         head = f.read(4096)
+        if head[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):
+            raise SourceError(f"{path} is UTF-16 text: re-save it as UTF-8 (iconv -f UTF-16 -t UTF-8)")
         if b"\x00" in head:
             order = "BE" if head[:1] == b"\x00" else "LE"  # ASCII text: the NUL comes first in big-endian
             raise SourceError(f"{path} holds NUL bytes: UTF-16 text without a byte-order mark? Re-save it as UTF-8 "
