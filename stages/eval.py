@@ -21,6 +21,8 @@ TOKENIZED = Path("data/tokenized")
 MODELS = {"base": Path("models/base"), "tuned": Path("models/merged")}
 METRICS = Path("metrics/eval.json")
 GENERATIONS = Path("eval/generations.jsonl")
+PLOTS = Path("eval/plots")  # one bar chart per file (dvc.yaml's plots section), base and tuned side by side
+CHARTS = {"scores.json": ("exact_match", "rouge_l"), "loss.json": ("loss",)}  # scores share a 0-1 axis; loss does not
 
 
 def answer_loss(model, rows, batch_size: int, pad_id: int) -> float:
@@ -117,6 +119,8 @@ def main() -> None:
         record = {"prompt": prompt, "reference": row["reference"]} | {m: predictions[m][i] for m in MODELS}
         lines.append(json.dumps(record, ensure_ascii=False) + "\n")
     write_text(GENERATIONS, "".join(lines))
+    for name, keys in CHARTS.items():
+        write_json(PLOTS / name, [{"metric": k, "model": m, "value": metrics[m][k]} for k in keys for m in MODELS])
     write_json(METRICS, metrics)
     print("eval:", json.dumps(metrics))
 

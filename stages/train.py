@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
+import signal
+import socket
+import sys
 from pathlib import Path
 
-from stages.lib.core.errors import run_stage
+from stages.lib.core.errors import UserError, run_stage
 from stages.lib.core.outputs import replace_path, write_json
 from stages.lib.core.params import Params, load_params
 from stages.lib.core.recipes import deepspeed_config, model_recipe
@@ -22,7 +26,9 @@ TOKENIZED = Path("data/tokenized")
 TOKENIZER = TOKENIZED / "tokenizer"  # the training tokenizer, written by tokenize (chat template, pad token)
 BASE_DIR = Path("models/base")
 ADAPTER_DIR = Path("models/adapter")
+CHECKPOINTS = Path("models/checkpoints")  # an interrupted run resumes from here (stages/lib/train/checkpoints.py)
 LIVE_DIR = Path("dvclive/train")
+NEVER = 10**12  # a step count no run reaches
 
 
 def lora_config(params: Params):
@@ -89,16 +95,25 @@ def sft_config(params: Params, output_dir: Path, **overrides):
         ddp_timeout=int(t.launch.timeout_minutes * 60),
         use_liger_kernel=t.liger,  # RMSNorm, RoPE, SwiGLU kernels; TRL keeps its own fused LM head
         logging_steps=t.logging_steps,
-        save_strategy="no",
-        eval_strategy="no",
-        report_to="none",  # DVCLive is added as a callback below, without its dump of every argument
+        save_strategy="steps",
+        save_steps=t.save_steps or NEVER,  # save_minutes is kept by SaveAndStop
+        save_total_limit=None,  # pruned once a checkpoint is complete (MarkComplete), never before
+        eval_strategy="steps" if t.eval_steps else "no",
+        eval_steps=t.eval_steps,
+        per_device_eval_batch_size=t.batch_size,
+        prediction_loss_only=True,
+        report_to=t.report_to or "none",  # DVCLive is added as a callback below, without its dump of every argument
         dataset_num_proc=None,
         **{checkpointing: t.gradient_checkpointing, f"{checkpointing}_kwargs": {"use_reentrant": reentrant}},
     ) | overrides
     return SFTConfig(**kwargs)
 
 
-def dvclive_callbacks(live_dir: Path) -> list:
+# logged values worth a curve; the rest (epoch, runtimes, samples/s, total_flos, the run's mean loss) is not
+PLOTTED = ("loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_s", "entropy", "mean_token_accuracy")
+
+
+def dvclive_callbacks(live_dir: Path, resume: bool = False) -> list:
     try:
         from dvclive import Live
     except ImportError:  # e.g. a worker node with only the training stack
@@ -109,15 +124,20 @@ def dvclive_callbacks(live_dir: Path) -> list:
     class Callback(DVCLiveCallback):
         """transformers' DVCLive logging, minus its dump of ~180 TrainingArguments: params.yaml is the record."""
 
-        def on_log(self, args, state, control, **kwargs):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = {k: v for k, v in (logs or {}).items() if k in PLOTTED}
+            if not logs:
+                return
+            if not self._initialized:
+                self.setup(args, state, kwargs.get("model"))
             if self.live is not None:
                 self.live.step = state.global_step  # plot against optimizer steps, not the count of log calls
-            super().on_log(args, state, control, **kwargs)
+            super().on_log(args, state, control, logs=logs, **kwargs)
 
         def setup(self, args, state, model):
             self._initialized = True
-            if state.is_world_process_zero:
-                self.live = Live(dir=str(live_dir), dvcyaml=None, save_dvc_exp=False, report=None)
+            if state.is_world_process_zero:  # resume: append to the curves restored from the checkpoint
+                self.live = Live(dir=str(live_dir), dvcyaml=None, save_dvc_exp=False, report=None, resume=resume)
 
     return [Callback()]
 
@@ -134,15 +154,21 @@ def build_trainer(params: Params, output_dir: Path, callbacks: list, **overrides
 
         register()
     args = sft_config(params, output_dir, **overrides)  # the DeepSpeed config is live from here on
-    train_set = load_from_disk(str(TOKENIZED))["train"]
+    splits = load_from_disk(str(TOKENIZED))
+    train_set = splits["train"]
+    eval_set = splits["validation"] if args.eval_strategy != "no" and len(splits["validation"]) else None
+    from stages.lib.train.checkpoints import KeepAdapterDtype
+
     if t.token_metrics:
-        trainer_class = SFTTrainer
+        base_class = SFTTrainer
     else:
-        from stages.lib.train.lean_trainer import LeanSFTTrainer as trainer_class
+        from stages.lib.train.lean_trainer import LeanSFTTrainer as base_class
+    trainer_class = type("StageTrainer", (KeepAdapterDtype, base_class), {})
     trainer = trainer_class(
         model=str(BASE_DIR),
         args=args,
         train_dataset=train_set,
+        eval_dataset=eval_set,
         processing_class=AutoTokenizer.from_pretrained(TOKENIZER),
         peft_config=None if t.method == "full" else lora_config(params),
         quantization_config=quantization_config(params) if t.method == "qlora" else None,
@@ -182,22 +208,41 @@ def train(params: Params) -> None:
     import datasets
     import torch.distributed as dist
 
-    from stages.lib.train.launch import join_world
+    from stages.lib.train import checkpoints
+    from stages.lib.train.interrupt import STOP_CODES, SaveAndStop, StopRequest, watch_head
+    from stages.lib.train.launch import HEAD_ENV, join_world
     from stages.lib.train.telemetry import Telemetry
 
+    StopRequest.install()
+    if os.environ.get(HEAD_ENV, "").startswith(f"{socket.gethostname()}:"):
+        watch_head(int(os.environ[HEAD_ENV].rsplit(":", 1)[1]))
     join_world(params.train.launch.timeout_minutes)
     datasets.disable_caching()  # TRL's maps would otherwise write cache files into data/tokenized, a DVC input
     partial = ADAPTER_DIR.with_name(f".{ADAPTER_DIR.name}.partial")
     live_partial = LIVE_DIR.with_name(f".{LIVE_DIR.name}.partial")
-    telemetry = Telemetry()
-    trainer = build_trainer(params, partial / "checkpoints", [telemetry, *dvclive_callbacks(live_partial)])
-    is_main = trainer.args.process_index == 0
-    if is_main:
+    identity, resume = resume_point(params)
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0:
         shutil.rmtree(partial, ignore_errors=True)
         shutil.rmtree(live_partial, ignore_errors=True)
-    result = trainer.train()
+        if resume and (resume / "dvclive").is_dir():
+            shutil.copytree(resume / "dvclive", live_partial)  # the curves up to the checkpoint's step
+    telemetry = Telemetry()
+    saver = SaveAndStop(params.train.save_minutes)
+    marker = checkpoints.complete_after_save(identity, live_partial, params.train.save_total_limit)
+    callbacks = [telemetry, saver, marker, *dvclive_callbacks(live_partial, resume=resume is not None)]
+    trainer = build_trainer(params, CHECKPOINTS, callbacks)
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if saver.stopped_by:
+        if dist.is_initialized():
+            dist.barrier()
+        if rank == 0:
+            print(f"train: stopped by {signal.Signals(saver.stopped_by).name} after step {result.global_step}; "
+                  f"{CHECKPOINTS}/checkpoint-{result.global_step} is saved and `dvc repro` resumes from it",
+                  file=sys.stderr, flush=True)  # fmt: skip
+        sys.exit(STOP_CODES[saver.stopped_by])
     trainer.save_model(str(partial))  # every rank: ZeRO-3 gathers the shards, rank 0 writes
-    if is_main:
+    if rank == 0:
         for extra in ("checkpoints", "training_args.bin", "README.md", "tokenizer.json", "tokenizer_config.json",
                       "chat_template.jinja"):  # merge takes the tokenizer from data/tokenized/tokenizer
             path = partial / extra
@@ -209,7 +254,51 @@ def train(params: Params) -> None:
             replace_path(live_partial, LIVE_DIR)
     if dist.is_initialized():
         dist.barrier()
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        checkpoints.clear(CHECKPOINTS, keep_hashes=False)  # the run is complete: the adapter is the result
+    if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def resume_point(params: Params):
+    """This run's identity and the checkpoint it resumes from (None: fresh), agreed by every rank.
+
+    Rank 0 hashes the inputs; each rank looks at the checkpoints it can see; any disagreement starts fresh.
+    Before returning, checkpoints this run must not load or overwrite are deleted.
+    """
+    import torch
+    import torch.distributed as dist
+
+    from stages.lib.train import checkpoints
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    distributed = dist.is_initialized()
+    if distributed and torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # object collectives use the current GPU
+    CHECKPOINTS.mkdir(parents=True, exist_ok=True)
+    identity = None
+    if rank == 0:
+        identity = checkpoints.run_identity(params, world, {"data/tokenized": TOKENIZED, "models/base": BASE_DIR},
+                                            CHECKPOINTS)  # fmt: skip
+    if distributed:
+        box = [identity]
+        dist.broadcast_object_list(box, src=0)
+        identity = box[0]
+    resume, why = checkpoints.choose(CHECKPOINTS, identity)
+    if distributed:
+        seen = [None] * world
+        dist.all_gather_object(seen, str(resume))
+        if len(set(seen)) > 1:
+            resume, why = None, (f"starting fresh: the ranks see different checkpoints ({sorted(set(seen))}); "
+                                 f"{CHECKPOINTS} must be one folder that every node shares")  # fmt: skip
+    if rank == 0:
+        print(f"train: {why}", flush=True)
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        checkpoints.clear(CHECKPOINTS, resume)
+    if distributed:
+        dist.barrier()
+    return identity, resume
 
 
 def resolved_config(params: Params, trainer, result) -> dict:
@@ -231,8 +320,27 @@ def resolved_config(params: Params, trainer, result) -> dict:
     }
 
 
+def check_reporters(names: list[str]) -> None:
+    """train.report_to names transformers integrations that are installed here (UserError otherwise)."""
+    from transformers.integrations.integration_utils import (
+        INTEGRATION_TO_CALLBACK,
+        get_available_reporting_integrations,
+    )
+
+    installed = get_available_reporting_integrations()
+    for name in names:
+        if name == "dvclive":
+            raise UserError("train.report_to: dvclive is always on (dvclive/train); list only other trackers")
+        if name not in INTEGRATION_TO_CALLBACK:
+            known = ", ".join(sorted(set(INTEGRATION_TO_CALLBACK) - {"dvclive"}))
+            raise UserError(f"train.report_to: '{name}' is not a transformers integration (known: {known})")
+        if name not in installed:
+            raise UserError(f"train.report_to: {name} is not installed in this environment; install its package")
+
+
 def main() -> None:
     params = load_params()
+    check_reporters(params.train.report_to)
     from stages.lib.train.launch import relaunch_if_needed
 
     if relaunch_if_needed(params):

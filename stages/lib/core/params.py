@@ -184,6 +184,12 @@ class TrainParams(Strict):
     liger: bool = False
     token_metrics: bool = True  # TRL's per-step entropy and token accuracy; false is faster
     logging_steps: Annotated[int, Field(ge=1)] = 10
+    # checkpoints (models/checkpoints) that an interrupted run resumes from; deleted when the run completes
+    save_steps: Annotated[int, Field(ge=1)] | None = None  # every N optimizer steps; null: by time only
+    save_minutes: Annotated[float, Field(gt=0)] | None = 30  # also after N minutes since the last one; null: by steps only
+    save_total_limit: Annotated[int, Field(ge=1)] = 2  # complete checkpoints kept (the newest)
+    eval_steps: Annotated[int, Field(ge=1)] | None = None  # answer loss on the validation split every N steps
+    report_to: list[str] = []  # trackers besides DVCLive: transformers' integration names (wandb, mlflow, ...)
     device_map: Literal["auto"] | None = None
     deepspeed: str | None = None  # a name in recipes/deepspeed or a path to a JSON file
     launch: LaunchParams = LaunchParams()
@@ -207,6 +213,10 @@ class TrainParams(Strict):
             raise ValueError(
                 "train.device_map must be null when train.deepspeed is set: DeepSpeed places and shards the model "
                 "itself, and a device_map under ZeRO-3 loads the full model on every GPU"
+            )
+        if self.save_steps is None and self.save_minutes is None:
+            raise ValueError(
+                "train.save_steps and train.save_minutes are both null: set one, or an interrupted run starts over"
             )
         if self.launch.nodes > 1 and not self.deepspeed:
             raise ValueError("train.launch.nodes > 1 needs train.deepspeed (a ZeRO config recipe)")

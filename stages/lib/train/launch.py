@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import socket
 import subprocess
 import sys
 
@@ -16,6 +17,7 @@ from ..core.errors import UserError
 from ..core.params import Params
 
 STAGE_MODULE = "stages.train"
+HEAD_ENV = "TRAIN_STAGE_HEAD"  # host:pid of `python -m stages.train`; ranks on that host stop when it is gone
 
 
 def launcher_command(params: Params) -> list[str]:
@@ -54,9 +56,16 @@ def relaunch_if_needed(params: Params) -> bool:
                 "(zero3, zero2, ...) to train on all of them, or make one visible with CUDA_VISIBLE_DEVICES=0"
             )
         return False
+    from .interrupt import STOP_CODES, forward_stops
+
     cmd = launcher_command(params)
     print("train: launching", shlex.join(cmd), flush=True)
-    code = subprocess.call(cmd)
+    env = os.environ | {HEAD_ENV: f"{socket.gethostname()}:{os.getpid()}"}
+    launcher = subprocess.Popen(cmd, env=env, start_new_session=True)  # signals reach the ranks through us
+    forward_stops(launcher)
+    code = launcher.wait()
+    if code in STOP_CODES.values():
+        raise SystemExit(code)  # the ranks saved a checkpoint and said so
     if code != 0:
         raise SystemExit(
             f"train: the DeepSpeed launcher exited with status {code}: a rank failed, or a node did not join or "

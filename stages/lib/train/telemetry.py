@@ -20,6 +20,8 @@ class Telemetry(TrainerCallback):
     def __init__(self):
         self.first = None  # (time, tokens, step) at the first log that has a token count
         self.last = None
+        self.mark = None  # when the last optimizer step ended
+        self.paused = 0.0  # seconds of evaluation and saving in the current logging window
         self.load_peak = 0.0
         self.at_first_step = 0.0  # GiB allocated once the model is loaded and sharded
         self.weights: dict = {}
@@ -41,8 +43,26 @@ class Telemetry(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "num_tokens" in logs:
             point = (time.perf_counter(), float(logs["num_tokens"]), state.global_step)
+            if self.last and point[2] > self.last[2] and point[1] > self.last[1]:
+                seconds = point[0] - self.last[0] - self.paused  # evaluation and checkpoint time left out
+                logs["tokens_per_s"] = (point[1] - self.last[1]) / seconds  # this window's, all ranks together
             self.first = self.first or point
             self.last = point
+            self.paused = 0.0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.mark = time.perf_counter()
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self._pause()
+
+    def on_save(self, args, state, control, **kwargs):
+        self._pause()
+
+    def _pause(self) -> None:
+        now = time.perf_counter()
+        self.paused += now - (self.mark or now)
+        self.mark = now
 
     def on_train_end(self, args, state, control, **kwargs):
         import torch
