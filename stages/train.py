@@ -125,7 +125,8 @@ def dvclive_callbacks(live_dir: Path, resume: bool = False) -> list:
         """transformers' DVCLive logging, minus its dump of ~180 TrainingArguments: params.yaml is the record."""
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            logs = {k: v for k, v in (logs or {}).items() if k in PLOTTED}
+            # "loss" becomes train/loss.tsv, so that the chart's legend reads train/… next to eval/…
+            logs = {("train_loss" if k == "loss" else k): v for k, v in (logs or {}).items() if k in PLOTTED}
             if not logs:
                 return
             if not self._initialized:

@@ -47,9 +47,33 @@ def test_fresh_clone_repro_trains_a_model_that_beats_the_base(repo):
     assert lora_b and all(w.abs().sum() > 0 for w in lora_b)  # B starts at zero: non-zero means it trained
     assert (repo / "models" / "merged" / "model.safetensors").exists()
     assert json.loads((repo / "metrics" / "merge.json").read_text())["max_abs_logit_diff"] < 1e-3
-    assert (repo / "dvclive" / "train" / "plots" / "metrics" / "loss.tsv").exists()
+    assert (repo / "dvclive" / "train" / "plots" / "metrics" / "train" / "loss.tsv").exists()
     assert len((repo / "eval" / "generations.jsonl").read_text().splitlines()) == scores["samples"]
     assert dvc("status", cwd=repo).stdout.strip() == "Data and pipelines are up to date."
+
+
+def test_dvc_plots_draws_the_intended_charts_only(repo):
+    """`dvc plots show` as a user runs it: six charts, none of them a single point; the loss chart has both curves."""
+    shown = json.loads(dvc("plots", "show", "--json", cwd=repo).stdout)["data"]
+    assert list(shown) == [
+        "Answer-token loss, training and validation",
+        "Learning rate",
+        "Gradient norm (before clipping)",
+        "Training tokens per second (all ranks)",
+        "Eval scores, base vs tuned",
+        "Eval answer loss, base vs tuned",
+    ]
+    for title, (chart,) in shown.items():
+        values = chart["content"]["data"]["values"]
+        assert len(values) >= 2, title
+    curves = {v["filename"] for v in shown["Answer-token loss, training and validation"][0]["content"]["data"]["values"]}
+    assert curves == {"train/loss.tsv", "eval/loss.tsv"}
+    bars = {(v["metric"], v["model"]) for v in shown["Eval scores, base vs tuned"][0]["content"]["data"]["values"]}
+    assert bars == {(m, model) for m in ("exact_match", "rouge_l") for model in ("base", "tuned")}
+    logged = {p.relative_to(repo / "dvclive" / "train" / "plots" / "metrics").as_posix()
+              for p in (repo / "dvclive" / "train" / "plots" / "metrics").rglob("*.tsv")}  # fmt: skip
+    assert logged == {"train/loss.tsv", "eval/loss.tsv", "learning_rate.tsv", "grad_norm.tsv", "tokens_per_s.tsv"}
+    assert not any((repo / "models" / "checkpoints").iterdir())  # emptied once the run completed
 
 
 def files_read_by_stage(repo: Path) -> dict[str, set[str]]:
@@ -197,7 +221,7 @@ def test_a_belle_style_mixture_with_the_qwen2_tokenizer(shared_data, tmp_path):
                for line in (repo / "data" / "raw" / "train.jsonl").read_text().splitlines())  # fmt: skip
     train_log = json.loads((repo / "dvclive" / "train" / "metrics.json").read_text())
     assert train_log["step"] == 10
-    rows = (repo / "dvclive" / "train" / "plots" / "metrics" / "loss.tsv").read_text().splitlines()[1:]
+    rows = (repo / "dvclive" / "train" / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()[1:]
     losses = [float(r.split("\t")[-1]) for r in rows]
     assert losses[-1] < losses[0]
     metrics = json.loads((repo / "metrics" / "eval.json").read_text())
