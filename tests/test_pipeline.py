@@ -117,21 +117,33 @@ def test_merged_model_ships_the_training_prompt_format(repo):
     assert stats["prompt_mismatch"] == 0 and stats["trained_tokens"] < stats["tokens"] / 3  # answers only
 
 
-def test_a_train_edit_reruns_train_merge_eval_only(repo):
+def test_a_train_edit_reruns_train_merge_eval_only_as_an_experiment(repo):
+    """A train param edit makes train stale, nothing upstream; `dvc exp run` runs train, merge and eval only and
+    the experiment shows its param and metrics, without DVCLive's dump of every TrainingArguments field."""
     edit_params(repo, **{"train.learning_rate": 0.002, "train.epochs": 2})
     try:
         # DVC reports the first stale stage; merge and eval follow once the adapter it writes has changed
         stale = json.loads(dvc("status", "--json", cwd=repo).stdout)
         assert set(stale) == {"train"}
         assert stale["train"] == [{"changed deps": {"params.yaml": {"train": "modified"}}}]
-        out = dvc("repro", cwd=repo).stdout
+        out = dvc("exp", "run", "-n", "lr-low", cwd=repo).stdout
         assert "Stage 'download' didn't change, skipping" in out
         assert "Stage 'tokenize' didn't change, skipping" in out
         for stage in ("train", "merge", "eval"):
             assert f"Running stage '{stage}'" in out
     finally:
-        run(["git", "checkout", "HEAD", "--", "params.yaml", "dvc.lock", "metrics", "dvclive"], cwd=repo)
+        run(["git", "checkout", "HEAD", "--", "params.yaml", "dvc.lock", "metrics", "dvclive", "eval"], cwd=repo)
         dvc("checkout", "--force", cwd=repo)
+    shown = json.loads(dvc("exp", "show", "--json", cwd=repo).stdout)
+    baseline = next(b for b in shown if b["rev"] != "workspace")
+    assert baseline["data"]["params"]["params.yaml"]["data"]["train"]["learning_rate"] == 0.005
+    assert "metrics/eval.json" in baseline["data"]["metrics"]
+    exp = next(e for e in baseline["experiments"] if e["name"] == "lr-low")["revs"][0]["data"]
+    assert exp["params"]["params.yaml"]["data"]["train"]["learning_rate"] == 0.002
+    assert "tuned" in exp["metrics"]["metrics/eval.json"]["data"]
+    assert set(exp["params"]) == {"params.yaml"}
+    table = dvc("exp", "show", "--no-pager", "--csv", cwd=repo).stdout
+    assert "lr-low" in table and "gradient_accumulation_steps" not in table
 
 
 def test_a_misspelt_key_fails_fast_and_keeps_every_output(repo):
@@ -147,21 +159,6 @@ def test_a_misspelt_key_fails_fast_and_keeps_every_output(repo):
     finally:
         run(["git", "checkout", "HEAD", "--", "params.yaml"], cwd=repo)
     assert dvc("status", cwd=repo).stdout.strip() == "Data and pipelines are up to date."
-
-
-def test_exp_run_adds_an_experiment_with_its_param_and_metrics(repo):
-    dvc("exp", "run", "-n", "lr-low", "-S", "train.learning_rate=0.002", "-S", "train.epochs=3", cwd=repo)
-    shown = json.loads(dvc("exp", "show", "--json", cwd=repo).stdout)
-    baseline = next(b for b in shown if b["rev"] != "workspace")
-    assert baseline["data"]["params"]["params.yaml"]["data"]["train"]["learning_rate"] == 0.005
-    assert "metrics/eval.json" in baseline["data"]["metrics"]
-    exp = next(e for e in baseline["experiments"] if e["name"] == "lr-low")["revs"][0]["data"]
-    assert exp["params"]["params.yaml"]["data"]["train"]["learning_rate"] == 0.002
-    assert "tuned" in exp["metrics"]["metrics/eval.json"]["data"]
-    # the table holds params.yaml and the metrics files, not DVCLive's dump of every TrainingArguments field
-    assert set(exp["params"]) == {"params.yaml"}
-    table = dvc("exp", "show", "--no-pager", "--csv", cwd=repo).stdout
-    assert "lr-low" in table and "gradient_accumulation_steps" not in table
 
 
 def test_two_fresh_runs_give_identical_data_hashes(repo, tmp_path):
