@@ -70,13 +70,13 @@ def phase_line(**fields) -> None:
     print(json.dumps(fields), flush=True)
 
 
-def reference(work: Path, base: Path, steps: int) -> None:
-    d = node_dir(work, base, "reference", 0, params_for(base, steps))
+def reference(work: Path, base: Path, steps: int, name: str = "reference") -> None:
+    d = node_dir(work, base, name, 0, params_for(base, steps))
     t = time.time()
     proc = start(d, d / "train.log")
     if proc.wait():
         raise SystemExit(f"reference run failed, see {d / 'train.log'}")
-    phase_line(phase="reference", seconds=round(time.time() - t, 1), **summary("2gpu", d, time.time() - t))
+    phase_line(phase=name, seconds=round(time.time() - t, 1), **summary("2gpu", d, time.time() - t))
 
 
 def interrupted(work: Path, base: Path, steps: int) -> None:
@@ -117,7 +117,7 @@ def interrupted(work: Path, base: Path, steps: int) -> None:
     compare(work / "reference" / "node0", d)
 
 
-def compare(ref: Path, d: Path) -> None:
+def compare(ref: Path, d: Path, what: str = "resumed vs uninterrupted") -> None:
     from safetensors.torch import load_file
 
     a = load_file(ref / "models" / "adapter" / "adapter_model.safetensors")
@@ -127,9 +127,10 @@ def compare(ref: Path, d: Path) -> None:
     la = {h["step"]: h["loss"] for h in json.loads((ref / "models" / "adapter" / "train_config.json").read_text())["loss_history"]}
     lb = {h["step"]: h["loss"] for h in json.loads((d / "models" / "adapter" / "train_config.json").read_text())["loss_history"]}
     common = sorted(set(la) & set(lb))
-    phase_line(phase="resumed vs uninterrupted", adapter_max_abs_diff=diff, adapter_max_abs=scale,
+    phase_line(phase=what, adapter_max_abs_diff=diff, adapter_max_abs=scale,
                bit_identical=diff == 0.0, loss_steps_compared=len(common),
                loss_max_abs_diff=max(abs(la[s] - lb[s]) for s in common),
+               loss_abs_diff_by_step=[float(f"{abs(la[s] - lb[s]):.2g}") for s in common],
                loss_last=[la[common[-1]], lb[common[-1]]])  # fmt: skip
 
 
@@ -137,7 +138,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, required=True)
     ap.add_argument("--work", type=Path, default=Path("bench/work/resume"))
-    ap.add_argument("--phase", choices=("reference", "interrupted", "both"), default="both")
+    ap.add_argument("--phase", choices=("reference", "interrupted", "both", "noise"), default="both",
+                    help="noise: a second uninterrupted run against the first (the run-to-run difference)")
     ap.add_argument("--size", default="7b")
     ap.add_argument("--steps", type=int, default=24)
     args = ap.parse_args()
@@ -147,6 +149,10 @@ def main() -> None:
         reference(work, base, args.steps)
     if args.phase in ("interrupted", "both"):
         interrupted(work, base, args.steps)
+    if args.phase == "noise":
+        reference(work, base, args.steps)
+        reference(work, base, args.steps, "reference-again")
+        compare(work / "reference" / "node0", work / "reference-again" / "node0", "uninterrupted vs uninterrupted")
 
 
 if __name__ == "__main__":

@@ -182,3 +182,17 @@ def test_packed_rows_take_packed_length_and_checkpointing_follows_zero3(tmp_path
 def test_rows_shorter_than_a_sample_are_refused():
     raw = with_change("train.packed_length", 8)
     assert "train.packed_length (8) must be at least tokenize.max_length" in error_of(raw)
+
+
+def test_a_run_that_could_never_resume_and_unknown_trackers_are_refused():
+    raw = with_change("train.save_steps", None)
+    raw["train"]["save_minutes"] = None
+    assert "train.save_steps and train.save_minutes are both null" in error_of(raw)
+    from stages.lib.core.errors import UserError
+    from stages.train import check_reporters
+
+    with pytest.raises(UserError, match=r"train.report_to: 'wandbb' is not a transformers integration \(known: .*wandb"):
+        check_reporters(["wandbb"])
+    with pytest.raises(UserError, match="dvclive is always on"):
+        check_reporters(["dvclive"])
+    check_reporters([])
