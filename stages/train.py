@@ -29,6 +29,7 @@ ADAPTER_DIR = Path("models/adapter")
 CHECKPOINTS = Path("models/checkpoints")  # an interrupted run resumes from here (stages/lib/train/checkpoints.py)
 LIVE_DIR = Path("dvclive/train")
 NEVER = 10**12  # a step count no run reaches
+TRACKER_LOGS = "logs/tensorboard"  # train.report_to: [tensorboard] writes here (git-ignored, not a DVC output)
 
 
 def lora_config(params: Params):
@@ -67,6 +68,10 @@ def sft_config(params: Params, output_dir: Path, **overrides):
     ds_config = deepspeed_config(t.deepspeed) if t.deepspeed else None
     zero3 = bool(ds_config) and ds_config.get("zero_optimization", {}).get("stage") == 3
     reentrant = zero3 if t.reentrant_checkpointing is None else t.reentrant_checkpointing
+    if "tensorboard" in t.report_to:  # not under output_dir: the checkpoint folder is emptied at the end
+        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", TRACKER_LOGS)  # transformers >= 5.2x reads only this
+        if "logging_dir" in fields:
+            overrides = {"logging_dir": os.environ["TENSORBOARD_LOGGING_DIR"]} | overrides
     model_kwargs = {"dtype": t.dtype, "attn_implementation": t.attn_implementation}
     if t.device_map:
         model_kwargs["device_map"] = t.device_map
