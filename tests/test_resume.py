@@ -13,7 +13,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import clone, dvc, edit_params, env_with_project, env_with_venv, run
+import yaml
+from conftest import ROOT, clone, dvc, edit_params, env_with_project, env_with_venv, run
 
 ADAPTER = Path("models/adapter/adapter_model.safetensors")
 LOSS_CURVE = Path("dvclive/train/plots/metrics/train/loss.tsv")
@@ -170,3 +171,66 @@ def test_two_zero3_ranks_killed_and_resumed_end_bit_identical(tmp_path):
         assert not leftover, leftover  # kill -9 of the stage ended its ranks too
     finally:
         os.environ.pop("DS_ACCELERATOR", None)
+
+
+@pytest.mark.slow  # three starts of two one-rank "nodes" (about 4 minutes); run with -m slow
+def test_two_nodes_sharing_the_checkpoint_folder_stop_and_resume_bit_identical(tmp_path):
+    """Two nodes on one host (runner no-ssh, one CPU rank each, ZeRO-3), each in its own checkout whose
+    models/checkpoints is one shared folder, as on a cluster with NFS: SIGTERM to both heads (what SLURM does)
+    saves one checkpoint with both ranks' shards, and both nodes resume from it."""
+    base = tmp_path / "base"
+    base.mkdir()
+    for name in ("stages", "recipes"):
+        (base / name).symlink_to(ROOT / name)
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for dotted, value in SHORT_RUN.items():
+        raw["train"][dotted.split(".")[1]] = value
+    raw["train"] |= {"deepspeed": "zero3"}
+    raw["train"]["launch"] |= {"nodes": 2, "runner": "no-ssh", "hostfile": "hostfile", "timeout_minutes": 5,
+                               "master_port": 29671}  # fmt: skip
+    (base / "params.yaml").write_text(yaml.safe_dump(raw))
+    env = env_with_project() | {"DS_ACCELERATOR": "cpu"}
+    for stage in ("download", "tokenize"):
+        subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=base, env=env, check=True, capture_output=True)
+    shared = tmp_path / "shared-checkpoints"
+    shared.mkdir()
+    nodes = []
+    for rank in (0, 1):
+        node = tmp_path / f"node{rank}"
+        (node / "models").mkdir(parents=True)
+        for name in ("stages", "recipes", "data"):
+            (node / name).symlink_to(base / name)
+        (node / "models" / "base").symlink_to(base / "models" / "base")
+        (node / "models" / "checkpoints").symlink_to(shared)
+        (node / "hostfile").write_text("node0 slots=1\nnode1 slots=1\n")
+        raw["train"]["launch"]["node_rank"] = rank
+        (node / "params.yaml").write_text(yaml.safe_dump(raw))
+        nodes.append(node)
+
+    def start() -> list[subprocess.Popen]:  # output to files: a full pipe would stall a rank
+        return [subprocess.Popen([sys.executable, "-m", "stages.train"], cwd=n, env=env, stderr=subprocess.STDOUT,
+                                 stdout=open(n / "train.log", "w")) for n in nodes]  # fmt: skip
+
+    def finish(procs: list[subprocess.Popen]) -> list[tuple[int, str]]:
+        return [(p.wait(timeout=600), (n / "train.log").read_text()) for p, n in zip(procs, nodes)]
+
+    results = finish(start())
+    assert [code for code, _ in results] == [0, 0], results[0][1][-3000:] + results[1][1][-3000:]
+    reference = (nodes[0] / ADAPTER).read_bytes()
+    (nodes[0] / ADAPTER).unlink()
+    since = time.time()
+    procs = start()
+    deadline = time.monotonic() + 300
+    while not any(p.stat().st_mtime > since for p in shared.glob("checkpoint-*/run.json")):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+        time.sleep(0.05)
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+    results = finish(procs)
+    assert [code for code, _ in results] == [143, 143], results[0][1][-3000:] + results[1][1][-3000:]
+    stopped = int(results[0][1].split("stopped by SIGTERM after step ")[1].split(";")[0])
+    results = finish(start())
+    assert [code for code, _ in results] == [0, 0], results[0][1][-3000:] + results[1][1][-3000:]
+    assert resumed_step(results[0][1]) == stopped
+    assert (nodes[0] / ADAPTER).read_bytes() == reference
+    assert not any(shared.iterdir())
