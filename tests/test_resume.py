@@ -173,7 +173,7 @@ def test_two_zero3_ranks_killed_and_resumed_end_bit_identical(tmp_path):
         os.environ.pop("DS_ACCELERATOR", None)
 
 
-@pytest.mark.slow  # three starts of two one-rank "nodes" (about 4 minutes); run with -m slow
+@pytest.mark.slow  # three starts of two one-rank "nodes" (5-8 minutes); run with -m slow
 def test_two_nodes_sharing_the_checkpoint_folder_stop_and_resume_bit_identical(tmp_path):
     """Two nodes on one host (runner no-ssh, one CPU rank each, ZeRO-3), each in its own checkout whose
     models/checkpoints is one shared folder, as on a cluster with NFS: SIGTERM to both heads (what SLURM does)
