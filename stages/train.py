@@ -253,7 +253,7 @@ def train(params: Params) -> None:
                       "chat_template.jinja"):  # merge takes the tokenizer from data/tokenized/tokenizer
             path = partial / extra
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-        write_json(partial / "train_config.json", resolved_config(params, trainer, result) | telemetry.summary)
+        write_json(partial / "train_config.json", resolved_config(params, trainer, result, resume) | telemetry.summary)
         print("train:", json.dumps(telemetry.summary))
         replace_path(partial, ADAPTER_DIR)
         if live_partial.exists():
@@ -307,21 +307,27 @@ def resume_point(params: Params):
     return identity, resume
 
 
-def resolved_config(params: Params, trainer, result) -> dict:
-    """What actually ran: params after recipe defaults, world size, steps and library versions."""
+def resolved_config(params: Params, trainer, result, resume: Path | None = None) -> dict:
+    """What actually ran: params after recipe defaults, world size, steps and library versions.
+
+    After a resume the loss history (restored with the trainer state) covers the whole run, and train_loss is
+    the mean of its logged losses, not only of the steps since the resume.
+    """
     import peft
     import torch
     import transformers
     import trl
 
     lora = trainer.model.peft_config["default"] if hasattr(trainer.model, "peft_config") else None
+    losses = [h for h in trainer.state.log_history if "loss" in h]
     return {
         "params": params.model_dump(mode="json"),
         "lora_target_modules": sorted(lora.target_modules) if lora else None,
         "world_size": trainer.args.world_size,
         "global_steps": result.global_step,
-        "train_loss": result.training_loss,
-        "loss_history": [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h],
+        "resumed_from_step": int(resume.name.split("-")[1]) if resume else None,
+        "train_loss": sum(h["loss"] for h in losses) / len(losses) if losses else None,  # all logged steps
+        "loss_history": [{"step": h["step"], "loss": h["loss"]} for h in losses],
         "versions": {m.__name__: m.__version__ for m in (torch, transformers, trl, peft)},
     }
 

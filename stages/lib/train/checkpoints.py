@@ -11,7 +11,9 @@ starts fresh and names the first difference. A changed world size always starts 
 order are laid out per rank. Code and library versions are not part of the identity (a bug fix may continue a
 run); run.json records the versions for the curious.
 
-When the run completes, the stage empties the folder: the adapter is the result, and DVC caches an empty folder.
+When the run completes, the stage empties the folder but for its committed README: the adapter is the result.
+The folder is a `cache: false` output whose contents git ignores, so `dvc exp run` and `dvc checkout` leave an
+interrupted run's checkpoints where they are.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ HASH_CACHE = ".file_hashes.json"  # (size, mtime, inode) -> SHA-256, so that a r
 PATTERN = re.compile(r"^checkpoint-(\d+)$")
 # train params that change what is logged or when it is saved, never the weights
 NOT_IN_IDENTITY = ("logging_steps", "save_steps", "save_minutes", "save_total_limit", "eval_steps", "report_to",
-                   "launch")  # fmt: skip
+                   "token_metrics", "launch")  # fmt: skip
+KEEP = "README.md"  # the folder's committed note: it makes the (empty) output exist in a fresh clone
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -53,6 +56,8 @@ def run_identity(params: Params, world_size: int, inputs: dict[str, Path], cache
     """
     dump = params.model_dump(mode="json")
     train = {k: v for k, v in dump["train"].items() if k not in NOT_IN_IDENTITY}
+    if train["max_steps"] > 0:
+        del train["epochs"]  # ignored when max_steps is set
     flat = _flat({"seed": dump["seed"], "model": {"recipe": dump["model"]["recipe"]},
                   "tokenize": {"max_length": dump["tokenize"]["max_length"]}, "train": train})  # fmt: skip
     hashes = FileHashes(cache_dir / HASH_CACHE)
@@ -116,13 +121,13 @@ def difference(saved: dict, now: dict) -> str | None:
     if saved.get("world_size") != now["world_size"]:
         return (f"it was saved by {saved.get('world_size')} ranks and this run has {now['world_size']} (ZeRO shards "
                 "and the data order are laid out per rank)")  # fmt: skip
+    old, new = saved.get("params", {}), now["params"]
+    for key in sorted(set(old) | set(new)):  # before the inputs: a changed seed also changes data/tokenized
+        if old.get(key, "<unset>") != new.get(key, "<unset>"):
+            return f"{key} was {old.get(key, '<unset>')!r}, now {new.get(key, '<unset>')!r}"
     for name, digest in now["inputs"].items():
         if saved.get("inputs", {}).get(name) != digest:
             return f"{name} changed since"
-    old, new = saved.get("params", {}), now["params"]
-    for key in sorted(set(old) | set(new)):
-        if old.get(key, "<unset>") != new.get(key, "<unset>"):
-            return f"{key} was {old.get(key, '<unset>')!r}, now {new.get(key, '<unset>')!r}"
     return None
 
 
@@ -164,7 +169,7 @@ def prune(root: Path, keep: int) -> None:
 
 
 def clear(root: Path, resume: Path | None = None, keep_hashes: bool = True) -> None:
-    """Delete every checkpoint a run must not load or overwrite; with keep_hashes=False, empty the folder.
+    """Delete every checkpoint a run must not load or overwrite; with keep_hashes=False, all but the README.
 
     Resuming keeps `resume` and the complete checkpoints before it (saves cut short after it would be
     overwritten); a fresh start deletes all of them.
@@ -174,7 +179,7 @@ def clear(root: Path, resume: Path | None = None, keep_hashes: bool = True) -> N
     last = int(PATTERN.match(resume.name).group(1)) if resume else -1
     for entry in root.iterdir():
         match = PATTERN.match(entry.name)
-        if (keep_hashes and entry.name == HASH_CACHE) or (match and int(match.group(1)) <= last and complete(entry) is not None):
+        if entry.name == KEEP or (keep_hashes and entry.name == HASH_CACHE) or (match and int(match.group(1)) <= last and complete(entry) is not None):
             continue
         shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
 
