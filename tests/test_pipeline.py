@@ -73,7 +73,7 @@ def test_dvc_plots_draws_the_intended_charts_only(repo):
     logged = {p.relative_to(repo / "dvclive" / "train" / "plots" / "metrics").as_posix()
               for p in (repo / "dvclive" / "train" / "plots" / "metrics").rglob("*.tsv")}  # fmt: skip
     assert logged == {"train/loss.tsv", "eval/loss.tsv", "learning_rate.tsv", "grad_norm.tsv", "tokens_per_s.tsv"}
-    assert [p.name for p in (repo / "models" / "checkpoints").iterdir()] == ["README.md"]  # emptied once complete
+    assert [p.name for p in (repo / "models" / "checkpoints").iterdir()] == ["ABOUT.txt"]  # emptied once complete
 
 
 def files_read_by_stage(repo: Path) -> dict[str, set[str]]:

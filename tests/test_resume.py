@@ -116,7 +116,7 @@ def stop_and_resume_twice(repo: Path, reference: dict) -> None:
         return {int(r.split("\t")[0]): r for r in text.splitlines()[1:] if int(r.split("\t")[0]) != cut}
 
     assert rows((repo / LOSS_CURVE).read_text()) == rows(reference["curve"])
-    assert [p.name for p in (repo / "models" / "checkpoints").iterdir()] == ["README.md"]  # emptied once complete
+    assert [p.name for p in (repo / "models" / "checkpoints").iterdir()] == ["ABOUT.txt"]  # emptied once complete
     assert dvc("status", "train", cwd=repo).stdout.strip() == "Data and pipelines are up to date."
 
 

@@ -11,8 +11,8 @@ starts fresh and names the first difference. A changed world size always starts 
 order are laid out per rank. Code and library versions are not part of the identity (a bug fix may continue a
 run); run.json records the versions for the curious.
 
-When the run completes, the stage empties the folder but for its committed README: the adapter is the result.
-The folder is a `cache: false` output whose contents git ignores, so `dvc exp run` and `dvc checkout` leave an
+When the run completes, the stage empties the folder but for its committed ABOUT.txt: the adapter is the result.
+The folder is a `cache: false` output whose other contents git ignores, so `dvc exp run` and `dvc checkout` leave an
 interrupted run's checkpoints where they are.
 """
 
@@ -35,7 +35,9 @@ PATTERN = re.compile(r"^checkpoint-(\d+)$")
 # train params that change what is logged or when it is saved, never the weights
 NOT_IN_IDENTITY = ("logging_steps", "save_steps", "save_minutes", "save_total_limit", "eval_steps", "report_to",
                    "token_metrics", "launch")  # fmt: skip
-KEEP = "README.md"  # the folder's committed note: it makes the (empty) output exist in a fresh clone
+# the folder's committed note, so that the output exists in a fresh clone (not README.md: transformers writes a
+# model card there)
+KEEP = "ABOUT.txt"
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -169,7 +171,7 @@ def prune(root: Path, keep: int) -> None:
 
 
 def clear(root: Path, resume: Path | None = None, keep_hashes: bool = True) -> None:
-    """Delete every checkpoint a run must not load or overwrite; with keep_hashes=False, all but the README.
+    """Delete every checkpoint a run must not load or overwrite; with keep_hashes=False, all but ABOUT.txt.
 
     Resuming keeps `resume` and the complete checkpoints before it (saves cut short after it would be
     overwritten); a fresh start deletes all of them.
