@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import signal
 import subprocess
@@ -57,7 +58,7 @@ def wait_for_checkpoint(d: Path, step: int, proc: subprocess.Popen) -> None:
 
 
 def ranks_alive() -> int:
-    out = subprocess.run(["pgrep", "-f", "-u", str(__import__("os").getuid()), "stages.train"], capture_output=True,
+    out = subprocess.run(["pgrep", "-f", "-u", str(os.getuid()), "stages.train"], capture_output=True,
                          text=True).stdout  # fmt: skip
     return len(out.split())
 

@@ -163,10 +163,11 @@ def mark_complete(folder: Path, identity: dict, step: int) -> None:
 def prune(root: Path, keep: int) -> None:
     """Keep the newest `keep` complete checkpoints; delete older ones and incomplete ones older than the newest."""
     found = checkpoints(root)
-    done = [(s, f) for s, f in found if complete(f) is not None]
-    newest = done[-1][0] if done else -1
+    done = [step for step, folder in found if complete(folder) is not None]  # oldest first
+    kept = set(done[-keep:])
+    newest = done[-1] if done else -1
     for step, folder in found:
-        if (step, folder) in done[:-keep] or (complete(folder) is None and step < newest):
+        if step not in kept and (step in done or step < newest):
             shutil.rmtree(folder, ignore_errors=True)
 
 
