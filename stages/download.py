@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 from stages.lib.convert import CONVERTERS
 from stages.lib.data.mix import summary_line
+from stages.lib.data.model_files import check_model_dir, check_tokenizer
 from stages.lib.data.read import data_files
-from stages.lib.data.sources import DATA_SOURCES, MODEL_SOURCES, tracked_path
+from stages.lib.data.sources import DATA_SOURCES, MODEL_SOURCES, hub_errors, hub_limits, tracked_path
 from stages.lib.core.errors import run_stage
-from stages.lib.core.outputs import staged_dir, write_json
+from stages.lib.core.outputs import scratch_dir, staged_outputs, write_json
 from stages.lib.core.params import LocalSource, Params, ParamsError, load_params
 from stages.lib.core.recipes import ConfigModel, HubModel, ModelRecipe, model_recipe
 
@@ -35,9 +35,9 @@ CHATML_JINJA = (
 def write_raw(params: Params, out: Path) -> dict:
     from stages.lib.data.mix import build_raw
 
-    work = Path(tempfile.mkdtemp(prefix=".download-", dir=out.parent))  # Arrow caches of the sources
+    work = scratch_dir(out.parent, "download")  # Arrow caches of the sources
     try:
-        manifest = build_raw(params.data, params.seed, out, work)
+        manifest = build_raw(params.data, params.seed, out, work, params.network)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     write_json(out / "manifest.json", manifest)
@@ -112,11 +112,10 @@ def fetch_hub(source: HubModel, recipe: ModelRecipe, params: Params, out: Path) 
     elif recipe.trust_remote_code:
         patterns.append("*.py")
     # Through the Hub cache (resumable, shared, and usable offline with HF_HUB_OFFLINE=1 once filled), then copied
-    snapshot = Path(
-        snapshot_download(
+    with hub_errors(f"hub model {source.repo}@{source.revision} (model recipe {params.model.recipe})"):
+        snapshot = Path(snapshot_download(
             source.repo, revision=source.revision, allow_patterns=patterns, local_files_only=constants.HF_HUB_OFFLINE
-        )
-    )
+        ))  # fmt: skip
     files = [str(p.relative_to(snapshot)) for p in snapshot.rglob("*") if p.is_file()]
     for name in sorted(filter_repo_objects(files, allow_patterns=patterns)):  # a cached snapshot may hold more
         path, target = snapshot / name, out / name
@@ -128,10 +127,8 @@ def fetch_hub(source: HubModel, recipe: ModelRecipe, params: Params, out: Path) 
 
 
 def copy_local(path: Path, out: Path) -> dict:
-    """Copy a local model directory (checked by check_inputs: under models/sources/, a directory)."""
+    """Copy a local model directory (checked by check_inputs: under models/sources/, whole)."""
     files = sorted({p for pattern in MODEL_FILES for p in path.glob(pattern)})
-    if not any(p.suffix == ".safetensors" for p in files):
-        raise ParamsError(f"model.path {path} has no *.safetensors weights (pickled weights are not loaded)")
     for p in files:
         shutil.copy2(p, out / p.name)
     return {"kind": "local", "path": str(path)}
@@ -147,6 +144,7 @@ def write_base(params: Params, raw: Path, out: Path) -> None:
         origin = fetch_hub(recipe.source, recipe, params, out)
     if recipe.converter and params.model.convert:
         origin["converted"] = CONVERTERS[recipe.converter](out)
+    check_model_dir(out, f"the model of recipe '{params.model.recipe}' ({origin['kind']} source)")
     sizes = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()}
     write_json(out / "manifest.json", {"source": origin, "recipe": params.model.recipe, "files": sizes})
 
@@ -161,7 +159,12 @@ def check_inputs(params: Params) -> None:
     for key in ("path", "tokenizer"):
         value = getattr(params.model, key)
         if value and not tracked_path(value, f"model.{key}", MODEL_SOURCES).is_dir():
-            raise ParamsError(f"model.{key} {value} is not a directory")
+            what = "does not exist" if not Path(value).exists() else "is a file, not a directory"
+            raise ParamsError(f"model.{key} {value} {what}: give the model's folder under {MODEL_SOURCES}/")
+    if params.model.path and not (recipe.converter and params.model.convert):  # a converter reads its own layout
+        check_model_dir(Path(params.model.path), f"model.path {params.model.path}")
+    if params.model.tokenizer:
+        check_tokenizer(Path(params.model.tokenizer), f"model.tokenizer {params.model.tokenizer}")
     if params.model.tokenizer and not isinstance(recipe.source, ConfigModel):
         raise ParamsError(
             f"model.tokenizer is for recipes built from config (like tiny-llama); '{params.model.recipe}' comes "
@@ -177,9 +180,11 @@ def check_inputs(params: Params) -> None:
 
 def main() -> None:
     params = load_params()
+    hub_limits(params.network)
     check_inputs(params)
     # both outputs are replaced together, after both succeeded: a bad model never leaves new data beside old weights
-    with staged_dir(RAW_DIR) as raw, staged_dir(BASE_DIR) as base:
+    with staged_outputs() as out:
+        raw, base = out.dir(RAW_DIR), out.dir(BASE_DIR)
         manifest = write_raw(params, raw)
         write_base(params, raw, base)
     print(f"{summary_line(manifest)}; base model ready")

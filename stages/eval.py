@@ -12,8 +12,8 @@ import json
 import math
 from pathlib import Path
 
-from stages.lib.core.errors import run_stage
-from stages.lib.core.outputs import write_json, write_text
+from stages.lib.core.errors import require, run_stage
+from stages.lib.core.outputs import staged_outputs, write_json, write_text
 from stages.lib.core.params import Params, load_params
 from stages.lib.eval.scores import exact_match, rouge_l
 
@@ -101,6 +101,8 @@ def evaluate(params: Params, path: Path, rows, tokenizer, stop_ids: list[int]) -
 
 def main() -> None:
     params = load_params()
+    require(MODELS["tuned"] / "config.json", made_by="merge")
+    require(TOKENIZED, made_by="tokenize")
     from datasets import load_from_disk
     from transformers import AutoTokenizer, GenerationConfig
 
@@ -118,10 +120,12 @@ def main() -> None:
         prompt = tokenizer.decode(row["input_ids"][: row["prompt_length"]])
         record = {"prompt": prompt, "reference": row["reference"]} | {m: predictions[m][i] for m in MODELS}
         lines.append(json.dumps(record, ensure_ascii=False) + "\n")
-    write_text(GENERATIONS, "".join(lines))
-    for name, keys in CHARTS.items():
-        write_json(PLOTS / name, [{"metric": k, "model": m, "value": metrics[m][k]} for k in keys for m in MODELS])
-    write_json(METRICS, metrics)
+    with staged_outputs() as out:
+        write_text(out.file(GENERATIONS), "".join(lines))
+        plots = out.dir(PLOTS)
+        for name, keys in CHARTS.items():
+            write_json(plots / name, [{"metric": k, "model": m, "value": metrics[m][k]} for k in keys for m in MODELS])
+        write_json(out.file(METRICS), metrics)
     print("eval:", json.dumps(metrics))
 
 

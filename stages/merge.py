@@ -15,8 +15,8 @@ import json
 import shutil
 from pathlib import Path
 
-from stages.lib.core.errors import UserError, run_stage
-from stages.lib.core.outputs import staged_dir, write_json
+from stages.lib.core.errors import UserError, require, run_stage
+from stages.lib.core.outputs import staged_outputs, write_json
 from stages.lib.core.params import Params, load_params
 
 BASE_DIR = Path("models/base")
@@ -78,6 +78,8 @@ def merge(params: Params):
 
 def main() -> None:
     params = load_params()
+    require(ADAPTER_DIR / "adapter_config.json", made_by="train")
+    require(TOKENIZER, made_by="tokenize")
     from transformers import AutoTokenizer
 
     from stages.lib.chat import format as chat_format
@@ -87,7 +89,8 @@ def main() -> None:
     merged.generation_config.eos_token_id = fmt.stop_ids[0] if len(fmt.stop_ids) == 1 else fmt.stop_ids
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
     merged.generation_config.pad_token_id = tokenizer.pad_token_id
-    with staged_dir(MERGED_DIR) as tmp:
+    with staged_outputs() as out:
+        tmp = out.dir(MERGED_DIR)
         merged.save_pretrained(tmp)
         for f in TOKENIZER.iterdir():  # byte for byte: a save/load round trip may change how text is split
             if f.name != chat_format.FORMAT_FILE:
@@ -96,7 +99,7 @@ def main() -> None:
             from stages.lib.convert import write_chatglm2_layout
 
             write_chatglm2_layout(tmp, BASE_DIR, tmp / "chatglm2")
-    write_json(METRICS, {"max_abs_logit_diff": diff, "tolerance": params.merge.tolerance, "dtype": params.merge_dtype})
+        write_json(out.file(METRICS), {"max_abs_logit_diff": diff, "tolerance": params.merge.tolerance, "dtype": params.merge_dtype})
     print(f"merge: max |logit difference| {diff} (tolerance {params.merge.tolerance})")
 
 

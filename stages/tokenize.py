@@ -13,15 +13,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from stages.lib.chat import format as chat_format
 from stages.lib.chat.encode import RenderError, encode, render_all
-from stages.lib.core.errors import UserError, run_stage
-from stages.lib.core.outputs import staged_dir, write_json
+from stages.lib.core.errors import UserError, require, run_stage
+from stages.lib.core.outputs import scratch_dir, staged_outputs, write_json
 from stages.lib.core.params import Params, load_params
 from stages.lib.core.recipes import model_recipe, template_recipe
 
@@ -196,15 +195,18 @@ def nothing_left(params: Params, raw_records: int) -> UserError:
 
 def main() -> None:
     params = load_params()
+    require(RAW_DIR / "manifest.json", BASE_DIR / "config.json", made_by="download")
+    manifest = json.loads((RAW_DIR / "manifest.json").read_text())
+    template_recipe(template_name(params, manifest["format"]))  # a bad template fails before the slow imports
     from transformers import AutoTokenizer
 
-    manifest = json.loads((RAW_DIR / "manifest.json").read_text())
-    with staged_dir(OUT_DIR) as tmp:
+    with staged_outputs() as out:
+        tmp = out.dir(OUT_DIR)
         tokenizer = chat_format.reload(AutoTokenizer.from_pretrained(BASE_DIR), tmp / TOKENIZER.name)
         fmt = decide_format(params, tokenizer, manifest["format"])
         for note in fmt.notes:
             print(f"tokenize: {note}", flush=True)
-        cache = Path(tempfile.mkdtemp(prefix=".tokenize-", dir=OUT_DIR.parent))
+        cache = scratch_dir(OUT_DIR.parent, "tokenize")
         try:
             encoded = [tokenize_split(name, params, tokenizer, fmt, cache) for name in ("train", "validation")]
             train, validation, summary = build_splits(*encoded)
@@ -221,12 +223,12 @@ def main() -> None:
         finally:
             shutil.rmtree(cache, ignore_errors=True)
         chat_format.save(tokenizer, fmt, tmp / TOKENIZER.name)
-    summary |= {
-        "template": template_name(params, manifest["format"]),
-        "stop_tokens": tokenizer.convert_ids_to_tokens(fmt.stop_ids),
-        "sources": source_counts(manifest, summary.pop("per_source")),
-    }
-    write_json(METRICS, summary)
+        summary |= {
+            "template": template_name(params, manifest["format"]),
+            "stop_tokens": tokenizer.convert_ids_to_tokens(fmt.stop_ids),
+            "sources": source_counts(manifest, summary.pop("per_source")),
+        }
+        write_json(out.file(METRICS), summary)
     for line in warnings(summary, params):
         print(f"tokenize: warning: {line}")
     print(f"tokenize: {summary['train_records']} train / {summary['validation_records']} validation rows, "

@@ -17,8 +17,8 @@ import socket
 import sys
 from pathlib import Path
 
-from stages.lib.core.errors import UserError, run_stage
-from stages.lib.core.outputs import replace_path, write_json
+from stages.lib.core.errors import UserError, require, run_stage
+from stages.lib.core.outputs import staged_outputs, write_json, write_text
 from stages.lib.core.params import Params, load_params
 from stages.lib.core.recipes import deepspeed_config, model_recipe
 
@@ -253,17 +253,27 @@ def train(params: Params) -> None:
                       "chat_template.jinja"):  # merge takes the tokenizer from data/tokenized/tokenizer
             path = partial / extra
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        sort_target_modules(partial / "adapter_config.json")
         write_json(partial / "train_config.json", resolved_config(params, trainer, result, resume) | telemetry.summary)
         print("train:", json.dumps(telemetry.summary))
-        replace_path(partial, ADAPTER_DIR)
-        if live_partial.exists():
-            replace_path(live_partial, LIVE_DIR)
+        with staged_outputs() as out:  # the adapter and its curves arrive together
+            out.add(partial, ADAPTER_DIR)
+            if live_partial.exists():
+                out.add(live_partial, LIVE_DIR)
     if dist.is_initialized():
         dist.barrier()
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
         checkpoints.clear(CHECKPOINTS, keep_hashes=False)  # the run is complete: the adapter is the result
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def sort_target_modules(path: Path) -> None:
+    """PEFT writes target_modules from a set, in a different order each run: sorted, equal adapters hash equal."""
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+        write_text(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def resume_point(params: Params):
@@ -334,6 +344,8 @@ def resolved_config(params: Params, trainer, result, resume: Path | None = None)
 
 def check_reporters(names: list[str]) -> None:
     """train.report_to names transformers integrations that are installed here (UserError otherwise)."""
+    if not names:
+        return  # the import below takes seconds
     from transformers.integrations.integration_utils import (
         INTEGRATION_TO_CALLBACK,
         get_available_reporting_integrations,
@@ -352,6 +364,10 @@ def check_reporters(names: list[str]) -> None:
 
 def main() -> None:
     params = load_params()
+    require(TOKENIZER, made_by="tokenize")
+    require(BASE_DIR / "config.json", made_by="download")
+    if params.train.deepspeed:
+        deepspeed_config(params.train.deepspeed)  # a missing or broken file fails here, in a second
     check_reporters(params.train.report_to)
     from stages.lib.train.launch import relaunch_if_needed
 

@@ -117,7 +117,7 @@ def test_every_recipe_validates():
 
 
 def test_an_unknown_recipe_lists_the_known_ones():
-    with pytest.raises(ParamsError, match="no model recipe 'nope' .*tiny-llama"):
+    with pytest.raises(ParamsError, match="model.recipe: no recipe 'nope' .*tiny-llama"):
         model_recipe("nope")
 
 

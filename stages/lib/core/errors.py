@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable
 
@@ -10,8 +11,29 @@ class UserError(ValueError):
     """Bad params, recipe, data or files: the message names the key or file and what is wrong."""
 
 
+def require(*paths, made_by: str) -> None:
+    """UserError unless every path (str or Path) exists: a stage run by hand before the one that writes it."""
+    from pathlib import Path
+
+    missing = [p for p in paths if not Path(p).exists()]
+    if missing:
+        raise UserError(f"{missing[0]} is missing: the {made_by} stage writes it; run `dvc repro` (it runs the "
+                        "stages in order) rather than this stage alone")  # fmt: skip
+
+
 def run_stage(main: Callable[[], None]) -> None:
+    """Run a stage's `main`: first finish or clean up what a killed run left (head process only: launched ranks
+    share its folders), then turn a UserError into one `error:` line and Ctrl-C into exit 130, both without a
+    traceback and with every earlier output as it was."""
+    from .outputs import recover
+
+    if "LOCAL_RANK" not in os.environ:
+        for line in recover():
+            print(f"note: {line}", flush=True)
     try:
         main()
     except UserError as exc:
         sys.exit(f"error: {exc}")
+    except KeyboardInterrupt:
+        print("interrupted: every earlier output is as it was", file=sys.stderr, flush=True)
+        sys.exit(130)

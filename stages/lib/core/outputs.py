@@ -1,35 +1,149 @@
-"""Writing stage outputs so that a failed stage never leaves a half-written or missing output behind."""
+"""Writing stage outputs so that a failed or killed stage never leaves a half-written or missing output behind.
+
+A stage builds every output in a temp path beside it and swaps them all in at the end. The swap is journalled: a
+stage killed between two renames is completed by the next stage that starts (`recover`), so the outputs of one
+run always arrive together. Temp paths carry this host's name and the writer's pid, so the next start removes
+those of a dead process and never those of a live one (another node's ranks may share the folder).
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+JOURNAL = Path(".outputs-journal.json")  # the swap in progress: [[temp, final], ...], host and pid
+OUTPUT_PARENTS = ("data", "models", "metrics", "eval", "dvclive", "dvclive/train", "dvclive/train/plots")
+_STALE = re.compile(r"^\..+\.(?:tmp|scratch)-(?P<host>.+)-(?P<pid>\d+)-[^-]+$")
+
+
+def _owner_tag() -> str:
+    return f"{socket.gethostname().replace('-', '_')}-{os.getpid()}-"
+
+
+def scratch_dir(beside: str | Path, name: str) -> Path:
+    """A new empty work folder `.name.scratch-<host>-<pid>-<random>` in `beside`; the caller removes it, and the
+    next stage start does if this process is killed first."""
+    beside = Path(beside)
+    beside.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{name}.scratch-{_owner_tag()}", dir=beside))
+
+
+class StagedOutputs:
+    """The temp paths of one stage's outputs; see `staged_outputs`."""
+
+    def __init__(self) -> None:
+        self.pairs: list[tuple[Path, Path]] = []
+
+    def dir(self, final: str | Path) -> Path:
+        """An empty temp directory beside `final` that replaces it on success."""
+        final = Path(final)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{_owner_tag()}", dir=final.parent))
+        tmp.chmod(0o755)  # mkdtemp's 0700 would hide the output from other users of a shared cluster folder
+        self.pairs.append((tmp, final))
+        return tmp
+
+    def file(self, final: str | Path) -> Path:
+        """A temp file path (not yet created) beside `final` that replaces it on success."""
+        tmp = self.dir(final.with_name(f"{Path(final).name}.d"))  # a private folder: the name cannot collide
+        self.pairs[-1] = (tmp / Path(final).name, Path(final))
+        return tmp / Path(final).name
+
+    def add(self, tmp: str | Path, final: str | Path) -> None:
+        """A temp path the stage made itself (beside `final`, same filesystem) that replaces `final` on success."""
+        self.pairs.append((Path(tmp), Path(final)))
+
+    def discard(self) -> None:
+        for tmp, final in self.pairs:
+            shutil.rmtree(_temp_root(tmp, final), ignore_errors=True)
+
+    def commit(self) -> None:
+        for tmp, final in self.pairs:
+            if not (tmp.exists() or tmp.is_symlink()):
+                raise RuntimeError(f"the stage did not write {final}")  # a bug, not bad input
+        write_json(JOURNAL, {"host": socket.gethostname(), "pid": os.getpid(),
+                             "pairs": [[str(t), str(f)] for t, f in self.pairs]})  # fmt: skip
+        _roll_forward(self.pairs)
+        JOURNAL.unlink()
+
+
+@contextmanager
+def staged_outputs() -> Iterator[StagedOutputs]:
+    """Collect a stage's outputs in temp paths; on success they replace the finals together, on an exception
+    (or a kill: see `recover`) every final stays as it was."""
+    staged = StagedOutputs()
+    try:
+        yield staged
+    except BaseException:
+        staged.discard()
+        raise
+    staged.commit()
+
 
 @contextmanager
 def staged_dir(final: str | Path) -> Iterator[Path]:
-    """Yield an empty temp directory beside `final`; on success it replaces `final` in one rename.
+    """One output directory: yield an empty temp directory that replaces `final` on success."""
+    with staged_outputs() as out:
+        yield out.dir(final)
 
-    On an exception the temp directory is removed and `final` (the last good output) stays as it was.
-    """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+
+def _temp_root(tmp: Path, final: Path) -> Path:
+    return tmp.parent if tmp.name == final.name else tmp  # a staged file lives in its own temp folder
+
+
+def _roll_forward(pairs) -> None:
+    for tmp, final in pairs:
+        tmp, final = Path(tmp), Path(final)
+        if tmp.exists() or tmp.is_symlink():
+            replace_path(tmp, final)
+        root = _temp_root(tmp, final)
+        if root != tmp:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
     try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    replace_path(tmp, final)
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover(parents=OUTPUT_PARENTS) -> list[str]:
+    """At a stage's start (project root): finish a swap a killed stage left half-done on this host, then remove
+    temp paths of dead processes of this host. Returns what it did, one phrase per action."""
+    done = []
+    if JOURNAL.exists():
+        try:
+            journal = json.loads(JOURNAL.read_text(encoding="utf-8"))
+        except ValueError:  # killed while writing the journal: no rename had started
+            journal = {"host": socket.gethostname(), "pid": -1, "pairs": []}
+        if journal["host"] == socket.gethostname() and not _alive(journal["pid"]):
+            _roll_forward(journal["pairs"])
+            JOURNAL.unlink()
+            done.append(f"completed the swap of {', '.join(f for _, f in journal['pairs'])} a killed stage began")
+    host = socket.gethostname().replace("-", "_")
+    for parent in map(Path, parents):
+        for entry in parent.glob(".*") if parent.is_dir() else []:
+            match = _STALE.match(entry.name)
+            if match and match["host"] == host and not _alive(int(match["pid"])):
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+                done.append(f"removed {entry}, left by a killed run")
+    return done
 
 
 def replace_path(new: Path, final: Path) -> None:
+    """Put `new` at `final` (a file or directory), removing what was there."""
     old = final.with_name(f".{final.name}.old")
     shutil.rmtree(old, ignore_errors=True)
     if final.exists() or final.is_symlink():
@@ -45,7 +159,7 @@ def write_text(path: str | Path, text: str) -> None:
     """Write a file atomically: a temp file beside it, then one rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # unique: nodes may race
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{_owner_tag()}", dir=path.parent)  # unique: nodes may race
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(text)
     os.chmod(tmp, 0o644)

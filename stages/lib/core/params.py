@@ -7,6 +7,7 @@ second, before any model, dataset or output is touched.
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -20,7 +21,8 @@ Dtype = Literal["bfloat16", "float16", "float32"]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: "8", 8.0 or true is not quietly an int, nor "1e-4" a float; inf and nan are no number of anything
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 # ---------------------------------------------------------------- data
@@ -245,8 +247,18 @@ class EvalParams(Strict):
     batch_size: Annotated[int, Field(ge=1)] = 16
 
 
+class NetworkParams(Strict):
+    """Limits for URL and Hub downloads. Not a DVC param of any stage: they never change what is downloaded."""
+
+    connect_timeout_s: Annotated[float, Field(gt=0)] = 20  # to open a connection
+    read_timeout_s: Annotated[float, Field(gt=0)] = 60  # between two received chunks
+    deadline_minutes: Annotated[float, Field(gt=0)] = 60  # for one file, however slowly it trickles in
+    retries: Annotated[int, Field(ge=0, le=10)] = 2  # after a refused connection, a timeout or an HTTP 5xx/429
+
+
 class Params(Strict):
     seed: int = 42
+    network: NetworkParams = NetworkParams()
     data: DataParams
     model: ModelParams
     tokenize: TokenizeParams = TokenizeParams()
@@ -340,12 +352,48 @@ def validate(raw: Any, source: str = str(PARAMS_FILE)) -> Params:
         raise ParamsError(f"{source} is not valid:\n  - " + "\n  - ".join(lines)) from None
 
 
+class ParamsLoader(yaml.SafeLoader):
+    """PyYAML's safe loader (no `!!python/...` objects), refusing duplicate keys (where PyYAML keeps the last one
+    silently) and reading `1e-4` as a number as YAML 1.2 does (YAML 1.1 wants `1.0e-4`, and DVC writes `1e-4`)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key '{key}' (first on line {seen[key] + 1}): keep one", key_node.start_mark
+                )
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+ParamsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def read_yaml(path: Path, text: str):
+    """Parse `text` (the file `path`) with ParamsLoader; a syntax error is one ParamsError line with its position."""
+    try:
+        return yaml.load(text, Loader=ParamsLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
+        context = f" ({exc.context})" if exc.context else ""
+        raise ParamsError(f"{path}, {where}: {exc.problem}{context}") from None
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path} is not valid YAML: {' '.join(str(exc).split())}") from None
+
+
 def load_params(path: str | Path = PARAMS_FILE) -> Params:
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ParamsError(f"{path} not found: run from the project root") from None
-    except yaml.YAMLError as exc:
-        raise ParamsError(f"{path} is not valid YAML: {exc}") from None
-    return validate(raw, str(path))
+    except UnicodeDecodeError as exc:
+        raise ParamsError(f"{path} is not UTF-8 text (byte {exc.start}): re-save it as UTF-8") from None
+    return validate(read_yaml(path, text), str(path))

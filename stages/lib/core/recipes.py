@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .params import Dtype, ParamsError
+from .params import Dtype, ParamsError, read_yaml
 
 RECIPES = Path("recipes")  # stages run from the project root, like every path in dvc.yaml
 
@@ -75,16 +75,24 @@ def _load(kind: str, name: str, suffix: str) -> tuple[Path, Any]:
     path = Path(name) if Path(name).suffix == suffix and Path(name).exists() else RECIPES / kind / f"{name}{suffix}"
     if not path.exists():
         known = sorted(p.stem for p in (RECIPES / kind).glob(f"*{suffix}"))
-        raise ParamsError(f"no {kind[:-1]} recipe '{name}' (known: {', '.join(known)})")
+        key = {"models": "model.recipe", "templates": "tokenize.template", "deepspeed": "train.deepspeed"}[kind]
+        raise ParamsError(f"{key}: no recipe '{name}' in {RECIPES / kind}/ (known: {', '.join(known)})")
     text = path.read_text(encoding="utf-8")
-    return path, (json.loads(text) if suffix == ".json" else yaml.safe_load(text))
+    if suffix != ".json":
+        return path, read_yaml(path, text)
+    try:
+        return path, json.loads(text)
+    except ValueError as exc:
+        raise ParamsError(f"{path} is not valid JSON: {exc}") from None
 
 
 def _validated(cls: type[BaseModel], path: Path, raw: Any):
     try:
         return cls.model_validate(raw)
     except ValidationError as exc:
-        raise ParamsError(f"recipe {path} is not valid:\n{exc}") from None
+        first = exc.errors()[0]
+        where = ".".join(map(str, first["loc"])) or "the file"
+        raise ParamsError(f"recipe {path}: {where}: {first['msg']} (got {first.get('input')!r})") from None
 
 
 def model_recipe(name: str) -> ModelRecipe:
@@ -98,8 +106,16 @@ def template_recipe(name: str) -> TemplateRecipe:
 
 
 def deepspeed_config(name_or_path: str) -> dict:
-    """A DeepSpeed JSON config: a recipe name (recipes/deepspeed/NAME.json) or a path to a JSON file."""
-    return _load("deepspeed", name_or_path, ".json")[1]
+    """A DeepSpeed JSON config: a recipe name (recipes/deepspeed/NAME.json) or the path of a JSON file in
+    recipes/deepspeed/ (the train stage's DVC dependency: a file elsewhere would change unseen)."""
+    path = Path(name_or_path)
+    if path.suffix == ".json" and not os.path.abspath(path).startswith(os.path.abspath(RECIPES / "deepspeed") + os.sep):
+        raise ParamsError(f"train.deepspeed {name_or_path} is outside {RECIPES}/deepspeed/, so DVC would never see it "
+                          f"change: copy it to {RECIPES}/deepspeed/{path.name} and set train.deepspeed: {path.stem}")  # fmt: skip
+    config = _load("deepspeed", name_or_path, ".json")[1]
+    if not isinstance(config, dict):
+        raise ParamsError(f"train.deepspeed {name_or_path}: a DeepSpeed config is a JSON object, got {type(config).__name__}")
+    return config
 
 
 def recipe_path(kind: str, name: str, suffix: str) -> Path:

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..core.errors import UserError
 from ..core.outputs import sha256_file
-from ..core.params import DataParams
+from ..core.params import DataParams, NetworkParams
 from .normalize import DROP_REASONS, Normalizer
 from .sources import label, open_source
 
@@ -30,14 +30,14 @@ def _labels(data: DataParams) -> list[str]:
     return [n if names.count(n) == 1 else f"{n}-{i}" for i, n in enumerate(names)]
 
 
-def normalized(data: DataParams, labels: list[str], seed: int, workdir: Path) -> list[tuple[object, dict]]:
+def normalized(data: DataParams, labels: list[str], seed: int, workdir: Path, net: NetworkParams) -> list[tuple[object, dict]]:
     """Per source: its kept records (a Dataset with messages, key, record, source) and its counts."""
     import datasets
 
     datasets.disable_progress_bars()
     out = []
     for i, (src, name) in enumerate(zip(data.sources, labels)):
-        ds, origin = open_source(src, seed, workdir / f"source-{i}")
+        ds, origin = open_source(src, seed, workdir / f"source-{i}", net)
         read = len(ds)
         if src.max_records:
             ds = ds.select(range(min(read, src.max_records)))
@@ -79,12 +79,12 @@ def write_jsonl(ds, path: Path) -> None:
                 f.write(json.dumps({"messages": m, "record": r, "source": s}, ensure_ascii=False, sort_keys=True) + "\n")
 
 
-def build_raw(data: DataParams, seed: int, out: Path, workdir: Path) -> dict:
+def build_raw(data: DataParams, seed: int, out: Path, workdir: Path, net: NetworkParams = NetworkParams()) -> dict:
     """Write data/raw's train.jsonl and validation.jsonl into `out`; returns the manifest (the caller writes it)."""
     from datasets import concatenate_datasets
 
     labels = _labels(data)
-    parts = normalized(data, labels, seed, workdir)
+    parts = normalized(data, labels, seed, workdir, net)
     if not any(len(ds) for ds, _ in parts):
         reasons = Counter()
         for _, c in parts:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import codecs
 import hashlib
 import os
+from contextlib import contextmanager
 import urllib.request
 from pathlib import Path
 
-from ..core.params import BuiltinSource, DataSource, HubSource, LocalSource, ParamsError, UrlSource
+from ..core.params import BuiltinSource, DataSource, HubSource, LocalSource, NetworkParams, ParamsError, UrlSource
 from .read import BUILDERS, SourceError, read_table
 from .toy_task import BUILTIN
 
@@ -32,7 +33,11 @@ def tracked_path(value: str, key: str, root: Path) -> Path:
         ) from None
     files = [path, *(path.rglob("*") if path.is_dir() else [])]
     for f in files:
-        target = f.resolve()
+        try:
+            target = f.resolve(strict=True)
+        except (OSError, RuntimeError) as exc:  # a symlink loop, or a link to nothing
+            raise ParamsError(f"{key}: {f} cannot be followed ({exc.strerror if isinstance(exc, OSError) else exc}): "
+                              "replace the link with the file") from None  # fmt: skip
         inside = target.is_relative_to(root.resolve()) or "md5" in target.parts  # or DVC's cache (files/md5/..)
         if not inside:  # the lexical check passed: a link on the way leads out
             raise ParamsError(
@@ -42,35 +47,107 @@ def tracked_path(value: str, key: str, root: Path) -> Path:
     return path
 
 
-def download_url(url: str, sha256: str, dest: Path) -> Path:
-    """Stream `url` to `dest`, failing unless its sha256 is the pinned one. A name without a known extension gets
-    one from the content (JSON, Parquet, else CSV is not guessed: SourceError)."""
-    import urllib.error
+RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}  # worth another try; any other HTTP error is final
 
-    digest = hashlib.sha256()
+
+class _Retry(Exception):
+    pass
+
+
+def download_url(url: str, sha256: str, dest: Path, net: NetworkParams) -> Path:
+    """Stream `url` to `dest`, failing unless its sha256 is the pinned one. A name without a known extension gets
+    one from the content (JSON, Parquet; CSV is not guessed: SourceError).
+
+    Limits come from params `network`: connect and read timeouts (seconds), a deadline for the whole file (so a
+    server trickling one byte at a time cannot hang the stage) and `retries` after a refused connection, a timeout
+    or HTTP 408/429/5xx, with 1, 2, 4 ... s pauses. Every failure is a SourceError naming the URL; the partial
+    file is removed, so nothing half-downloaded is ever read.
+    """
+    import time
+
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(dest.name + ".part")
-    try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as out:
-            for chunk in iter(lambda: response.read(1 << 20), b""):
-                digest.update(chunk)
-                out.write(chunk)
-    except (urllib.error.URLError, OSError) as exc:  # HTTPError is a URLError; timeouts and resets are OSErrors
-        tmp.unlink(missing_ok=True)
-        detail = f"HTTP {exc.code} {exc.reason}" if isinstance(exc, urllib.error.HTTPError) else getattr(exc, "reason", exc)
-        raise SourceError(f"{url} could not be downloaded: {detail}") from None
-    if digest.hexdigest() != sha256:
+    for attempt in range(net.retries + 1):
+        try:
+            digest = _fetch(url, tmp, net)
+            break
+        except _Retry as exc:
+            tmp.unlink(missing_ok=True)
+            if attempt == net.retries:
+                tries = f" (tried {attempt + 1} times; network.retries: {net.retries})" if net.retries else ""
+                raise SourceError(f"{url} could not be downloaded: {exc}{tries}") from None
+            time.sleep(min(2**attempt, 30))
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    if digest != sha256:
         tmp.unlink()
-        raise SourceError(f"sha256 mismatch for {url}: the source pins {sha256}, the download is {digest.hexdigest()}")
+        raise SourceError(f"sha256 mismatch for {url}: the source pins {sha256}, the download is {digest}")
     if dest.suffix.lower() not in BUILDERS:
         head = tmp.read_bytes()[:4096].lstrip(codecs.BOM_UTF8).lstrip()
         suffix = ".parquet" if head[:4] == b"PAR1" else ".json" if head[:1] in (b"{", b"[") else None
         if suffix is None:
+            tmp.unlink()
             raise SourceError(f"{url}: cannot tell the file type from its name or content; serve it with one of the "
                               f"extensions {', '.join(sorted(BUILDERS))}")  # fmt: skip
         dest = dest.with_name(dest.name + suffix)
     tmp.rename(dest)
     return dest
+
+
+def _fetch(url: str, tmp: Path, net: NetworkParams) -> str:
+    """One attempt: the file's sha256 once it is all in `tmp`. _Retry for what may pass, SourceError otherwise."""
+    import time
+
+    import httpx
+
+    timeout = httpx.Timeout(net.read_timeout_s, connect=net.connect_timeout_s)
+    deadline = time.monotonic() + net.deadline_minutes * 60
+    digest = hashlib.sha256()
+    try:
+        with httpx.stream("GET", url, timeout=timeout, follow_redirects=True) as response, open(tmp, "wb") as out:
+            if response.status_code in RETRY_STATUS:
+                raise _Retry(f"HTTP {response.status_code} {response.reason_phrase}")
+            if response.status_code >= 400:
+                raise SourceError(f"{url} could not be downloaded: HTTP {response.status_code} "
+                                  f"{response.reason_phrase}; check the URL")  # fmt: skip
+            for chunk in response.iter_bytes(1 << 20):
+                digest.update(chunk)
+                out.write(chunk)
+                if time.monotonic() > deadline:
+                    raise _Retry(f"not complete after network.deadline_minutes ({net.deadline_minutes}); "
+                                 f"{out.tell()} bytes arrived")  # fmt: skip
+    except httpx.TimeoutException as exc:
+        kind = "connect" if isinstance(exc, httpx.ConnectTimeout) else "read"
+        limit = net.connect_timeout_s if kind == "connect" else net.read_timeout_s
+        raise _Retry(f"no answer within network.{kind}_timeout_s ({limit} s)") from None
+    except httpx.TransportError as exc:  # refused, reset, DNS, TLS
+        raise _Retry(f"{type(exc).__name__}: {exc}") from None
+    except httpx.InvalidURL as exc:
+        raise SourceError(f"{url} is not a valid URL: {exc}") from None
+    return digest.hexdigest()
+
+
+def hub_limits(net: NetworkParams) -> None:
+    """Apply params `network` to huggingface_hub (read once, at its import: call this before importing it)."""
+    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", str(net.connect_timeout_s))
+    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", str(net.read_timeout_s))
+
+
+@contextmanager
+def hub_errors(what: str):
+    """Turn the Hub's and datasets' failures (not found, offline without a cache, HTTP, timeouts) into one
+    SourceError line naming `what`."""
+    import httpx
+    from datasets.exceptions import DatasetsError
+
+    try:
+        yield
+    except (OSError, ValueError, DatasetsError, httpx.HTTPError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+        hint = "; HF_HUB_OFFLINE is set: fill the Hub cache once with network access" if offline else ""
+        raise SourceError(f"{what} could not be loaded: {type(exc).__name__}: {first}{hint}") from None
 
 
 def label(src: DataSource) -> str:
@@ -84,7 +161,7 @@ def label(src: DataSource) -> str:
     return src.repo.rsplit("/", 1)[-1]
 
 
-def open_source(src: DataSource, seed: int, workdir: Path):
+def open_source(src: DataSource, seed: int, workdir: Path, net: NetworkParams = NetworkParams()):
     """The source's records as a `datasets.Dataset` and a description of where they came from (the manifest's)."""
     import datasets
 
@@ -94,9 +171,10 @@ def open_source(src: DataSource, seed: int, workdir: Path):
         return read_table(Path(src.path), workdir / "cache"), {"kind": "local", "path": src.path}
     if isinstance(src, UrlSource):
         name = Path(urllib.request.urlparse(src.url).path).name or "data.json"
-        path = download_url(src.url, src.sha256, workdir / name)
+        path = download_url(src.url, src.sha256, workdir / name, net)
         return read_table(path, workdir / "cache"), {"kind": "url", "url": src.url, "sha256": src.sha256}
     if isinstance(src, HubSource):
-        ds = datasets.load_dataset(src.repo, src.subset, split=src.split, revision=src.revision)
+        with hub_errors(f"hub dataset {src.repo}@{src.revision} (split {src.split})"):
+            ds = datasets.load_dataset(src.repo, src.subset, split=src.split, revision=src.revision)
         return ds, {"kind": "hub", "repo": src.repo, "revision": src.revision, "split": src.split}
     raise AssertionError(src)

@@ -43,6 +43,73 @@ def launcher_command(params: Params) -> list[str]:
     return [*cmd, "--module", STAGE_MODULE]
 
 
+def check_deepspeed(name: str) -> dict:
+    """The DeepSpeed config `name` (train.deepspeed) parses, and its zero_optimization section passes DeepSpeed's
+    own schema ("auto" values are transformers' to fill); UserError naming the first bad key otherwise."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    from pydantic import ValidationError
+
+    from ..core.recipes import deepspeed_config
+
+    config = deepspeed_config(name)
+    zero = config.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise UserError(f"train.deepspeed {name}: zero_optimization must be a JSON object")
+    try:
+        DeepSpeedZeroConfig(**{k: v for k, v in zero.items() if v != "auto"})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = ".".join(map(str, ("zero_optimization", *first["loc"])))
+        raise UserError(f"train.deepspeed {name}: {key}: {first['msg']} (got {first.get('input')!r})") from None
+    return config
+
+
+def _quiet_deepspeed_logger():
+    import logging
+
+    from deepspeed.utils import logger
+
+    logger.setLevel(logging.CRITICAL)  # its parser logs the whole file before raising; our error says it in one line
+
+
+def check_launch(params: Params, visible_gpus: int) -> None:
+    """Before starting any rank: the hostfile parses and has the nodes asked for, `include` names hosts and GPUs
+    that exist, and (single node) the master port is free. UserError naming the key otherwise."""
+    from deepspeed.launcher.runner import fetch_hostfile, parse_inclusion_exclusion
+
+    launch = params.train.launch
+    _quiet_deepspeed_logger()
+    if launch.hostfile:
+        try:
+            pool = fetch_hostfile(launch.hostfile)
+        except ValueError as exc:
+            raise UserError(f"train.launch.hostfile {launch.hostfile}: {exc}; each line is `<host> slots=<GPUs>`") from None
+        if pool is None:
+            raise UserError(f"train.launch.hostfile {launch.hostfile} does not exist")
+        if len(pool) < launch.nodes:
+            raise UserError(f"train.launch.hostfile {launch.hostfile} lists {len(pool)} host(s) and "
+                            f"train.launch.nodes is {launch.nodes}: add the missing hosts or lower nodes")  # fmt: skip
+    else:
+        pool = {"localhost": max(visible_gpus, 1)}
+        if launch.gpus_per_node and launch.gpus_per_node > max(visible_gpus, 1):
+            raise UserError(f"train.launch.gpus_per_node is {launch.gpus_per_node} but this node has "
+                            f"{visible_gpus} visible GPU(s): lower it or set CUDA_VISIBLE_DEVICES")  # fmt: skip
+    if launch.include:
+        try:
+            parse_inclusion_exclusion(dict(pool), launch.include, "")
+        except (ValueError, KeyError) as exc:
+            raise UserError(f"train.launch.include {launch.include!r}: {exc} (hosts and GPUs available: "
+                            f"{', '.join(f'{h}: {n}' for h, n in pool.items())})") from None  # fmt: skip
+    if launch.nodes == 1 or (launch.runner == "no-ssh" and launch.node_rank == 0):
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as torch's store binds: TIME_WAIT is not "in use"
+            try:
+                s.bind(("", launch.master_port))
+            except OSError:
+                raise UserError(f"train.launch.master_port {launch.master_port} is in use on this host (another "
+                                "training run?): pick a free port") from None  # fmt: skip
+
+
 def relaunch_if_needed(params: Params) -> bool:
     """Run the stage under the DeepSpeed launcher unless this process already is a launched rank."""
     if "LOCAL_RANK" in os.environ:
@@ -56,7 +123,11 @@ def relaunch_if_needed(params: Params) -> bool:
                 "(zero3, zero2, ...) to train on all of them, or make one visible with CUDA_VISIBLE_DEVICES=0"
             )
         return False
-    from .interrupt import STOP_CODES, forward_stops
+    import torch
+
+    check_deepspeed(params.train.deepspeed)
+    check_launch(params, torch.cuda.device_count())
+    from .interrupt import STOP_CODES, forward_stops  # after the checks: it imports transformers (seconds)
 
     cmd = launcher_command(params)
     print("train: launching", shlex.join(cmd), flush=True)

@@ -1,0 +1,404 @@
+"""The catalogue of bad inputs: each case is a mistake a user makes, the stage that meets it, and what the one-line
+error must name. tests/test_bad_inputs.py runs every case in a copy of a ready project and checks the outcome;
+`python tests/bad_inputs.py` prints the guide's "When something goes wrong" table from the same list.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import struct
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+CATEGORIES = {
+    "params": "params.yaml",
+    "data": "Data files",
+    "sources": "Downloads (URL and Hub)",
+    "models": "Model folders",
+    "templates": "Templates and tokenizing",
+    "launch": "DeepSpeed and launching",
+    "order": "Stages run out of order",
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    category: str
+    situation: str  # what the user did, as the guide's table says it
+    stage: str  # the stage that must refuse it
+    setup: Callable[[Path, dict], None]  # changes the project copy; the dict holds the test's servers (urls)
+    expect: str  # a fragment of the error line: the key, file or record it names
+    slow: bool = False
+    env: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- helpers that change the project copy
+
+
+def params_of(repo: Path) -> dict:
+    return yaml.safe_load((repo / "params.yaml").read_text(encoding="utf-8"))
+
+
+def set_params(repo: Path, **changes) -> None:
+    """Dotted keys (with `__` for `.`) set in params.yaml."""
+    raw = params_of(repo)
+    for dotted, value in changes.items():
+        node = raw
+        *parents, last = dotted.replace("__", ".").split(".")
+        for key in parents:
+            node = node.setdefault(key, {}) if not key.isdigit() else node[int(key)]
+        node[last] = value
+    (repo / "params.yaml").write_text(yaml.safe_dump(raw, allow_unicode=True, sort_keys=False), encoding="utf-8")
+
+
+def params(**changes) -> Callable[[Path, dict], None]:
+    return lambda repo, ctx: set_params(repo, **changes)
+
+
+def params_text(transform: Callable[[str], str]) -> Callable[[Path, dict], None]:
+    def setup(repo: Path, ctx: dict) -> None:
+        path = repo / "params.yaml"
+        path.write_text(transform(path.read_text(encoding="utf-8")), encoding="utf-8")
+
+    return setup
+
+
+def source(**src) -> Callable[[Path, dict], None]:
+    """The data sources become this one source (`{url}` in a value: the test server's address)."""
+
+    def setup(repo: Path, ctx: dict) -> None:
+        values = {k: v.format(**ctx) if isinstance(v, str) else v for k, v in src.items()}
+        set_params(repo, data__sources=[values])
+
+    return setup
+
+
+def data_file(name: str, content: bytes | str, **src) -> Callable[[Path, dict], None]:
+    """data/sources/<name> holds `content`; it is the only source (alpaca format unless `src` says otherwise)."""
+
+    def setup(repo: Path, ctx: dict) -> None:
+        path = repo / "data" / "sources" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
+        set_params(repo, data__sources=[{"kind": "local", "path": f"data/sources/{name}", **src}])
+
+    return setup
+
+
+def jsonl(records: list[dict]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+
+
+GOOD = [{"instruction": f"Say {i}", "input": "", "output": f"{i}"} for i in range(20)]
+
+
+def model_copy(change: Callable[[Path], None], tokenizer_only: bool = False) -> Callable[[Path, dict], None]:
+    """models/sources/m: a copy of the ready project's models/base, then `change` to it; model.path (or
+    model.tokenizer) points at it."""
+
+    def setup(repo: Path, ctx: dict) -> None:
+        folder = repo / "models" / "sources" / "m"
+        shutil.copytree(repo / "models" / "base", folder)
+        (folder / "manifest.json").unlink()
+        change(folder)
+        set_params(repo, **({"model.tokenizer": str(folder.relative_to(repo))} if tokenizer_only
+                            else {"model.path": str(folder.relative_to(repo))}))  # fmt: skip
+
+    return setup
+
+
+def edit_json(path: Path, change: Callable[[dict], None]) -> None:
+    data = json.loads(path.read_text(encoding="utf-8"))
+    change(data)
+    path.write_text(json.dumps(data), encoding="utf-8")
+
+
+def truncate(path: Path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def corrupt_header(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[:8] = struct.pack("<Q", len(data) * 2)
+    path.write_bytes(bytes(data))
+
+
+def no_eos(folder: Path) -> None:
+    def drop(config: dict) -> None:
+        config["eos_token"] = None
+
+    edit_json(folder / "tokenizer_config.json", drop)
+
+
+def no_chat_template(repo: Path, ctx: dict) -> None:
+    """models/base's tokenizer loses its chat template; tokenize is told to use the tokenizer's own."""
+    base = repo / "models" / "base"
+    (base / "chat_template.jinja").unlink(missing_ok=True)
+    edit_json(base / "tokenizer_config.json", lambda c: c.pop("chat_template", None))
+    set_params(repo, tokenize__template="tokenizer")
+
+
+def write(rel: str, content: str, **changes) -> Callable[[Path, dict], None]:
+    def setup(repo: Path, ctx: dict) -> None:
+        path = repo / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(content, encoding="utf-8")
+        set_params(repo, **changes)
+
+    return setup
+
+
+def remove(rel: str) -> Callable[[Path, dict], None]:
+    return lambda repo, ctx: shutil.rmtree(repo / rel)
+
+
+def both(*setups: Callable[[Path, dict], None]) -> Callable[[Path, dict], None]:
+    def setup(repo: Path, ctx: dict) -> None:
+        for s in setups:
+            s(repo, ctx)
+
+    return setup
+
+
+def symlink(rel: str, target: str) -> Callable[[Path, dict], None]:
+    def setup(repo: Path, ctx: dict) -> None:
+        link = repo / rel
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(target.format(repo=repo))
+        set_params(repo, data__sources=[{"kind": "local", "path": rel}])
+
+    return setup
+
+
+def busy_port(repo: Path, ctx: dict) -> None:
+    set_params(repo, train__deepspeed="zero3", train__launch__master_port=ctx["busy_port"])
+
+
+DS = {"train.deepspeed": "zero3"}  # the launch cases go through DeepSpeed's launcher
+NO_NET = {"retries": 0, "read_timeout_s": 1, "connect_timeout_s": 1}
+SECRET_TOKEN = "hf_catalogueSecretTokenThatMustNotLeak"
+
+# ---------------------------------------------------------------- the catalogue
+
+CASES = [
+    # params.yaml: every stage checks it first (each stage is tried across the cases)
+    Case("misspelt-key", "params", "a misspelt key", "train", params(train__lerning_rate=1e-4),
+         "did you mean 'train.learning_rate'"),
+    Case("string-for-int", "params", 'a number in quotes ("8")', "train", params(train__lora__r="8"), "'train.lora.r'"),
+    Case("bool-for-int", "params", "true where a count belongs", "train", params(train__batch_size=True),
+         "'train.batch_size'"),
+    Case("float-for-int", "params", "2.5 where a count belongs", "tokenize", params(tokenize__max_length=2.5),
+         "'tokenize.max_length'"),
+    Case("infinite-epochs", "params", "`.inf` as a number", "train", params_text(lambda t: t.replace("epochs: 30", "epochs: .inf")),
+         "'train.epochs': Input should be a finite number"),
+    Case("nan-rate", "params", "`.nan` as a number", "merge", params_text(lambda t: t.replace("learning_rate: 0.005", "learning_rate: .nan")),
+         "'train.learning_rate': Input should be a finite number"),
+    Case("duplicate-key", "params", "a key given twice", "download",
+         params_text(lambda t: t.replace("  max_new_tokens: 24", "  max_new_tokens: 24\n  max_new_tokens: 48")),
+         "duplicate key 'max_new_tokens'"),
+    Case("duplicate-section", "params", "a section given twice", "eval", params_text(lambda t: t + "\neval:\n  batch_size: 2\n"),
+         "duplicate key 'eval'"),
+    Case("yaml-syntax", "params", "broken YAML (an unclosed bracket)", "tokenize",
+         params_text(lambda t: t.replace("report_to: []", "report_to: [wandb")), "params.yaml, line"),
+    Case("python-tag", "params", "a `!!python/...` tag (code in YAML)", "download",
+         params_text(lambda t: t.replace("seed: 42", "seed: !!python/object/apply:os.system ['touch pwned']")),
+         "could not determine a constructor"),
+    Case("not-utf8-params", "params", "params.yaml saved as GBK", "download",
+         lambda repo, ctx: (repo / "params.yaml").write_bytes((repo / "params.yaml").read_bytes() + "# 中文注释\n".encode("gbk")),
+         "params.yaml is not UTF-8"),
+    Case("empty-params", "params", "an empty params.yaml", "train", params_text(lambda t: ""), "expected a mapping"),
+    Case("unknown-section", "params", "an unknown section", "eval", params(evaluate={"max_samples": 3}),
+         "unknown key 'evaluate'"),
+    Case("moved-key", "params", "a key of an earlier version", "tokenize", params(tokenize__validation_fraction=0.2),
+         "moved to data.validation_fraction"),
+    Case("varlen-no-packing", "params", "varlen attention without packing", "train",
+         params(train__attn_implementation="varlen", train__packing=False), "needs train.packing: true"),
+    Case("no-save", "params", "both checkpoint keys null", "train", params(train__save_steps=None, train__save_minutes=None),
+         "train.save_steps and train.save_minutes are both null"),
+    Case("nodes-no-deepspeed", "params", "two nodes without DeepSpeed", "train", params(train__launch__nodes=2),
+         "needs train.deepspeed"),
+    Case("packed-too-short", "params", "packed rows shorter than a sample", "train", params(train__packed_length=16),
+         "train.packed_length (16) must be at least tokenize.max_length"),
+    Case("hub-branch", "params", "a Hub dataset pinned to a branch", "download",
+         source(kind="hub", repo="org/set", revision="main"), "'data.sources.0.revision'"),
+    Case("url-no-hash", "params", "a URL source without sha256", "download", source(kind="url", url="{url}/good.jsonl"),
+         "missing required key 'data.sources.0.sha256'"),
+    Case("unknown-tracker", "params", "an unknown tracker in report_to", "train", params(train__report_to=["wandbb"]),
+         "train.report_to: 'wandbb'"),
+    Case("unknown-recipe", "params", "an unknown model recipe", "download", params(model__recipe="llama-9"),
+         "model.recipe: no recipe 'llama-9'"),
+    Case("unknown-format", "params", "an unknown record format", "download", params(**{"data.sources.0.format": "sharegpt"}),
+         "'data.sources.0.format'"),
+    # data files
+    Case("outside-sources", "data", "a data file outside data/sources/", "download",
+         write("data/elsewhere.jsonl", jsonl(GOOD), data__sources=[{"kind": "local", "path": "data/elsewhere.jsonl"}]),
+         "is outside data/sources/"),
+    Case("missing-file", "data", "a data file that does not exist", "download",
+         params(data__sources=[{"kind": "local", "path": "data/sources/nope.jsonl"}]), "data/sources/nope.jsonl does not exist"),
+    Case("gbk-file", "data", "a GBK-encoded file", "download",
+         data_file("gbk.jsonl", jsonl([{"instruction": "你好", "input": "", "output": "好"}] * 5).encode("gbk")),
+         "is not UTF-8 text (byte"),
+    Case("utf16-file", "data", "a UTF-16 file", "download", data_file("u16.json", json.dumps(GOOD).encode("utf-16")),
+         "is UTF-16 text"),
+    Case("broken-json", "data", "a JSON array cut short", "download", data_file("cut.json", json.dumps(GOOD)[:-40]),
+         "cut.json"),
+    Case("missing-column", "data", "a file without the output column", "download",
+         data_file("q.jsonl", jsonl([{"instruction": "a", "input": ""}] * 20)), "output"),
+    Case("wrong-format", "data", "alpaca records declared as messages", "download",
+         data_file("a.jsonl", jsonl(GOOD), format="messages"), "messages"),
+    Case("all-dropped", "data", "every record has an empty answer", "download",
+         data_file("e.jsonl", jsonl([{"instruction": f"q{i}", "input": "", "output": ""} for i in range(20)])),
+         "no record"),
+    Case("empty-file", "data", "an empty data file", "download", data_file("empty.jsonl", ""), "empty.jsonl"),
+    Case("one-record", "data", "a single record (nothing to split)", "download", data_file("one.jsonl", jsonl(GOOD[:1])),
+         "data.sources give 1 distinct usable records"),
+    Case("empty-folder", "data", "a folder with no data file", "download",
+         both(write("data/sources/set/README.md", "notes"), params(data__sources=[{"kind": "local", "path": "data/sources/set"}])),
+         "holds no"),
+    Case("mixed-folder", "data", "a folder mixing file types", "download",
+         both(write("data/sources/mix/a.jsonl", jsonl(GOOD)), write("data/sources/mix/b.csv", "instruction,input,output\na,,b\n"),
+              params(data__sources=[{"kind": "local", "path": "data/sources/mix"}])), "mixes file types"),
+    Case("unsupported-type", "data", "a .txt data file", "download", data_file("notes.txt", "hello"),
+         "unsupported data file type '.txt'"),
+    Case("symlink-out", "data", "a link in data/sources/ leading outside", "download",
+         both(write("outside.jsonl", jsonl(GOOD)), symlink("data/sources/link.jsonl", "{repo}/outside.jsonl")),
+         "leads to"),
+    Case("symlink-loop", "data", "a symlink loop in data/sources/", "download",
+         both(symlink("data/sources/loop-a.jsonl", "loop-b.jsonl"), symlink("data/sources/loop-b.jsonl", "loop-a.jsonl")),
+         "loop-"),
+    Case("number-answers", "data", "answers that are numbers, not text", "download",
+         data_file("n.jsonl", jsonl([{"instruction": f"q{i}", "input": "", "output": i} for i in range(20)])), "output"),
+    Case("unknown-column-map", "data", "columns mapped to a column the file lacks", "download",
+         data_file("c.jsonl", jsonl(GOOD), columns={"output": "answer"}), "answer"),
+    Case("datasetdict-folder", "data", "a saved DatasetDict folder", "download",
+         both(write("data/sources/dd/dataset_dict.json", '{"splits": ["train"]}'),
+              params(data__sources=[{"kind": "local", "path": "data/sources/dd"}])), "saved DatasetDict"),
+    # downloads
+    Case("url-404", "sources", "a URL that answers 404", "download",
+         source(kind="url", url="{url}/missing.jsonl", sha256="0" * 64), "HTTP 404"),
+    Case("url-hash", "sources", "a URL whose file changed (sha256)", "download",
+         source(kind="url", url="{url}/good.jsonl", sha256="0" * 64), "sha256 mismatch for http"),
+    Case("url-hang", "sources", "a server that accepts and never answers", "download",
+         both(source(kind="url", url="{url}/hang", sha256="0" * 64), params(network=NO_NET)),
+         "no answer within network.read_timeout_s"),
+    Case("url-trickle", "sources", "a server sending one byte at a time", "download",
+         both(source(kind="url", url="{url}/trickle", sha256="0" * 64), params(network=NO_NET | {"deadline_minutes": 0.03})),
+         "not complete after network.deadline_minutes"),
+    Case("url-refused", "sources", "a host that refuses connections", "download",
+         both(source(kind="url", url="http://127.0.0.1:{closed_port}/x.jsonl", sha256="0" * 64), params(network=NO_NET)),
+         "ConnectError"),
+    Case("url-500-retried", "sources", "a server error that persists", "download",
+         both(source(kind="url", url="{url}/error", sha256="0" * 64), params(network=NO_NET | {"retries": 1})),
+         "HTTP 500 Internal Server Error (tried 2 times"),
+    Case("url-redirect-404", "sources", "a redirect to a missing file", "download",
+         source(kind="url", url="{url}/redirect-missing", sha256="0" * 64), "HTTP 404"),
+    Case("url-unknown-type", "sources", "a URL with neither a known extension nor JSON content", "download",
+         source(kind="url", url="{url}/plain", sha256="{plain_sha256}"), "cannot tell the file type"),
+    Case("hub-dataset-offline", "sources", "a Hub dataset not in the cache, offline", "download",
+         source(kind="hub", repo="org/not-cached", revision="a" * 40), "hub dataset org/not-cached@"),
+    Case("hub-model-offline", "sources", "a Hub model not in the cache, offline", "download",
+         params(model__recipe="qwen2.5-7b-instruct"), "hub model Qwen/"),
+    # model folders
+    Case("model-missing", "models", "model.path that does not exist", "download", params(model__path="models/sources/nope"),
+         "model.path models/sources/nope does not exist"),
+    Case("model-outside", "models", "model.path outside models/sources/", "download", params(model__path="models/base"),
+         "outside models/sources/"),
+    Case("model-no-config", "models", "a model folder without config.json", "download",
+         model_copy(lambda f: (f / "config.json").unlink()), "has no config.json"),
+    Case("model-bad-config", "models", "a config.json that is not JSON", "download",
+         model_copy(lambda f: (f / "config.json").write_text("{model_type: llama")), "config.json is not valid JSON"),
+    Case("model-pickles", "models", "pickled weights only (*.bin)", "download",
+         model_copy(lambda f: (f / "model.safetensors").rename(f / "pytorch_model.bin")), "pickled weights are not loaded"),
+    Case("model-truncated", "models", "a truncated safetensors file", "download",
+         model_copy(lambda f: truncate(f / "model.safetensors")), "model.safetensors is truncated"),
+    Case("model-bad-header", "models", "a safetensors file with a corrupt header", "download",
+         model_copy(lambda f: corrupt_header(f / "model.safetensors")), "is not a safetensors file"),
+    Case("model-missing-shard", "models", "a sharded model missing a shard", "download",
+         model_copy(lambda f: (f / "model.safetensors.index.json").write_text(
+             json.dumps({"weight_map": {"a": "model.safetensors", "b": "model-00002-of-00002.safetensors"}}))),
+         "model-00002-of-00002.safetensors, which is missing"),
+    Case("model-no-eos", "models", "a tokenizer without an EOS token", "download", model_copy(no_eos, tokenizer_only=True),
+         "the tokenizer has no EOS token"),
+    Case("model-no-tokenizer", "models", "a tokenizer folder without tokenizer files", "download",
+         model_copy(lambda f: [p.unlink() for p in f.glob("tokenizer*")], tokenizer_only=True), "the tokenizer does not load"),
+    Case("tokenizer-for-hub-recipe", "models", "model.tokenizer with a Hub recipe", "download",
+         both(model_copy(lambda f: None, tokenizer_only=True), params(model__recipe="qwen2.5-7b-instruct")),
+         "model.tokenizer is for recipes built from config"),
+    Case("remote-code-no-opt-in", "models", "a recipe that runs Hub code, without opt-in", "download",
+         params(model__recipe="chatglm2-6b", model__convert=False), "set model.trust_remote_code"),
+    # templates and tokenizing
+    Case("no-chat-template", "templates", "template `tokenizer` with a tokenizer that has no chat template", "tokenize",
+         no_chat_template, "tokenize.template"),
+    Case("unknown-template", "templates", "an unknown template", "tokenize", params(tokenize__template="alpaca-x"),
+         "tokenize.template: no recipe 'alpaca-x'"),
+    Case("bad-template-recipe", "templates", "a template recipe without {content}", "tokenize",
+         write("recipes/templates/mine.yaml", "description: mine\nuser: 'Q: '\nassistant: 'A: {content}'\n", tokenize__template="mine"),
+         "recipes/templates/mine.yaml"),
+    Case("max-length-too-small", "templates", "max_length too short for any prompt", "tokenize",
+         params(tokenize__max_length=8), "tokenize.max_length"),
+    # DeepSpeed and launching (checked by the head process, before any rank starts)
+    Case("deepspeed-unknown", "launch", "an unknown DeepSpeed recipe (zero4)", "train", params(train__deepspeed="zero4"),
+         "train.deepspeed: no recipe 'zero4'"),
+    Case("deepspeed-bad-json", "launch", "a DeepSpeed JSON with a syntax error", "train",
+         write("recipes/deepspeed/mine.json", '{"zero_optimization": {"stage": 3,}}', train__deepspeed="mine"),
+         "recipes/deepspeed/mine.json is not valid JSON"),
+    Case("deepspeed-bad-stage", "launch", "ZeRO stage 4 in a DeepSpeed JSON", "train",
+         write("recipes/deepspeed/mine.json", '{"zero_optimization": {"stage": 4}}', train__deepspeed="mine"),
+         "zero_optimization.stage"),
+    Case("deepspeed-typo", "launch", "a misspelt DeepSpeed key", "train",
+         write("recipes/deepspeed/mine.json", '{"zero_optimization": {"stage": 3, "overlap_com": true}}',
+               train__deepspeed="mine"), "zero_optimization.overlap_com"),
+    Case("deepspeed-outside", "launch", "a DeepSpeed JSON outside recipes/deepspeed/", "train",
+         write("ds.json", '{"zero_optimization": {"stage": 3}}', train__deepspeed="ds.json"),
+         "outside recipes/deepspeed/"),
+    Case("hostfile-malformed", "launch", "a malformed hostfile", "train",
+         write("hostfile", "node0 gpus=4\n", **DS, train__launch__hostfile="hostfile"), "bad entry"),
+    Case("hostfile-missing", "launch", "a hostfile that does not exist", "train",
+         params(**DS, train__launch__hostfile="nope"), "train.launch.hostfile nope does not exist"),
+    Case("hostfile-short", "launch", "fewer hosts than train.launch.nodes", "train",
+         write("hostfile", "node0 slots=4\n", **DS, train__launch__hostfile="hostfile", train__launch__nodes=2),
+         "lists 1 host(s) and train.launch.nodes is 2"),
+    Case("include-missing-gpu", "launch", "`include` names a GPU that is not there", "train",
+         params(**DS, train__launch__include="localhost:0,5"), "train.launch.include"),
+    Case("include-unknown-host", "launch", "`include` names a host not in the hostfile", "train",
+         write("hostfile", "node0 slots=2\nnode1 slots=2\n", **DS, train__launch__hostfile="hostfile",
+               train__launch__nodes=2, train__launch__include="node7:0"), "train.launch.include"),
+    Case("port-in-use", "launch", "the master port is taken", "train", busy_port, "is in use on this host"),
+    Case("gpus-not-there", "launch", "more GPUs per node than visible", "train", params(**DS, train__launch__gpus_per_node=4),
+         "train.launch.gpus_per_node is 4"),
+    # stages run out of order (python -m stages.X without dvc repro)
+    Case("tokenize-no-raw", "order", "tokenize before download", "tokenize", remove("data/raw"), "data/raw"),
+    Case("train-no-tokenized", "order", "train before tokenize", "train", remove("data/tokenized"), "data/tokenized"),
+    Case("merge-no-adapter", "order", "merge before train", "merge", remove("models/adapter"), "models/adapter"),
+    Case("eval-no-merged", "order", "eval before merge", "eval", remove("models/merged"), "models/merged"),
+]
+
+
+def render_table() -> str:
+    """The guide's table: per category, each situation, the stage that stops and what its error names."""
+    lines = []
+    for category, title in CATEGORIES.items():
+        lines += [f"**{title}**", "", "| What happened | Stops in | The error line names |", "|---|---|---|"]
+        lines += [f"| {c.situation} | {c.stage} | `{c.expect}` |" for c in CASES if c.category == category]
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+if __name__ == "__main__":
+    sys.stdout.write(render_table())
+    os._exit(0)

@@ -1,0 +1,163 @@
+"""The bad-input catalogue (tests/bad_inputs.py), run for real: each case in its own copy of a ready project.
+
+For every case: the stage exits non-zero, stderr is exactly one `error:` line naming the key, file or record,
+there is no traceback, and every output that existed before (data/raw, models/base, data/tokenized, an adapter, a
+merged model, metrics) is byte-identical afterwards, with no temp folder left behind. Cases run two at a time
+(the machine has two cores); the slowest ones are marked slow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from bad_inputs import CASES, GOOD, SECRET_TOKEN, free_port, jsonl, render_table
+from conftest import ROOT, clone, env_with_venv, run
+
+OUTPUT_ROOTS = ("data", "models", "metrics", "eval", "dvclive")
+FAST = [c for c in CASES if not c.slow]
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *args):  # quiet
+        pass
+
+    def do_GET(self):
+        if self.path == "/good.jsonl":
+            body = jsonl(GOOD).encode()
+        elif self.path == "/plain":
+            body = b"instruction,output\na,b\n"
+        elif self.path == "/hang":
+            time.sleep(30)
+            return
+        elif self.path == "/trickle":
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            for _ in range(1000):
+                self.wfile.write(b"[")
+                self.wfile.flush()
+                time.sleep(0.5)
+            return
+        elif self.path == "/error":
+            self.send_error(500)
+            return
+        elif self.path == "/redirect-missing":
+            self.send_response(302)
+            self.send_header("Location", "/missing.jsonl")
+            self.end_headers()
+            return
+        else:
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.fixture(scope="module")
+def servers():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    busy = __import__("socket").socket()
+    busy.bind(("", 0))
+    busy.listen()
+    yield {"url": f"http://127.0.0.1:{server.server_address[1]}", "closed_port": free_port(),
+           "busy_port": busy.getsockname()[1], "plain_sha256": hashlib.sha256(b"instruction,output\na,b\n").hexdigest()}
+    busy.close()
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ready(tmp_path_factory) -> Path:
+    """A clone after download and tokenize (with HF_TOKEN set, to check it leaks nowhere), plus stand-ins for the
+    later outputs, so that every case can show they survive."""
+    repo = clone(tmp_path_factory.mktemp("catalogue") / "repo")
+    for stage in ("download", "tokenize"):
+        run([sys.executable, "-m", f"stages.{stage}"], cwd=repo, env={"HF_TOKEN": SECRET_TOKEN})
+    for rel in ("models/adapter/adapter_model.safetensors", "models/merged/model.safetensors", "metrics/eval.json",
+                "metrics/merge.json", "eval/generations.jsonl", "dvclive/train/metrics.json"):
+        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+        (repo / rel).write_text(f"the last good {rel}\n")
+    return repo
+
+
+def digests(repo: Path) -> dict[str, str]:
+    out = {}
+    for root in OUTPUT_ROOTS:
+        for p in sorted((repo / root).rglob("*")):
+            if p.is_file() and "sources" not in p.relative_to(repo).parts:
+                out[str(p.relative_to(repo))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def attempt(case, ready: Path, servers: dict, base: Path) -> dict:
+    repo = base / case.id
+    shutil.copytree(ready, repo, symlinks=True, ignore=shutil.ignore_patterns(".git", ".dvc"))
+    case.setup(repo, servers)
+    before = digests(repo)
+    start = time.monotonic()
+    env = env_with_venv() | {"PYTHONPATH": str(repo)} | case.env
+    try:
+        proc = subprocess.run([sys.executable, "-m", f"stages.{case.stage}"], cwd=repo, env=env, capture_output=True,
+                              text=True, timeout=120)
+        code, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
+    except subprocess.TimeoutExpired as exc:  # a case that is not refused at all (it trains, say)
+        code, stdout, stderr = "timeout", str(exc.stdout)[-2000:], str(exc.stderr)[-2000:]
+    return {"case": case, "seconds": time.monotonic() - start, "code": code, "stdout": stdout, "stderr": stderr,
+            "changed": sorted(set(before.items()) ^ set(digests(repo).items())), "pwned": (repo / "pwned").exists()}
+
+
+@pytest.fixture(scope="module")
+def outcomes(ready, servers, tmp_path_factory) -> dict:
+    base = tmp_path_factory.mktemp("cases")
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(lambda c: attempt(c, ready, servers, base), FAST))
+    print("\ncase | seconds | error line")
+    for r in results:
+        print(f"{r['case'].id} | {r['seconds']:.1f} | {r['stderr'].strip()[:160]}")
+    return {r["case"].id: r for r in results}
+
+
+def check(result: dict) -> None:
+    case = result["case"]
+    said = f"stdout:\n{result['stdout'][-2000:]}\nstderr:\n{result['stderr'][-4000:]}"
+    assert result["code"] != 0, said
+    lines = [line for line in result["stderr"].splitlines() if line.strip()]
+    assert "Traceback" not in result["stderr"] + result["stdout"], said
+    assert len(lines) == 1 and lines[0].startswith("error: "), said
+    assert case.expect in lines[0], f"{case.expect!r} not in {lines[0]!r}"
+    assert not result["changed"], result["changed"]
+    assert not result["pwned"]
+
+
+@pytest.mark.parametrize("case_id", [c.id for c in FAST])
+def test_a_bad_input_fails_in_one_line_and_keeps_every_output(case_id, outcomes):
+    check(outcomes[case_id])
+
+
+def test_the_catalogue_is_large_and_covers_every_category():
+    assert len(CASES) >= 50
+    assert len({c.id for c in CASES}) == len(CASES)
+    assert {c.category for c in CASES} == {"params", "data", "sources", "models", "templates", "launch", "order"}
+
+
+def test_the_guide_table_is_the_catalogue():
+    guide = (ROOT / "docs" / "guide.md").read_text(encoding="utf-8")
+    assert render_table() in guide, "docs/guide.md is out of date: paste the output of `python tests/bad_inputs.py`"
+
+
+def test_the_hub_token_reaches_no_output(ready):
+    leaks = [str(p) for root in OUTPUT_ROOTS for p in (ready / root).rglob("*")
+             if p.is_file() and SECRET_TOKEN.encode() in p.read_bytes()]  # fmt: skip
+    assert not leaks
