@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import json
+import os
+import socket
 import shutil
 import subprocess
 import sys
@@ -19,11 +22,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from bad_inputs import CASES, GOOD, SECRET_TOKEN, free_port, jsonl, render_table
+from bad_inputs import CASES, GOOD, SECRET_TOKEN, free_port, jsonl, render_table, set_params
 from conftest import ROOT, clone, env_with_venv, run
 
 OUTPUT_ROOTS = ("data", "models", "metrics", "eval", "dvclive")
 FAST = [c for c in CASES if not c.slow]
+SLOW = {c.id: c for c in CASES if c.slow}
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -69,7 +73,7 @@ def servers():
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    busy = __import__("socket").socket()
+    busy = socket.socket()
     busy.bind(("", 0))
     busy.listen()
     yield {"url": f"http://127.0.0.1:{server.server_address[1]}", "closed_port": free_port(),
@@ -146,6 +150,12 @@ def test_a_bad_input_fails_in_one_line_and_keeps_every_output(case_id, outcomes)
     check(outcomes[case_id])
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("case_id", sorted(SLOW))
+def test_a_slow_bad_input_fails_in_one_line_and_keeps_every_output(case_id, ready, servers, tmp_path):
+    check(attempt(SLOW[case_id], ready, servers, tmp_path))
+
+
 def test_the_catalogue_is_large_and_covers_every_category():
     assert len(CASES) >= 50
     assert len({c.id for c in CASES}) == len(CASES)
@@ -161,3 +171,51 @@ def test_the_hub_token_reaches_no_output(ready):
     leaks = [str(p) for root in OUTPUT_ROOTS for p in (ready / root).rglob("*")
              if p.is_file() and SECRET_TOKEN.encode() in p.read_bytes()]  # fmt: skip
     assert not leaks
+
+
+def test_a_model_folder_with_remote_code_runs_none_of_it(ready, tmp_path):
+    """config.json's auto_map points at a .py file that would leave a marker if imported: download copies the
+    weights and config, never the code, and nothing runs it."""
+    repo = tmp_path / "repo"
+    shutil.copytree(ready, repo, symlinks=True, ignore=shutil.ignore_patterns(".git", ".dvc"))
+    model = repo / "models" / "sources" / "m"
+    shutil.copytree(repo / "models" / "base", model)
+    marker = tmp_path / "code-ran"
+    (model / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    config = json.loads((model / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "evil.Config", "AutoModelForCausalLM": "evil.Model", "AutoTokenizer": "evil.Tok"}
+    (model / "config.json").write_text(json.dumps(config))
+    set_params(repo, model__path="models/sources/m")
+    for stage in ("download", "tokenize"):
+        run([sys.executable, "-m", f"stages.{stage}"], cwd=repo, env={"PYTHONPATH": str(repo)})
+    assert not marker.exists()
+    assert not list((repo / "models" / "base").glob("*.py"))
+
+
+def test_a_swap_cut_short_by_a_kill_is_completed_and_stale_temp_folders_go(tmp_path, monkeypatch):
+    """The journal of a killed stage's swap is rolled forward by the next start; temp folders of dead processes
+    of this host are removed, those of live ones stay."""
+    from stages.lib.core import outputs
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("raw", "base"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        (tmp_path / "data" / name / "v").write_text("old")
+    staged = outputs.StagedOutputs()
+    for name in ("raw", "base"):
+        (staged.dir(Path("data") / name) / "v").write_text("new")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    # the killed stage renamed data/raw, then died before data/base: what its journal and folders look like
+    outputs.write_json(outputs.JOURNAL, {"host": socket.gethostname(), "pid": dead.pid,
+                                         "pairs": [[str(t), str(f)] for t, f in staged.pairs]})  # fmt: skip
+    outputs.replace_path(*staged.pairs[0])
+    stale = Path("data") / f".tokenized.tmp-{socket.gethostname().replace('-', '_')}-{dead.pid}-abc"
+    live = Path("data") / f".tokenized.tmp-{socket.gethostname().replace('-', '_')}-{os.getpid()}-abc"
+    for folder in (stale, live):
+        folder.mkdir()
+    done = outputs.recover()
+    assert [(tmp_path / "data" / n / "v").read_text() for n in ("raw", "base")] == ["new", "new"]
+    assert not outputs.JOURNAL.exists() and not stale.exists() and live.exists()
+    assert len(done) == 2
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == sorted(["raw", "base", live.name])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import codecs
 import hashlib
+import math
 import os
 from contextlib import contextmanager
 import urllib.request
@@ -111,7 +112,7 @@ def _fetch(url: str, tmp: Path, net: NetworkParams) -> str:
             if response.status_code >= 400:
                 raise SourceError(f"{url} could not be downloaded: HTTP {response.status_code} "
                                   f"{response.reason_phrase}; check the URL")  # fmt: skip
-            for chunk in response.iter_bytes(1 << 20):
+            for chunk in response.iter_bytes():  # as it arrives: a trickle must reach the deadline check
                 digest.update(chunk)
                 out.write(chunk)
                 if time.monotonic() > deadline:
@@ -130,8 +131,8 @@ def _fetch(url: str, tmp: Path, net: NetworkParams) -> str:
 
 def hub_limits(net: NetworkParams) -> None:
     """Apply params `network` to huggingface_hub (read once, at its import: call this before importing it)."""
-    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", str(net.connect_timeout_s))
-    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", str(net.read_timeout_s))
+    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", str(math.ceil(net.connect_timeout_s)))  # whole seconds only
+    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", str(math.ceil(net.read_timeout_s)))
 
 
 @contextmanager
@@ -144,7 +145,7 @@ def hub_errors(what: str):
     try:
         yield
     except (OSError, ValueError, DatasetsError, httpx.HTTPError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = (str(exc).strip().splitlines() or [""])[0][:240]
         offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
         hint = "; HF_HUB_OFFLINE is set: fill the Hub cache once with network access" if offline else ""
         raise SourceError(f"{what} could not be loaded: {type(exc).__name__}: {first}{hint}") from None
