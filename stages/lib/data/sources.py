@@ -34,6 +34,8 @@ def tracked_path(value: str, key: str, root: Path) -> Path:
         ) from None
     files = [path, *(path.rglob("*") if path.is_dir() else [])]
     for f in files:
+        if not (f.exists() or f.is_symlink()):
+            continue  # named by the reader, with the hint for `dvc exp run`
         try:
             target = f.resolve(strict=True)
         except (OSError, RuntimeError) as exc:  # a symlink loop, or a link to nothing
