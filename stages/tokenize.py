@@ -164,8 +164,8 @@ def source_counts(manifest: dict, per_source: dict) -> dict:
     for name, c in manifest["sources"].items():
         mine = per_source.get(name, {"train": 0, "validation": 0, "no_answer_left": 0})
         dropped = c["dropped"] | {"no_answer_left": mine["no_answer_left"]}
-        out[name] = {"read": c["read"], "kept": c["kept"], "dropped": dropped, "train": mine["train"],
-                     "validation": mine["validation"]}  # fmt: skip
+        out[name] = {"read": c["read"], "kept": c["kept"], "duplicates": c.get("duplicates", 0), "dropped": dropped,
+                     "train": mine["train"], "validation": mine["validation"]}  # fmt: skip
     return out
 
 
@@ -195,7 +195,7 @@ def nothing_left(params: Params, raw_records: int) -> UserError:
 
 def main() -> None:
     params = load_params()
-    require(RAW_DIR / "manifest.json", BASE_DIR / "config.json", made_by="download")
+    require(RAW_DIR / "manifest.json", BASE_DIR, made_by="download")
     manifest = json.loads((RAW_DIR / "manifest.json").read_text())
     template_recipe(template_name(params, manifest["format"]))  # a bad template fails before the slow imports
     from transformers import AutoTokenizer

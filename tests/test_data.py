@@ -247,7 +247,7 @@ def test_a_mixture_weights_caps_counts_and_never_splits_a_record(tmp_path, monke
     manifest, train, validation = built(tmp_path, data)
     big, small = manifest["sources"]["big"], manifest["sources"]["small"]
     assert (big["read"], big["taken"], big["kept"]) == (300, 200, 200)
-    assert small["dropped"]["empty_answer"] == 1 and small["kept"] == 50
+    assert small["dropped"]["empty_answer"] == 1 and small["kept"] == 50 and small["duplicates"] == 10
     assert big["validation"] + small["validation"] == len(validation) == round(240 * 0.1)  # 240 distinct records
     assert big["train"] == round((200 - big["validation"]) * 0.5)
     duplicated = {f"small question {i}" for i in range(10)}  # one copy in validation, neither copy in train
@@ -260,6 +260,7 @@ def test_a_mixture_weights_caps_counts_and_never_splits_a_record(tmp_path, monke
     assert (train2, validation2) == (train, validation)  # seeded
     line = summary_line(manifest)
     assert "small: 50 of 51 kept, dropped 1 empty_answer, weight 2 ->" in line and "big: 200 of 300 kept" in line
+    assert "10 duplicates (kept on one side of the split)" in line
 
 
 def test_nothing_left_names_the_drop_reasons(tmp_path, monkeypatch):

@@ -95,9 +95,11 @@ def build_raw(data: DataParams, seed: int, out: Path, workdir: Path, net: Networ
         )
     key_cols = [ds["key"] for ds, _ in parts]
     held_out = validation_keys({k for col in key_cols for k in col}, data, seed)
-    train_parts, val_parts, seen = [], [], set()
+    train_parts, val_parts, seen, known = [], [], set(), set()
     rng = np.random.default_rng(seed)
     for (ds, counts), src, key_col in zip(parts, data.sources, key_cols):
+        counts["duplicates"] = len(key_col) - len(set(key_col) - known)  # same content as a record before it
+        known.update(key_col)
         val_rows = []
         for i, k in enumerate(key_col):
             if k in held_out and k not in seen:  # one copy of each held-out conversation
@@ -139,6 +141,7 @@ def summary_line(manifest: dict) -> str:
         ignored = f", ignored columns {', '.join(c['ignored_columns'])}" if c["ignored_columns"] else ""
         weight = f", weight {c['weight']:g} -> {c['train']} train rows" if c["weight"] != 1 else ""
         taken = f" (the first {c['taken']}: max_records)" if c["taken"] < c["read"] else ""
-        parts.append(f"{name}: {c['kept']} of {c['read']} kept{taken}{extra}{weight}{ignored}")
+        dups = f", {c['duplicates']} duplicates (kept on one side of the split)" if c.get("duplicates") else ""
+        parts.append(f"{name}: {c['kept']} of {c['read']} kept{taken}{extra}{weight}{ignored}{dups}")
     return (f"download: {manifest['train_records']} train / {manifest['validation_records']} validation records ("
             + "; ".join(parts) + ")")

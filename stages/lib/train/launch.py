@@ -89,12 +89,14 @@ def check_launch(params: Params, visible_gpus: int) -> None:
         if len(pool) < launch.nodes:
             raise UserError(f"train.launch.hostfile {launch.hostfile} lists {len(pool)} host(s) and "
                             f"train.launch.nodes is {launch.nodes}: add the missing hosts or lower nodes")  # fmt: skip
-    else:
-        pool = {"localhost": max(visible_gpus, 1)}
-        if launch.gpus_per_node and launch.gpus_per_node > max(visible_gpus, 1):
+    elif visible_gpus:  # on a CPU, DeepSpeed starts as many processes as asked (tests play GPUs that way)
+        pool = {"localhost": visible_gpus}
+        if launch.gpus_per_node and launch.gpus_per_node > visible_gpus:
             raise UserError(f"train.launch.gpus_per_node is {launch.gpus_per_node} but this node has "
                             f"{visible_gpus} visible GPU(s): lower it or set CUDA_VISIBLE_DEVICES")  # fmt: skip
-    if launch.include:
+    else:
+        pool = None
+    if launch.include and pool:
         try:
             parse_inclusion_exclusion(dict(pool), launch.include, "")
         except (ValueError, KeyError) as exc:
