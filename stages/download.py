@@ -150,8 +150,8 @@ def write_base(params: Params, raw: Path, out: Path) -> None:
 
 
 def check_inputs(params: Params) -> None:
-    """Before any download: local paths lie in the folders dvc.yaml declares and exist, and a model that would
-    run its Hub code has the user's explicit opt-in."""
+    """Before any download: local paths lie in the folders dvc.yaml declares and exist, a model that would
+    run its Hub code has the user's explicit opt-in, and local model and tokenizer folders are whole (model_files)."""
     for i, src in enumerate(params.data.sources):
         if isinstance(src, LocalSource):
             data_files(tracked_path(src.path, f"data.sources.{i}.path", DATA_SOURCES))
@@ -161,10 +161,6 @@ def check_inputs(params: Params) -> None:
         if value and not tracked_path(value, f"model.{key}", MODEL_SOURCES).is_dir():
             what = "does not exist" if not Path(value).exists() else "is a file, not a directory"
             raise ParamsError(f"model.{key} {value} {what}: give the model's folder under {MODEL_SOURCES}/")
-    if params.model.path and not (recipe.converter and params.model.convert):  # a converter reads its own layout
-        check_model_dir(Path(params.model.path), f"model.path {params.model.path}")
-    if params.model.tokenizer:
-        check_tokenizer(Path(params.model.tokenizer), f"model.tokenizer {params.model.tokenizer}")
     if params.model.tokenizer and not isinstance(recipe.source, ConfigModel):
         raise ParamsError(
             f"model.tokenizer is for recipes built from config (like tiny-llama); '{params.model.recipe}' comes "
@@ -176,6 +172,11 @@ def check_inputs(params: Params) -> None:
             f"model recipe '{params.model.recipe}' runs code from its Hub repository: set model.trust_remote_code "
             "true to allow it (or keep model.convert true where the recipe has a converter)"
         )
+    # the slower checks last: the rules above need no file read
+    if params.model.path and not (recipe.converter and params.model.convert):  # a converter reads its own layout
+        check_model_dir(Path(params.model.path), f"model.path {params.model.path}")
+    if params.model.tokenizer:
+        check_tokenizer(Path(params.model.tokenizer), f"model.tokenizer {params.model.tokenizer}")
 
 
 def main() -> None:

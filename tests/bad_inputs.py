@@ -301,6 +301,8 @@ CASES = [
          "HTTP 500 Internal Server Error (tried 2 times"),
     Case("url-redirect-404", "sources", "a redirect to a missing file", "download",
          source(kind="url", url="{url}/redirect-missing", sha256="0" * 64), "HTTP 404"),
+    Case("url-redirect-loop", "sources", "a URL that redirects to itself", "download",
+         source(kind="url", url="{url}/loop", sha256="0" * 64), "TooManyRedirects"),
     Case("url-unknown-type", "sources", "a URL with neither a known extension nor JSON content", "download",
          source(kind="url", url="{url}/plain", sha256="{plain_sha256}"), "cannot tell the file type"),
     Case("hub-dataset-offline", "sources", "a Hub dataset not in the cache, offline", "download",

@@ -30,6 +30,9 @@ FAST = [c for c in CASES if not c.slow]
 SLOW = {c.id: c for c in CASES if c.slow}
 
 
+REDIRECTS = {"/redirect-missing": "/missing.jsonl", "/loop": "/loop", "/redirect-good": "/good.jsonl"}
+
+
 class Handler(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args):  # quiet
         pass
@@ -54,9 +57,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         elif self.path == "/error":
             self.send_error(500)
             return
-        elif self.path == "/redirect-missing":
+        elif self.path in REDIRECTS:
             self.send_response(302)
-            self.send_header("Location", "/missing.jsonl")
+            self.send_header("Location", REDIRECTS[self.path])
             self.end_headers()
             return
         else:
@@ -171,6 +174,20 @@ def test_the_hub_token_reaches_no_output(ready):
     leaks = [str(p) for root in OUTPUT_ROOTS for p in (ready / root).rglob("*")
              if p.is_file() and SECRET_TOKEN.encode() in p.read_bytes()]  # fmt: skip
     assert not leaks
+
+
+def test_a_redirect_is_followed_and_the_pinned_hash_still_checked(servers, tmp_path):
+    from stages.lib.core.params import NetworkParams
+    from stages.lib.data.read import SourceError
+    from stages.lib.data.sources import download_url
+
+    good = jsonl(GOOD).encode()
+    path = download_url(f"{servers['url']}/redirect-good", hashlib.sha256(good).hexdigest(), tmp_path / "a.jsonl",
+                        NetworkParams())  # fmt: skip
+    assert path.read_bytes() == good
+    with pytest.raises(SourceError, match="sha256 mismatch"):
+        download_url(f"{servers['url']}/redirect-good", "0" * 64, tmp_path / "b.jsonl", NetworkParams())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl"]  # nothing partial left
 
 
 def test_a_model_folder_with_remote_code_runs_none_of_it(ready, tmp_path):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from bad_inputs import SECRET_TOKEN
 from conftest import clone, dvc, env_with_venv
 
 pytestmark = pytest.mark.slow
@@ -24,8 +25,14 @@ TEMP = (".*.tmp-*", ".*.scratch-*")
 @pytest.fixture(scope="module")
 def done(tmp_path_factory) -> Path:
     repo = clone(tmp_path_factory.mktemp("interrupts") / "repo")
-    dvc("repro", cwd=repo)
+    dvc("repro", cwd=repo, env={"HF_TOKEN": SECRET_TOKEN})
     return repo
+
+
+def test_the_hub_token_reaches_no_file_of_a_whole_run(done):
+    leaks = [str(p) for p in done.rglob("*") if p.is_file() and ".git" not in p.parts
+             and SECRET_TOKEN.encode() in p.read_bytes()]  # fmt: skip
+    assert not leaks
 
 
 def snapshot(repo: Path) -> dict[str, bytes]:

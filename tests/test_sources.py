@@ -66,7 +66,7 @@ def test_url_source_checks_the_pinned_sha256(tmp_path, http_server):
     (tmp_path / "export").write_bytes(path.read_bytes())  # a URL without an extension: the type from the content
     ds, _ = open_source(data_params({"kind": "url", "url": f"{http_server}/export", "sha256": digest}).data.sources[0], 0, work)
     assert ds.to_list() == RECORDS
-    with pytest.raises(SourceError, match=r"^http://127.0.0.1:\d+/missing.json could not be downloaded: HTTP 404 File not found$"):
+    with pytest.raises(SourceError, match=r"^http://127.0.0.1:\d+/missing.json could not be downloaded: HTTP 404 File not found; check the URL$"):
         open_source(data_params({"kind": "url", "url": f"{http_server}/missing.json", "sha256": digest}).data.sources[0], 0,
                     work)  # fmt: skip
 

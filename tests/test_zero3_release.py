@@ -29,6 +29,7 @@ def probe(placement: str, fix: bool, offload: bool = False) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # the baseline the fixes are measured against (18 s)
 def test_deepspeed_alone_keeps_weights_gathered_to_the_end_of_backward():
     """What the fixes are for (DeepSpeed 0.19 with transformers 5.17's checkpoint placement)."""
     *layers, head = probe("around_call", fix=False)["after_layer_backward"]["0"]
@@ -36,7 +37,9 @@ def test_deepspeed_alone_keeps_weights_gathered_to_the_end_of_backward():
     assert head  # the LM head has been pinned since the forward
 
 
-@pytest.mark.parametrize("placement, offload", [("around_call", False), ("inside_forward", False), ("around_call", True)])
+@pytest.mark.parametrize("placement, offload", [  # one in the default run; all with -m slow
+    ("around_call", False), pytest.param("inside_forward", False, marks=pytest.mark.slow),
+    pytest.param("around_call", True, marks=pytest.mark.slow)])  # fmt: skip
 def test_each_layer_and_the_head_are_released_after_use(placement, offload):
     result = probe(placement, fix=True, offload=offload)
     assert set(result["after_layer_backward"]) == {"0", "1", "2", "3"}

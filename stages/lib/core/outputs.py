@@ -53,9 +53,10 @@ class StagedOutputs:
 
     def file(self, final: str | Path) -> Path:
         """A temp file path (not yet created) beside `final` that replaces it on success."""
-        tmp = self.dir(final.with_name(f"{Path(final).name}.d"))  # a private folder: the name cannot collide
-        self.pairs[-1] = (tmp / Path(final).name, Path(final))
-        return tmp / Path(final).name
+        final = Path(final)
+        tmp = self.dir(final.with_name(f"{final.name}.d"))  # a private folder: the name cannot collide
+        self.pairs[-1] = (tmp / final.name, final)
+        return tmp / final.name
 
     def add(self, tmp: str | Path, final: str | Path) -> None:
         """A temp path the stage made itself (beside `final`, same filesystem) that replaces `final` on success."""

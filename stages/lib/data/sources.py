@@ -126,8 +126,8 @@ def _fetch(url: str, tmp: Path, net: NetworkParams) -> str:
         raise _Retry(f"no answer within network.{kind}_timeout_s ({limit} s)") from None
     except httpx.TransportError as exc:  # refused, reset, DNS, TLS
         raise _Retry(f"{type(exc).__name__}: {exc}") from None
-    except httpx.InvalidURL as exc:
-        raise SourceError(f"{url} is not a valid URL: {exc}") from None
+    except (httpx.RequestError, httpx.InvalidURL) as exc:  # too many redirects, undecodable body, a bad URL
+        raise SourceError(f"{url} could not be downloaded: {type(exc).__name__}: {exc}") from None
     return digest.hexdigest()
 
 
