@@ -203,8 +203,7 @@ def test_a_model_folder_with_remote_code_runs_none_of_it(ready, tmp_path):
     config["auto_map"] = {"AutoConfig": "evil.Config", "AutoModelForCausalLM": "evil.Model", "AutoTokenizer": "evil.Tok"}
     (model / "config.json").write_text(json.dumps(config))
     set_params(repo, model__path="models/sources/m")
-    for stage in ("download", "tokenize"):
-        run([sys.executable, "-m", f"stages.{stage}"], cwd=repo, env={"PYTHONPATH": str(repo)})
+    run([sys.executable, "-m", "stages.download"], cwd=repo, env={"PYTHONPATH": str(repo)})
     assert not marker.exists()
     assert not list((repo / "models" / "base").glob("*.py"))
 
