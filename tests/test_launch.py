@@ -62,6 +62,9 @@ def test_a_node_that_never_joins_fails_within_the_timeout(tmp_path: Path):
                                "timeout_minutes": 0.25, "master_port": 29631}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     (tmp_path / "hostfile").write_text("node0 slots=1\nnode1 slots=1\n")
+    (tmp_path / "data" / "tokenized" / "tokenizer").mkdir(parents=True)  # the stage's inputs, as stand-ins: the
+    (tmp_path / "models" / "base").mkdir(parents=True)  # rank gives up before it reads them
+    (tmp_path / "models" / "base" / "config.json").write_text("{}")
     env = env_with_project()
     start = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "stages.train"], cwd=tmp_path, env=env, capture_output=True,
