@@ -65,6 +65,7 @@ def test_a_node_that_never_joins_fails_within_the_timeout(tmp_path: Path):
     (tmp_path / "data" / "tokenized" / "tokenizer").mkdir(parents=True)  # the stage's inputs, as stand-ins: the
     (tmp_path / "models" / "base").mkdir(parents=True)  # rank gives up before it reads them
     (tmp_path / "models" / "base" / "config.json").write_text("{}")
+    (tmp_path / "recipes").symlink_to(ROOT / "recipes")  # the head checks the DeepSpeed config before launching
     env = env_with_project()
     start = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "stages.train"], cwd=tmp_path, env=env, capture_output=True,
