@@ -79,7 +79,7 @@ class UrlSource(SourceOptions):
 
 class HubSource(SourceOptions):
     kind: Literal["hub"]
-    repo: str
+    repo: Annotated[str, Field(pattern=r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")]  # org/name on the Hub, never a local path
     revision: Annotated[str, Field(pattern=r"^[0-9a-f]{40}$", description="a full commit hash: pins the download")]
     split: str = "train"
     subset: str | None = None
@@ -128,7 +128,7 @@ class ModelParams(Strict):
 class TokenizeParams(Strict):
     template: str | None = None  # a name in recipes/templates; null: the model recipe's
     assistant_turns: Literal["all", "last"] = "all"  # which answers of a multi-turn record carry loss
-    max_length: Annotated[int, Field(ge=8)] = 512
+    max_length: Annotated[int, Field(ge=8, le=2**20)] = 512
     unknown_markers: bool = False  # true: train although the template's markers become <unk> tokens
 
 
@@ -142,7 +142,7 @@ class QuantParams(Strict):
 
 
 class LoraParams(Strict):
-    r: Annotated[int, Field(ge=1)] = 8
+    r: Annotated[int, Field(ge=1, le=4096)] = 8
     alpha: Annotated[float, Field(gt=0)] = 32
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.05
     target_modules: list[str] | Literal["all-linear"] | None = None  # null: the model recipe's
@@ -176,7 +176,7 @@ class TrainParams(Strict):
     batch_size: Annotated[int, Field(ge=1)] = 8
     grad_accum: Annotated[int, Field(ge=1)] = 1
     packing: bool = True  # padding-free BFD packing; attention never crosses samples
-    packed_length: Annotated[int, Field(ge=8)] | None = None  # tokens per packed row; null: tokenize.max_length
+    packed_length: Annotated[int, Field(ge=8, le=2**22)] | None = None  # tokens per packed row; null: tokenize.max_length
     gradient_checkpointing: bool = False
     reentrant_checkpointing: bool | None = None  # null: reentrant under ZeRO-3 only
     # varlen: packed rows attend per sample in torch's flash kernel (stages/lib/train/varlen_attention.py); needs packing
@@ -257,7 +257,7 @@ class NetworkParams(Strict):
 
 
 class Params(Strict):
-    seed: int = 42
+    seed: Annotated[int, Field(ge=0, lt=2**32)] = 42  # numpy and torch seeds
     network: NetworkParams = NetworkParams()
     data: DataParams
     model: ModelParams

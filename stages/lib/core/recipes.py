@@ -77,7 +77,11 @@ def _load(kind: str, name: str, suffix: str) -> tuple[Path, Any]:
         known = sorted(p.stem for p in (RECIPES / kind).glob(f"*{suffix}"))
         key = {"models": "model.recipe", "templates": "tokenize.template", "deepspeed": "train.deepspeed"}[kind]
         raise ParamsError(f"{key}: no recipe '{name}' in {RECIPES / kind}/ (known: {', '.join(known)})")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (UnicodeDecodeError, IsADirectoryError) as exc:
+        what = "a directory" if isinstance(exc, IsADirectoryError) else f"not UTF-8 text (byte {exc.start})"
+        raise ParamsError(f"recipe {path} is {what}: it must be a UTF-8 {suffix} file") from None
     if suffix != ".json":
         return path, read_yaml(path, text)
     try:
