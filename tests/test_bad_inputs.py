@@ -226,8 +226,8 @@ def test_a_swap_cut_short_by_a_kill_is_completed_and_stale_temp_folders_go(tmp_p
     outputs.write_json(outputs.JOURNAL, {"host": socket.gethostname(), "pid": dead.pid,
                                          "pairs": [[str(t), str(f)] for t, f in staged.pairs]})  # fmt: skip
     outputs.replace_path(*staged.pairs[0])
-    stale = Path("data") / f".tokenized.tmp-{socket.gethostname().replace('-', '_')}-{dead.pid}-abc"
-    live = Path("data") / f".tokenized.tmp-{socket.gethostname().replace('-', '_')}-{os.getpid()}-abc"
+    stale = Path("data") / f".tokenized.tmp-{outputs.host_tag()}-{dead.pid}-abc"
+    live = Path("data") / f".tokenized.tmp-{outputs.host_tag()}-{os.getpid()}-abc"
     for folder in (stale, live):
         folder.mkdir()
     done = outputs.recover()

@@ -24,8 +24,13 @@ OUTPUT_PARENTS = ("data", "models", "metrics", "eval", "dvclive", "dvclive/train
 _STALE = re.compile(r"^\..+\.(?:tmp|scratch)-(?P<host>.+)-(?P<pid>\d+)-[^-]+$")
 
 
+def host_tag() -> str:
+    """This host's name as temp names carry it: without `-`, which separates host, pid and random part."""
+    return socket.gethostname().replace("-", "_")
+
+
 def _owner_tag() -> str:
-    return f"{socket.gethostname().replace('-', '_')}-{os.getpid()}-"
+    return f"{host_tag()}-{os.getpid()}-"
 
 
 def scratch_dir(beside: str | Path, name: str) -> Path:
@@ -89,13 +94,6 @@ def staged_outputs() -> Iterator[StagedOutputs]:
     staged.commit()
 
 
-@contextmanager
-def staged_dir(final: str | Path) -> Iterator[Path]:
-    """One output directory: yield an empty temp directory that replaces `final` on success."""
-    with staged_outputs() as out:
-        yield out.dir(final)
-
-
 def _temp_root(tmp: Path, final: Path) -> Path:
     return tmp.parent if tmp.name == final.name else tmp  # a staged file lives in its own temp folder
 
@@ -133,7 +131,7 @@ def recover(parents=OUTPUT_PARENTS) -> list[str]:
             _roll_forward(journal["pairs"])
             JOURNAL.unlink()
             done.append(f"completed the swap of {', '.join(f for _, f in journal['pairs'])} a killed stage began")
-    host = socket.gethostname().replace("-", "_")
+    host = host_tag()
     for parent in map(Path, parents):
         for entry in parent.glob(".*") if parent.is_dir() else []:
             match = _STALE.match(entry.name)
