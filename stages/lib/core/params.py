@@ -346,10 +346,10 @@ def validate(raw: Any, source: str = str(PARAMS_FILE)) -> Params:
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:
-        lines = [_describe(e) for e in exc.errors()]
-        if len(lines) == 1:
-            raise ParamsError(f"{source}: {lines[0]}") from None
-        raise ParamsError(f"{source} is not valid:\n  - " + "\n  - ".join(lines)) from None
+        problems = [_describe(e) for e in exc.errors()]
+        # one line, as every error is: several problems are joined, and the count says there are several
+        head = f"{source}: " if len(problems) == 1 else f"{source}: {len(problems)} problems: "
+        raise ParamsError(head + "; ".join(problems)) from None
 
 
 class ParamsLoader(yaml.SafeLoader):
