@@ -153,7 +153,7 @@ class LaunchParams(Strict):
     gpus_per_node: Annotated[int, Field(ge=1)] | None = None  # null: every visible GPU (1 process on CPU)
     runner: Literal["pdsh", "openmpi", "slurm", "no-ssh"] = "pdsh"
     hostfile: str | None = None  # DeepSpeed hostfile: one "host slots=N" line per node
-    include: str | None = None  # DeepSpeed's --include, to pick hosts and GPUs: "node0:0,1@node1:2,3"
+    include: Annotated[str, Field(min_length=1)] | None = None  # DeepSpeed's --include, to pick hosts and GPUs: "node0:0,1@node1:2,3"
     node_rank: Annotated[int, Field(ge=0)] = 0  # only for runner no-ssh: this node's rank
     master_addr: str = "127.0.0.1"
     master_port: Annotated[int, Field(ge=1024, le=65535)] = 29500
