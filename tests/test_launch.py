@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -48,9 +49,52 @@ def test_no_ssh_mode_passes_this_nodes_rank_and_the_gpu_split(tmp_path: Path):
     assert "--include node0:0,1@node1:2,3 --no_ssh --node_rank 1" in cmd and "--num_gpus" not in cmd
 
 
-def test_a_missing_hostfile_is_named():
-    with pytest.raises(ValueError, match="train.launch.hostfile /nope does not exist"):
-        launcher_command(params_with(nodes=2, hostfile="/nope"))
+@pytest.mark.parametrize(
+    "hostfile, launch, expect",
+    [
+        (None, {"hostfile": "/nope"}, "train.launch.hostfile /nope does not exist"),
+        (None, {"hostfile": "."}, "train.launch.hostfile . is a directory"),
+        ("node0 slots=0\n", {}, "node0 has slots=0"),
+        ("node0 slots=99999999999999999999\n", {}, "node0 has slots=99999999999999999999"),
+        ("\n", {}, "Hostfile is empty"),
+        ("no-such-host.invalid slots=1\n", {}, "host no-such-host.invalid is not reachable over ssh"),
+        ("localhost slots=2\n", {"include": "node0:0"}, "Hostname 'node0' not found"),
+        (None, {"include": "node0:0"}, "without train.launch.hostfile the only host is localhost"),
+    ],
+)
+def test_launch_settings_are_refused_before_any_rank_starts(tmp_path: Path, monkeypatch, hostfile, launch, expect):
+    """Each of these reached DeepSpeed's launcher (or ssh) and ended in its traceback; now one UserError line."""
+    from stages.lib.core.errors import UserError
+    from stages.lib.train.launch import check_launch
+
+    monkeypatch.chdir(tmp_path)
+    if hostfile is not None:
+        (tmp_path / "hostfile").write_text(hostfile)
+        launch = {"hostfile": "hostfile", **launch}
+    with pytest.raises(UserError, match=re.escape(expect)):
+        check_launch(params_with(master_port=29517, **launch), 0)
+
+
+@pytest.mark.parametrize(
+    "zero, expect",
+    [
+        ('{"zero_optimization": {"stage": "3"}}', "zero_optimization.stage is the string '3'"),
+        ('{"train_batch_size": "8", "zero_optimization": {"stage": 3}}', "train_batch_size is the string '8'"),
+        ('{"zero_optimization": {"stage": 3, "reduce_bucket_size": NaN}}', "NaN is not a JSON number"),
+        ('{"zero_optimization": {"stage": 3, "stage": 2}}', "duplicate key 'stage'"),
+        ("[" * 100000, "nested too deeply"),
+    ],
+)
+def test_deepspeed_configs_are_read_strictly(tmp_path: Path, monkeypatch, zero, expect):
+    """DeepSpeed's schema accepted these, and transformers then ran another stage or failed inside a rank."""
+    from stages.lib.core.errors import UserError
+    from stages.lib.train.launch import check_deepspeed
+
+    (tmp_path / "recipes" / "deepspeed").mkdir(parents=True)
+    (tmp_path / "recipes" / "deepspeed" / "mine.json").write_text(zero)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=re.escape(expect)):
+        check_deepspeed("mine")
 
 
 @pytest.mark.slow  # waits out the rendezvous timeout (about 100 s); run with -m slow

@@ -17,6 +17,9 @@ from ..core.errors import UserError
 from ..core.params import Params
 
 STAGE_MODULE = "stages.train"
+MAX_SLOTS = 1024  # GPUs one node can list in a hostfile: a bound that catches typos, not a real limit
+NUMERIC_TOP_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                    "gradient_clipping", "steps_per_print")  # top-level DeepSpeed keys whose values are numbers
 HEAD_ENV = "TRAIN_STAGE_HEAD"  # host:pid of `python -m stages.train`; ranks on that host stop when it is gone
 
 
@@ -28,9 +31,7 @@ def launcher_command(params: Params) -> list[str]:
     launch = params.train.launch
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner"]
     cmd += ["--master_addr", launch.master_addr, "--master_port", str(launch.master_port)]
-    if launch.hostfile:
-        if not os.path.isfile(launch.hostfile):
-            raise UserError(f"train.launch.hostfile {launch.hostfile} does not exist")
+    if launch.hostfile:  # check_launch has read it
         cmd += ["--hostfile", launch.hostfile]
     if launch.include:
         cmd += ["--include", launch.include]
@@ -55,6 +56,14 @@ def check_deepspeed(name: str) -> dict:
     zero = config.get("zero_optimization", {})
     if not isinstance(zero, dict):
         raise UserError(f"train.deepspeed {name}: zero_optimization must be a JSON object")
+    # DeepSpeed's schema turns "3" into stage 3, but transformers compares the raw value with 3: a quoted number
+    # would silently run another ZeRO stage. Every value on these levels is a number, a flag or an object.
+    quoted = [(f"zero_optimization.{k}", v) for k, v in zero.items() if isinstance(v, str) and v != "auto"]
+    quoted += [(k, config[k]) for k in NUMERIC_TOP_KEYS if isinstance(config.get(k), str) and config[k] != "auto"]
+    if quoted:
+        key, value = quoted[0]
+        raise UserError(f"train.deepspeed {name}: {key} is the string {value!r}: write it without quotes "
+                        '(a number or true/false), or "auto"')  # fmt: skip
     try:
         DeepSpeedZeroConfig(**{k: v for k, v in zero.items() if v != "auto"})
     except ValidationError as exc:
@@ -80,12 +89,18 @@ def check_launch(params: Params, visible_gpus: int) -> None:
     launch = params.train.launch
     _quiet_deepspeed_logger()
     if launch.hostfile:
+        if not os.path.isfile(launch.hostfile):
+            what = "is a directory" if os.path.isdir(launch.hostfile) else "does not exist"
+            raise UserError(f"train.launch.hostfile {launch.hostfile} {what}: give a file with one "
+                            "`<host> slots=<GPUs>` line per node")  # fmt: skip
         try:
             pool = fetch_hostfile(launch.hostfile)
-        except ValueError as exc:
+        except (ValueError, UnicodeDecodeError) as exc:
             raise UserError(f"train.launch.hostfile {launch.hostfile}: {exc}; each line is `<host> slots=<GPUs>`") from None
-        if pool is None:
-            raise UserError(f"train.launch.hostfile {launch.hostfile} does not exist")
+        for host, slots in pool.items():
+            if not 1 <= slots <= MAX_SLOTS:
+                raise UserError(f"train.launch.hostfile {launch.hostfile}: {host} has slots={slots}: give the number "
+                                f"of GPUs on that node (1 to {MAX_SLOTS})")  # fmt: skip
         if len(pool) < launch.nodes:
             raise UserError(f"train.launch.hostfile {launch.hostfile} lists {len(pool)} host(s) and "
                             f"train.launch.nodes is {launch.nodes}: add the missing hosts or lower nodes")  # fmt: skip
@@ -95,13 +110,16 @@ def check_launch(params: Params, visible_gpus: int) -> None:
             raise UserError(f"train.launch.gpus_per_node is {launch.gpus_per_node} but this node has "
                             f"{visible_gpus} visible GPU(s): lower it or set CUDA_VISIBLE_DEVICES")  # fmt: skip
     else:
-        pool = None
-    if launch.include and pool:
+        pool = {"localhost": MAX_SLOTS}  # without a hostfile DeepSpeed knows only this host
+    if launch.include:
         try:
             parse_inclusion_exclusion(dict(pool), launch.include, "")
-        except (ValueError, KeyError) as exc:
-            raise UserError(f"train.launch.include {launch.include!r}: {exc} (hosts and GPUs available: "
-                            f"{', '.join(f'{h}: {n}' for h, n in pool.items())})") from None  # fmt: skip
+        except (ValueError, KeyError, IndexError) as exc:
+            known = (f"hosts and GPUs in the hostfile: {', '.join(f'{h}: {n}' for h, n in pool.items())}"
+                     if launch.hostfile else "without train.launch.hostfile the only host is localhost")  # fmt: skip
+            raise UserError(f"train.launch.include {launch.include!r}: {exc} ({known})") from None
+    if launch.hostfile and launch.runner != "no-ssh":
+        _check_ssh(next(iter(parse_inclusion_exclusion(dict(pool), launch.include or "", ""))), launch.hostfile)
     if launch.nodes == 1 or (launch.runner == "no-ssh" and launch.node_rank == 0):
         with socket.socket() as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as torch's store binds: TIME_WAIT is not "in use"
@@ -110,6 +128,23 @@ def check_launch(params: Params, visible_gpus: int) -> None:
             except OSError:
                 raise UserError(f"train.launch.master_port {launch.master_port} is in use on this host (another "
                                 "training run?): pick a free port") from None  # fmt: skip
+
+
+def _check_ssh(host: str, hostfile: str) -> None:
+    """With a hostfile, DeepSpeed's launcher first runs `hostname` over ssh on the first host (a traceback when it
+    fails); the same check here, without a password prompt and with a timeout, fails as one line instead."""
+    cmd = ["ssh", "-o", "PasswordAuthentication=no", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10", host, "hostname"]
+    try:
+        done = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30)
+    except FileNotFoundError:
+        raise UserError(f"train.launch.hostfile {hostfile} needs ssh, which is not installed here: install an ssh "
+                        "client, or start every node yourself with train.launch.runner: no-ssh") from None  # fmt: skip
+    except subprocess.TimeoutExpired:
+        done = None
+    if done is None or done.returncode != 0:
+        why = (done.stderr.strip().splitlines() or ["no answer"])[-1] if done else "no answer in 30 s"
+        raise UserError(f"train.launch.hostfile {hostfile}: host {host} is not reachable over ssh without a password "
+                        f"({why}): set up passwordless ssh, or for one node remove train.launch.hostfile")  # fmt: skip
 
 
 def relaunch_if_needed(params: Params) -> bool:
