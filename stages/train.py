@@ -17,10 +17,11 @@ import socket
 import sys
 from pathlib import Path
 
-from stages.lib.core.errors import UserError, require, run_stage
+from stages.lib.core.errors import require, run_stage
 from stages.lib.core.outputs import staged_outputs, write_json, write_text
 from stages.lib.core.params import Params, load_params
 from stages.lib.core.recipes import deepspeed_config, model_recipe
+from stages.lib.train.preflight import check_kernels, check_lora_targets, check_reporters
 
 TOKENIZED = Path("data/tokenized")
 TOKENIZER = TOKENIZED / "tokenizer"  # the training tokenizer, written by tokenize (chat template, pad token)
@@ -342,26 +343,6 @@ def resolved_config(params: Params, trainer, result, resume: Path | None = None)
     }
 
 
-def check_reporters(names: list[str]) -> None:
-    """train.report_to names transformers integrations that are installed here (UserError otherwise)."""
-    if not names:
-        return  # the import below takes seconds
-    from transformers.integrations.integration_utils import (
-        INTEGRATION_TO_CALLBACK,
-        get_available_reporting_integrations,
-    )
-
-    installed = get_available_reporting_integrations()
-    for name in names:
-        if name == "dvclive":
-            raise UserError("train.report_to: dvclive is always on (dvclive/train); list only other trackers")
-        if name not in INTEGRATION_TO_CALLBACK:
-            known = ", ".join(sorted(set(INTEGRATION_TO_CALLBACK) - {"dvclive"}))
-            raise UserError(f"train.report_to: '{name}' is not a transformers integration (known: {known})")
-        if name not in installed:
-            raise UserError(f"train.report_to: {name} is not installed in this environment; install its package")
-
-
 def main() -> None:
     params = load_params()
     require(TOKENIZER, made_by="tokenize")
@@ -369,6 +350,10 @@ def main() -> None:
     if params.train.deepspeed:
         deepspeed_config(params.train.deepspeed)  # a missing or broken file fails here, in a second
     check_reporters(params.train.report_to)
+    check_kernels(params.train.attn_implementation, params.train.liger)
+    chosen = params.train.lora.target_modules
+    key = "train.lora.target_modules" if chosen else f"lora_targets of model recipe '{params.model.recipe}'"
+    check_lora_targets(chosen or model_recipe(params.model.recipe).lora_targets, key, BASE_DIR)
     from stages.lib.train.launch import relaunch_if_needed
 
     if relaunch_if_needed(params):

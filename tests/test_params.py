@@ -189,7 +189,7 @@ def test_a_run_that_could_never_resume_and_unknown_trackers_are_refused():
     raw["train"]["save_minutes"] = None
     assert "train.save_steps and train.save_minutes are both null" in error_of(raw)
     from stages.lib.core.errors import UserError
-    from stages.train import check_reporters
+    from stages.lib.train.preflight import check_reporters
 
     with pytest.raises(UserError, match=r"train.report_to: 'wandbb' is not a transformers integration \(known: .*wandb"):
         check_reporters(["wandbb"])

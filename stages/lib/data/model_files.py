@@ -1,8 +1,9 @@
 """Checking a model directory before it becomes models/base: a folder that would fail in train fails at download.
 
-Cheap checks only, no weights loaded: config.json parses, every safetensors file's header parses and its size is
-what the header says (a truncated copy is caught), a sharded index names files that exist, and the tokenizer loads
-and has an end-of-sequence token (the stop token of every answer).
+Cheap checks only, no weights loaded: every JSON file parses, config.json names a model type, every safetensors
+file's header parses and its size is what the header says (a truncated copy is caught), a sharded index names files
+that exist, the tensors' names and shapes are the ones the config builds (on the meta device), and the tokenizer
+loads and has an end-of-sequence token (the stop token of every answer).
 """
 
 from __future__ import annotations
@@ -20,25 +21,42 @@ class ModelFilesError(UserError):
     pass
 
 
+# the dtype names of the safetensors format (its Rust reader refuses any other)
+DTYPES = {"BOOL", "U8", "I8", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64", "I64", "U64",
+          "F8_E5M2", "F8_E4M3", "F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "F4", "F6_E2M3", "F6_E3M2", "C64"}  # fmt: skip
+
+
+def read_json(path: Path) -> object:
+    """The parsed JSON file; ModelFilesError naming it when it is not UTF-8 JSON."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise ModelFilesError(f"{path} is not valid JSON ({why}): copy it again from the model's source") from None
+
+
 def check_config(folder: Path, what: str) -> None:
-    """config.json exists and is a JSON object with a model_type."""
+    """config.json exists and is a JSON object with a model_type; every other JSON file (tokenizer, generation
+    config, index) parses, since train and tokenize read them all."""
     path = folder / "config.json"
     if not path.is_file():
         raise ModelFilesError(f"{what} has no config.json: copy the whole model folder (config.json, *.safetensors, "
                               "tokenizer files)")  # fmt: skip
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ModelFilesError(f"{path} is not valid JSON ({exc}): copy it again from the model's source") from None
+    config = read_json(path)
     if not isinstance(config, dict) or "model_type" not in config:
         raise ModelFilesError(f"{path} has no model_type: it is not a transformers model config")
+    for other in sorted(folder.glob("*.json")):
+        if not isinstance(read_json(other), dict):
+            raise ModelFilesError(f"{other} is JSON but not an object: copy it again from the model's source")
 
 
-def check_safetensors(path: Path) -> None:
-    """The file's header parses and the tensors it lists end exactly at the end of the file.
+def check_safetensors(path: Path) -> dict[str, tuple[int, ...]]:
+    """The file's header parses, names known dtypes, and the tensors it lists end exactly at the end of the file;
+    returns {tensor name: shape}.
 
-    Format (safetensors): 8 bytes little-endian header length N, N bytes of JSON, then the tensor data, whose
-    `data_offsets` are relative to the end of the header.
+    Format (safetensors): 8 bytes little-endian header length N, N bytes of JSON (an object: name -> {dtype, shape,
+    data_offsets}, plus an optional __metadata__), then the tensor data, whose `data_offsets` are relative to the
+    end of the header.
     """
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -51,21 +69,33 @@ def check_safetensors(path: Path) -> None:
             header = json.loads(f.read(n))
         except (ValueError, UnicodeDecodeError):
             raise ModelFilesError(f"{path} has a corrupt safetensors header: copy it again from the model's source") from None
-    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__" and isinstance(t, dict)]
-    expected = 8 + n + max(ends, default=0)
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"} if isinstance(header, dict) else None
+    valid = tensors is not None and all(
+        isinstance(v, dict) and isinstance(v.get("shape"), list) and isinstance(v.get("data_offsets"), list)
+        and len(v["data_offsets"]) == 2 for v in tensors.values()
+    )  # fmt: skip
+    if not valid:
+        raise ModelFilesError(f"{path} has a safetensors header of the wrong layout: copy it again from the model's source")
+    unknown = next((k for k, v in tensors.items() if v.get("dtype") not in DTYPES), None)
+    if unknown is not None:
+        raise ModelFilesError(f"{path}: tensor {unknown} has dtype {tensors[unknown].get('dtype')!r}, which "
+                              "safetensors does not know: copy the file again from the model's source")  # fmt: skip
+    expected = 8 + n + max((v["data_offsets"][1] for v in tensors.values()), default=0)
     if size != expected:
         state = "truncated" if size < expected else "longer than its header says"
         raise ModelFilesError(f"{path} is {state} ({size} bytes, its header needs {expected}): copy it again "
                               "from the model's source")  # fmt: skip
+    return {k: tuple(v["shape"]) for k, v in tensors.items()}
 
 
-def check_weights(folder: Path, what: str) -> None:
-    """Every *.safetensors file is whole, and a sharded index's files are all there."""
+def check_weights(folder: Path, what: str) -> dict[str, tuple[int, ...]]:
+    """Every *.safetensors file is whole, and a sharded index's files are all there; returns {tensor: shape}."""
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise ModelFilesError(f"{what} has no *.safetensors weights (pickled weights are not loaded)")
+    shapes: dict[str, tuple[int, ...]] = {}
     for path in files:
-        check_safetensors(path)
+        shapes |= check_safetensors(path)
     for index in folder.glob("*.safetensors.index.json"):
         try:
             shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
@@ -74,6 +104,48 @@ def check_weights(folder: Path, what: str) -> None:
         missing = sorted(s for s in shards if not (folder / s).is_file())
         if missing:
             raise ModelFilesError(f"{what}: {index.name} lists {', '.join(missing)}, which is missing: copy every shard")
+    return shapes
+
+
+def meta_model(folder: Path, what: str):
+    """The model config.json describes, built on the meta device (no memory, no weights; about a second even for
+    70B shapes). ModelFilesError when transformers does not know its model_type; None for a model that needs its
+    own Hub code (auto_map), which is not run here."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = read_json(folder / "config.json")
+    if config.get("auto_map"):
+        return None
+    try:
+        config = AutoConfig.from_pretrained(folder)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        import transformers
+
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelFilesError(f"{what}: transformers {transformers.__version__} cannot build this config.json "
+                              f"({first[:160]}): check model_type and the sizes in it") from None  # fmt: skip
+
+
+def check_shapes(folder: Path, what: str, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Every parameter the config builds is in the weights, with the same shape (a renamed tensor would be left
+    random, a wrong size fails the load minutes into train). Quantized checkpoints store other tensors: skipped."""
+    if "quantization_config" in read_json(folder / "config.json"):
+        return
+    model = meta_model(folder, what)
+    if model is None:
+        return
+    prefix = f"{model.base_model_prefix}."
+    for name, param in model.named_parameters():  # tied weights appear once
+        stored = shapes.get(name, shapes.get(name.removeprefix(prefix)))
+        if stored is None:
+            raise ModelFilesError(f"{what}: the weights have no tensor {name}, which config.json's model needs "
+                                  "(renamed or missing): copy the model folder again")  # fmt: skip
+        if stored != tuple(param.shape):
+            raise ModelFilesError(f"{what}: tensor {name} has shape {list(stored)} but config.json makes it "
+                                  f"{list(param.shape)}: the config and the weights are of different models")  # fmt: skip
 
 
 def check_tokenizer(folder: Path, what: str):
@@ -95,5 +167,5 @@ def check_tokenizer(folder: Path, what: str):
 def check_model_dir(folder: Path, what: str) -> None:
     """All checks of a model directory (`what` names it in errors, e.g. `model.path models/sources/x`)."""
     check_config(folder, what)
-    check_weights(folder, what)
+    check_shapes(folder, what, check_weights(folder, what))
     check_tokenizer(folder, what)

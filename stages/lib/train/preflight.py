@@ -1,0 +1,67 @@
+"""Checks of the train settings that need the environment or the model's shape, run before any weight loads.
+
+Each of these used to fail only after the model was loaded (minutes for a 7B), with a library traceback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..core.errors import UserError
+
+
+def check_reporters(names: list[str]) -> None:
+    """train.report_to names transformers integrations that are installed here (UserError otherwise)."""
+    if not names:
+        return  # the import below takes seconds
+    from transformers.integrations.integration_utils import (
+        INTEGRATION_TO_CALLBACK,
+        get_available_reporting_integrations,
+    )
+
+    installed = get_available_reporting_integrations()
+    for name in names:
+        if name == "dvclive":
+            raise UserError("train.report_to: dvclive is always on (dvclive/train); list only other trackers")
+        if name not in INTEGRATION_TO_CALLBACK:
+            known = ", ".join(sorted(set(INTEGRATION_TO_CALLBACK) - {"dvclive"}))
+            raise UserError(f"train.report_to: '{name}' is not a transformers integration (known: {known})")
+        if name not in installed:
+            raise UserError(f"train.report_to: {name} is not installed in this environment; install its package")
+
+
+def check_kernels(attn_implementation: str, liger: bool) -> None:
+    """The attention kernel and Liger kernels asked for can run here: installed, and on a GPU where they need one."""
+    from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available, is_liger_kernel_available
+
+    available = {"flash_attention_2": is_flash_attn_2_available, "flash_attention_3": is_flash_attn_3_available}
+    if attn_implementation in available and not available[attn_implementation]():
+        raise UserError(f"train.attn_implementation: {attn_implementation} needs the flash-attn package and a CUDA "
+                        "GPU, not both here: use sdpa, or varlen (packed rows, torch's own flash kernel)")  # fmt: skip
+    if liger and not is_liger_kernel_available():
+        raise UserError("train.liger: true needs the liger-kernel package (pip install liger-kernel) and a GPU: "
+                        "install it or set train.liger: false")  # fmt: skip
+
+
+def check_lora_targets(targets: list[str] | str, key: str, base: Path) -> None:
+    """Each entry of `targets` (LoRA target_modules; `key` is the setting that gave them) matches at least one
+    linear layer of the model in `base`, by PEFT's own matching rule (a name, a suffix after a dot, or a regex).
+    Built on the meta device from config.json: no weights load. "all-linear" always matches."""
+    if isinstance(targets, str):
+        return
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
+    from ..data.model_files import meta_model
+
+    model = meta_model(base, str(base))
+    if model is None:  # needs its Hub code: PEFT's own check at load
+        return
+    layers = [name for name, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))]
+    for target in targets:
+        if not any(check_target_module_exists(LoraConfig(target_modules=[target]), name) for name in layers):
+            kinds = sorted({name.rsplit(".", 1)[-1] for name in layers})
+            raise UserError(f"{key}: '{target}' matches no linear layer of {base} (its linear layers: "
+                            f"{', '.join(kinds)})")  # fmt: skip
