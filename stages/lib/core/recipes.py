@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -11,7 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .params import Dtype, ParamsError, read_yaml
 
-RECIPES = Path("recipes")  # stages run from the project root, like every path in dvc.yaml
+RECIPES = Path("recipes")
+PLACEHOLDERS = {"system": ("content",), "user": ("content", "round"), "assistant": ("content", "round")}  # stages run from the project root, like every path in dvc.yaml
 
 
 class Strict(BaseModel):
@@ -68,6 +70,11 @@ class TemplateRecipe(Strict):
             text = getattr(self, key)
             if (text or key != "system") and text.count("{content}") != 1:
                 raise ValueError(f"'{key}' must contain {{content}} exactly once, got {text!r}")
+            # any other {word} is kept as literal text: almost always a typo of a placeholder
+            unknown = [w for w in re.findall(r"\{(\w+)\}", text) if w not in PLACEHOLDERS[key]]
+            if unknown:
+                known = ", ".join(f"{{{w}}}" for w in PLACEHOLDERS[key])
+                raise ValueError(f"'{key}' has the placeholder {{{unknown[0]}}}; the known ones here: {known}")
         return self
 
 
