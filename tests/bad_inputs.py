@@ -24,6 +24,7 @@ CATEGORIES = {
     "models": "Model folders",
     "templates": "Templates and tokenizing",
     "launch": "DeepSpeed and launching",
+    "train": "Train settings",
     "order": "Stages run out of order",
 }
 
@@ -132,6 +133,31 @@ def corrupt_header(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+def edit_header(change: Callable[[dict], object]) -> Callable[[Path], None]:
+    """A model_copy change: model.safetensors' JSON header becomes change(header) (the tensor data is kept)."""
+
+    def apply(folder: Path) -> None:
+        path = folder / "model.safetensors"
+        data = path.read_bytes()
+        n = struct.unpack("<Q", data[:8])[0]
+        header = json.loads(data[8 : 8 + n])
+        text = json.dumps(change(header)).encode()
+        text += b" " * (-len(text) % 8)
+        path.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + n :])
+
+    return apply
+
+
+def first_tensor(header: dict) -> str:
+    return next(k for k in sorted(header) if k != "__metadata__")
+
+
+def rename_first(header: dict) -> dict:
+    name = first_tensor(header)
+    header["renamed." + name] = header.pop(name)
+    return header
+
+
 def no_eos(folder: Path) -> None:
     def drop(config: dict) -> None:
         config["eos_token"] = None
@@ -191,6 +217,8 @@ SECRET_TOKEN = "hf_" + "catalogue" + "SecretTokenThatMustNotLeak"  # never writt
 
 CASES = [
     # params.yaml: every stage checks it first (each stage is tried across the cases)
+    Case("several-mistakes", "params", "several mistakes at once", "train",
+         params(seed="x", train__batch_size=0), "2 problems: 'seed'"),
     Case("misspelt-key", "params", "a misspelt key", "train", params(train__lerning_rate=1e-4),
          "did you mean 'train.learning_rate'"),
     Case("string-for-int", "params", 'a number in quotes ("8")', "train", params(train__lora__r="8"), "'train.lora.r'"),
@@ -331,6 +359,21 @@ CASES = [
          model_copy(lambda f: (f / "model.safetensors.index.json").write_text(
              json.dumps({"weight_map": {"a": "model.safetensors", "b": "model-00002-of-00002.safetensors"}}))),
          "model-00002-of-00002.safetensors, which is missing"),
+    Case("model-header-list", "models", "a safetensors header that is a JSON list", "download",
+         model_copy(edit_header(lambda h: list(h))), "safetensors header of the wrong layout"),
+    Case("model-unknown-dtype", "models", "a tensor of a dtype safetensors does not know", "download",
+         model_copy(edit_header(lambda h: h[first_tensor(h)].update(dtype="X99") or h)), "has dtype 'X99'"),
+    Case("model-renamed-tensor", "models", "a tensor renamed in the weights", "download",
+         model_copy(edit_header(rename_first)), "the weights have no tensor"),
+    Case("model-shape-mismatch", "models", "config.json sizes that disagree with the weights", "download",
+         model_copy(lambda f: edit_json(f / "config.json", lambda c: c.update(vocab_size=c["vocab_size"] + 64))),
+         "but config.json makes it"),
+    Case("model-unknown-type", "models", "a model_type transformers does not know", "download",
+         model_copy(lambda f: edit_json(f / "config.json", lambda c: c.update(model_type="foo"))),
+         "cannot build this config.json"),
+    Case("model-bad-generation-config", "models", "a generation_config.json that is not JSON", "download",
+         model_copy(lambda f: (f / "generation_config.json").write_text("{max_length: 9")),
+         "generation_config.json is not valid JSON"),
     Case("model-no-eos", "models", "a tokenizer without an EOS token", "download", model_copy(no_eos, tokenizer_only=True),
          "the tokenizer has no EOS token"),
     Case("model-no-tokenizer", "models", "a tokenizer folder without tokenizer files", "download",
@@ -348,6 +391,9 @@ CASES = [
     Case("bad-template-recipe", "templates", "a template recipe without {content}", "tokenize",
          write("recipes/templates/mine.yaml", "description: mine\nuser: 'Q: '\nassistant: 'A: {content}'\n", tokenize__template="mine"),
          "recipes/templates/mine.yaml"),
+    Case("template-unknown-placeholder", "templates", "a template with a placeholder other than {content}/{round}",
+         "tokenize", write("recipes/templates/mine.yaml", "description: mine\nuser: '{name}: {content}'\n"
+                           "assistant: 'A: {content}'\n", tokenize__template="mine"), "the placeholder {name}"),
     Case("max-length-too-small", "templates", "max_length too short for any prompt", "tokenize",
          params(tokenize__max_length=8), "tokenize.max_length", slow=True),
     # DeepSpeed and launching (checked by the head process, before any rank starts)
@@ -378,7 +424,32 @@ CASES = [
     Case("include-unknown-host", "launch", "`include` names a host not in the hostfile", "train",
          write("hostfile", "node0 slots=2\nnode1 slots=2\n", **DS, train__launch__hostfile="hostfile",
                train__launch__nodes=2, train__launch__include="node7:0"), "train.launch.include", slow=True),
+    Case("deepspeed-quoted-stage", "launch", 'a quoted ZeRO stage ("3")', "train",
+         write("recipes/deepspeed/mine.json", '{"zero_optimization": {"stage": "3"}}', train__deepspeed="mine"),
+         "zero_optimization.stage is the string '3'"),
+    Case("deepspeed-nan", "launch", "NaN in a DeepSpeed JSON", "train",
+         write("recipes/deepspeed/mine.json", '{"zero_optimization": {"stage": 3}, "gradient_clipping": NaN}',
+               train__deepspeed="mine"), "NaN is not a JSON number"),
+    Case("deepspeed-duplicate-key", "launch", "a key twice in a DeepSpeed JSON", "train",
+         write("recipes/deepspeed/mine.json", '{"zero_optimization": {"stage": 3, "stage": 2}}', train__deepspeed="mine"),
+         "duplicate key 'stage'"),
+    Case("hostfile-directory", "launch", "a directory as the hostfile", "train",
+         write("hostdir/a", "x", **DS, train__launch__hostfile="hostdir"), "train.launch.hostfile hostdir is a directory"),
+    Case("hostfile-zero-slots", "launch", "slots=0 in the hostfile", "train",
+         write("hostfile", "node0 slots=0\n", **DS, train__launch__hostfile="hostfile"), "node0 has slots=0"),
+    Case("hostfile-unreachable", "launch", "a hostfile host that ssh cannot reach", "train",
+         write("hostfile", "no-such-host.invalid slots=1\n", **DS, train__launch__hostfile="hostfile"),
+         "train.launch.hostfile hostfile"),
+    Case("include-without-hostfile", "launch", "`include` names another host but there is no hostfile", "train",
+         params(**DS, train__launch__include="node0:0"), "the only host is localhost"),
     Case("port-in-use", "launch", "the master port is taken", "train", busy_port, "is in use on this host"),
+    # train settings that need the model or the environment (checked before the model loads)
+    Case("lora-target-missing", "train", "a LoRA target module the model does not have", "train",
+         params(train__lora__target_modules=["no_such_proj"]), "'no_such_proj' matches no linear layer"),
+    Case("flash-attention-missing", "train", "flash_attention_2 where flash-attn or a GPU is missing", "train",
+         params(train__attn_implementation="flash_attention_2"), "train.attn_implementation"),
+    Case("liger-missing", "train", "Liger kernels without liger-kernel installed", "train", params(train__liger=True),
+         "train.liger"),
     # stages run out of order (python -m stages.X without dvc repro)
     Case("tokenize-no-raw", "order", "tokenize before download", "tokenize", remove("data/raw"), "data/raw"),
     Case("train-no-tokenized", "order", "train before tokenize", "train", remove("data/tokenized"), "data/tokenized"),
