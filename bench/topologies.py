@@ -131,6 +131,7 @@ def summary(name: str, d: Path, seconds: float) -> dict:
     from safetensors.torch import load_file
 
     config = json.loads((d / "models" / "adapter" / "train_config.json").read_text())
+    config |= json.loads((d / "metrics" / "train_speed.json").read_text())  # timings and memory live apart
     adapter = d / "models" / "adapter" / "adapter_model.safetensors"
     weights = load_file(adapter)
     lora_b = sum(float(w.float().norm() ** 2) for k, w in weights.items() if "lora_B" in k) ** 0.5

@@ -29,6 +29,8 @@ BASE_DIR = Path("models/base")
 ADAPTER_DIR = Path("models/adapter")
 CHECKPOINTS = Path("models/checkpoints")  # an interrupted run resumes from here (stages/lib/train/checkpoints.py)
 LIVE_DIR = Path("dvclive/train")
+METRICS = Path("metrics/train.json")  # quality: a DVC metric
+SPEED = Path("metrics/train_speed.json")  # tokens/s, step time, memory: changes run to run, so not a DVC metric
 NEVER = 10**12  # a step count no run reaches
 TRACKER_LOGS = "logs/tensorboard"  # train.report_to: [tensorboard] writes here (git-ignored, not a DVC output)
 
@@ -255,10 +257,13 @@ def train(params: Params) -> None:
             path = partial / extra
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
         sort_target_modules(partial / "adapter_config.json")
-        write_json(partial / "train_config.json", resolved_config(params, trainer, result, resume) | telemetry.summary)
-        print("train:", json.dumps(telemetry.summary))
-        with staged_outputs() as out:  # the adapter and its curves arrive together
+        config = resolved_config(params, trainer, result, resume)
+        write_json(partial / "train_config.json", config)  # no timings: the same run gives the same adapter hash
+        print("train:", summary_line(config, telemetry.summary), flush=True)
+        with staged_outputs() as out:  # the adapter, its metrics and its curves arrive together
             out.add(partial, ADAPTER_DIR)
+            write_json(out.file(METRICS), quality_metrics(config, trainer.state.log_history))
+            write_json(out.file(SPEED), telemetry.summary)
             if live_partial.exists():
                 out.add(live_partial, LIVE_DIR)
     if dist.is_initialized():
@@ -267,6 +272,26 @@ def train(params: Params) -> None:
         checkpoints.clear(CHECKPOINTS, keep_hashes=False)  # the run is complete: the adapter is the result
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def quality_metrics(config: dict, log_history: list[dict]) -> dict:
+    """metrics/train.json, what `dvc exp show` lists for train: the last logged training loss, the mean over the
+    run, the last validation loss (answer tokens only, like every loss here) and the optimizer steps."""
+    last_eval = next((h["eval_loss"] for h in reversed(log_history) if "eval_loss" in h), None)
+    history = config["loss_history"]
+    return {
+        "train": {"final_loss": history[-1]["loss"] if history else None, "mean_loss": config["train_loss"],
+                  "steps": config["global_steps"]},
+        "validation": {"final_loss": last_eval},
+    }  # fmt: skip
+
+
+def summary_line(config: dict, speed: dict) -> str:
+    """One line for the log: steps, losses and speed."""
+    rate = f", {speed['tokens_per_s']:.0f} tokens/s" if speed.get("tokens_per_s") else ""
+    mean = config["train_loss"]
+    return f"{config['global_steps']} steps, mean training loss {mean:.4f}{rate}" if mean is not None else \
+        f"{config['global_steps']} steps{rate}"
 
 
 def sort_target_modules(path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Throughput and memory of a training run, per rank, for train_config.json and the benchmarks."""
+"""Throughput and memory of a training run, per rank: metrics/train_speed.json and the benchmarks."""
 
 from __future__ import annotations
 
@@ -68,8 +68,11 @@ class Telemetry(TrainerCallback):
         import torch
         import torch.distributed as dist
 
-        train_peak = torch.cuda.max_memory_allocated() / GIB if torch.cuda.is_available() else 0.0
-        if torch.cuda.is_available() and os.environ.get(SNAPSHOT_ENV):
+        if not torch.cuda.is_available():  # nothing to measure: no number rather than a misleading 0.0
+            self.summary = self._speed(args)
+            return
+        train_peak = torch.cuda.max_memory_allocated() / GIB
+        if os.environ.get(SNAPSHOT_ENV):
             os.makedirs(os.environ[SNAPSHOT_ENV], exist_ok=True)
             torch.cuda.memory._dump_snapshot(os.path.join(os.environ[SNAPSHOT_ENV], f"rank{args.process_index}.pickle"))
         mine = {"peak_gib_load_per_rank": self.load_peak, "peak_gib_train_per_rank": train_peak,
@@ -79,16 +82,20 @@ class Telemetry(TrainerCallback):
             ranks = [None] * dist.get_world_size()
             dist.all_gather_object(ranks, mine)
         summary = {key: [round(r[key], 3) for r in ranks] for key in mine}
-        summary |= {"weights_rank0": self.weights, "tokens_seen": self.last[1] if self.last else None}
+        self.summary = summary | {"weights_rank0": self.weights} | self._speed(args)
+
+    def _speed(self, args) -> dict:
+        """Tokens seen, and tokens/s and seconds per step from the first logging window on (warm-up excluded)."""
+        speed = {"tokens_seen": self.last[1] if self.last else None, "world_size": args.world_size}
         if self.first and self.last and self.last[2] > self.first[2]:
             seconds = self.last[0] - self.first[0]
             tokens = self.last[1] - self.first[1]
-            summary |= {
+            speed |= {
                 "tokens_per_s": tokens / seconds,
                 "tokens_per_s_per_gpu": tokens / seconds / max(args.world_size, 1),
                 "step_time_s": seconds / (self.last[2] - self.first[2]),
             }
-        self.summary = summary
+        return speed
 
 
 def weight_census(model) -> dict:
