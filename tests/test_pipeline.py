@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -76,6 +79,29 @@ def test_dvc_plots_draws_the_intended_charts_only(repo):
               for p in (repo / "dvclive" / "train" / "plots" / "metrics").rglob("*.tsv")}  # fmt: skip
     assert logged == {"train/loss.tsv", "eval/loss.tsv", "learning_rate.tsv", "grad_norm.tsv", "tokens_per_s.tsv"}
     assert [p.name for p in (repo / "models" / "checkpoints").iterdir()] == ["ABOUT.txt"]  # emptied once complete
+
+
+def rendered_charts(page: Path) -> int:
+    """Charts that Vega drew when headless Chromium opened `page` with every network request refused."""
+    chromium = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
+    if chromium is None:
+        pytest.skip("no Chromium here (apt install chromium) to render the page")
+    dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--proxy-server=127.0.0.1:9",
+                          "--virtual-time-budget=10000", "--dump-dom", page.as_uri()],
+                         capture_output=True, text=True, timeout=120).stdout  # fmt: skip
+    return dom.count('class="marks"')  # the canvas Vega draws each chart on
+
+
+def test_plots_render_with_no_network(repo, tmp_path):
+    """DVC's own page loads Vega from a CDN and stays blank offline; `python -m stages.plots` inlines it."""
+    dvc("plots", "show", "-o", str(tmp_path / "dvc"), cwd=repo)
+    run([sys.executable, "-m", "stages.plots", "show", "-o", str(tmp_path / "ours")], cwd=repo)
+    ours = tmp_path / "ours" / "index.html"
+    assert "<script src=" not in ours.read_text() and "<script src=" in (tmp_path / "dvc" / "index.html").read_text()
+    assert rendered_charts(tmp_path / "dvc" / "index.html") == 0
+    assert rendered_charts(ours) == 6
+    dvc("plots", "show", "-o", str(tmp_path / "later"), cwd=repo)  # the local config keeps plain `dvc plots` offline
+    assert "<script src=" not in (tmp_path / "later" / "index.html").read_text()
 
 
 def files_read_by_stage(repo: Path) -> dict[str, set[str]]:

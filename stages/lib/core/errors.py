@@ -26,7 +26,9 @@ def run_stage(main: Callable[[], None]) -> None:
     share its folders), then turn a UserError into one `error:` line and Ctrl-C into exit 130, both without a
     traceback and with every earlier output as it was."""
     from .outputs import recover
+    from .quiet import quiet
 
+    quiet()
     if "LOCAL_RANK" not in os.environ:
         for line in recover():
             print(f"note: {line}", flush=True)
