@@ -3,9 +3,15 @@ reason, errors that name the source, record and field, mixtures, and the split b
 
 from __future__ import annotations
 
+import bz2
 import codecs
 import csv
+import gzip
 import json
+import lzma
+import os
+import random
+import signal
 from pathlib import Path
 
 import pytest
@@ -16,7 +22,7 @@ from stages.lib.core.errors import UserError
 from stages.lib.core.params import ParamsError, validate
 from stages.lib.data.mix import build_raw, summary_line
 from stages.lib.data.normalize import Normalizer, RecordError
-from stages.lib.data.read import SourceError, read_table
+from stages.lib.data.read import MAX_DEPTH, Nesting, SourceError, check_regular, read_table
 
 RECORDS = [{"instruction": "说你好", "input": "", "output": "你好"}, {"instruction": "Say hi", "input": "x", "output": "hi"}]
 
@@ -70,6 +76,29 @@ def test_every_layout_reads_as_the_same_records(tmp_path):
     ("nobom16.json", "[]".encode("utf-16-le"), r"nobom16.json holds NUL bytes: UTF-16 text without a byte-order mark"
                                                r"\? Re-save it as UTF-8 \(iconv -f UTF-16LE"),
     ("be16.json", "[]".encode("utf-16-be"), r"iconv -f UTF-16BE -t UTF-8"),
+    ("deep.jsonl", lines(RECORDS) + "[" * 100_000 + "\n",
+     r"deep.jsonl cannot be read as json: line 3 nests arrays and objects more than 63 levels deep"),
+    ("deep-closed.jsonl", lines(RECORDS) + '{"x": ' + "[" * 100_000 + "]" * 100_000 + "}\n",
+     r"line 3 nests arrays and objects more than 63 levels deep"),  # pyarrow's parser crashed the process on it
+    ("deep.json", "[" + "[" * 100_000, r"deep.json cannot be read as json: line 1 nests arrays and objects"),
+    ("surrogate.jsonl", lines(RECORDS) + '{"instruction": "a\\ud800", "output": "b"}\n',
+     r"surrogate.jsonl cannot be read as json: line 3 holds an invalid surrogate escape \\ud800"),
+    ("duplicate.jsonl", '{"instruction": "a", "output": "b", "output": "c"}\n' + lines(RECORDS),
+     r"duplicate.jsonl cannot be read as json: line 1 has a duplicate key 'output' \(an object names it twice\)"),
+    ("nested-duplicate.jsonl", lines(RECORDS) + '{"instruction": "a", "output": "b", "m": [{"k": 1, "k": 2}]}\n',
+     r"line 3 has a duplicate key 'k'"),
+    ("zipped.jsonl", gzip.compress(lines(RECORDS).encode(), mtime=0),
+     r"zipped.jsonl is gzip-compressed, not text: decompress it \(`mv zipped.jsonl zipped.jsonl.gz && gunzip"),
+    ("x.jsonl", bz2.compress(lines(RECORDS).encode()), r"x.jsonl is bzip2-compressed"),
+    ("x.csv", lzma.compress(b"instruction,output\na,b\n"), r"x.csv is xz-compressed"),
+    ("sheet.csv", b"PK\x03\x04" + bytes(100), r"sheet.csv is a zip archive \(an Excel .xlsx workbook is one\)"),
+    ("u32.json", json.dumps(RECORDS).encode("utf-32"), r"u32.json is UTF-32 text: re-save it as UTF-8 \(iconv -f UTF-32 "
+                                                       r"-t UTF-8\)"),
+    ("u32le.jsonl", lines(RECORDS).encode("utf-32-le"), r"UTF-32 text without a byte-order mark\? .*iconv -f UTF-32LE"),
+    ("u32be.jsonl", lines(RECORDS).encode("utf-32-be"), r"iconv -f UTF-32BE -t UTF-8"),
+    ("binary.jsonl", bytes(range(256)) * 4, r"binary.jsonl holds NUL bytes and is no text encoding"),
+    ("page.jsonl", b"\n<!DOCTYPE html>\n<html><head><title>Sign in</title></head></html>\n",
+     r"page.jsonl is an HTML page, not data: .*Use the raw or download link"),
 ])  # fmt: skip
 def test_unreadable_files_are_one_line_naming_the_file_and_the_fix(tmp_path, name, content, message):
     path = tmp_path / name
@@ -78,6 +107,66 @@ def test_unreadable_files_are_one_line_naming_the_file_and_the_fix(tmp_path, nam
     with pytest.raises(SourceError, match=message) as err:
         read_table(path, tmp_path / "cache")
     assert "\n" not in str(err.value)
+
+
+def test_json_nested_up_to_the_limit_reads(tmp_path):
+    path = tmp_path / "nested.jsonl"
+    deepest = json.loads("[" * (MAX_DEPTH - 1) + "1" + "]" * (MAX_DEPTH - 1))  # MAX_DEPTH with the record
+    path.write_text(lines([r | {"extra": deepest} for r in RECORDS]))
+    assert len(read_table(path, tmp_path / "cache")) == 2
+    path.with_suffix(".json").write_text(json.dumps([r | {"extra": deepest} for r in RECORDS]))
+    assert len(read_table(path.with_suffix(".json"), tmp_path / "cache")) == 2
+
+
+def _depth_by_hand(text: str, lines: bool) -> int | None:
+    """The reference for Nesting: a byte at a time; a quote after an odd run of backslashes is escaped."""
+    depth, inside, run, line = (0 if lines else -1), False, 0, 1
+    for ch in text:
+        if ch == '"' and run % 2 == 0:
+            inside = not inside
+        elif not inside and ch in "[{":
+            depth += 1
+        elif not inside and ch in "]}":
+            depth -= 1
+        if depth > MAX_DEPTH:
+            return line
+        run = run + 1 if ch == "\\" else 0
+        if ch == "\n":
+            line += 1
+            depth, inside = (0, False) if lines else (depth, inside)
+    return None
+
+
+def test_the_nesting_scan_agrees_with_a_scan_by_hand_across_chunk_boundaries():
+    rng = random.Random(7)
+    pieces = ["[", "]", "{", "}", '"', "\\", "a", "\n", " ", "[[[[", '\\"', "\\\\", "[" * 30, "é"]
+    for _ in range(1500):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 300)))
+        lines_mode = rng.random() < 0.5
+        step = rng.choice([1, 2, 3, 7, 64, 1 << 20])
+        assert Nesting(lines_mode).feed(text.encode(), step=step) == _depth_by_hand(text, lines_mode), (text, step)
+
+
+def test_a_path_that_is_no_regular_file_is_refused_without_opening_it(tmp_path):
+    """Opening a FIFO waits for a writer: the stage would hang, so the check must not open it (the alarm fails the
+    test instead of hanging it)."""
+    os.mkfifo(tmp_path / "pipe.jsonl")
+    folder = tmp_path / "set"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text(lines(RECORDS))
+    os.mkfifo(folder / "b.jsonl")
+    previous = signal.signal(signal.SIGALRM, lambda *_: pytest.fail("the reader opened the FIFO"))
+    signal.alarm(20)
+    try:
+        with pytest.raises(SourceError, match=r"data file .*pipe.jsonl is a named pipe \(FIFO\), not a regular file"):
+            read_table(tmp_path / "pipe.jsonl", tmp_path / "cache")
+        with pytest.raises(SourceError, match=r"set/b.jsonl is a named pipe"):
+            read_table(folder, tmp_path / "cache")
+        with pytest.raises(SourceError, match=r"/dev/null is a device, not a regular file"):
+            check_regular(Path("/dev/null"))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def test_folders_without_data_or_with_mixed_types_are_named(tmp_path):
