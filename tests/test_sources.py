@@ -7,8 +7,10 @@ import csv
 import functools
 import hashlib
 import json
+import re
 import threading
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+import time
+from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -99,3 +101,102 @@ def test_a_recipe_that_needs_remote_code_is_refused_without_opt_in(tmp_path):
     raw["model"] |= {"recipe": "chatglm2-6b", "convert": False}
     with pytest.raises(ParamsError, match="set model.trust_remote_code true"):
         check_inputs(validate(raw))
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("http://user:pass@host/x.jsonl", "http://***@host/x.jsonl"),
+    ("https://host/x.jsonl?token=SuperSecret&v=2#part", "https://host/x.jsonl?token=***&v=***#part"),
+    ("https://:tok@host:8080/a?SuperSecret", "https://***@host:8080/a?***"),
+    ("http://[::1/x.jsonl?key=SuperSecret", "http://[::1/x.jsonl?key=***"),  # malformed: masked all the same
+    ("https://host/plain.jsonl", "https://host/plain.jsonl"),
+])  # fmt: skip
+def test_urls_are_shown_without_credentials(url, shown):
+    from stages.lib.core.urls import mask_url, mask_urls
+
+    assert mask_url(url) == shown
+    assert mask_urls(f"Redirect location '{url}' for url '{url}'") == f"Redirect location '{shown}' for url '{shown}'"
+
+
+def test_url_and_hash_fields_take_what_people_paste_and_refuse_what_cannot_work():
+    upper = data_params({"kind": "url", "url": "https://host/x.jsonl", "sha256": "AB" * 32})
+    assert upper.data.sources[0].sha256 == "ab" * 32
+    hub = data_params({"kind": "hub", "repo": "org/set", "revision": "ABCDEF0123" * 4})
+    assert hub.data.sources[0].revision == "abcdef0123" * 4
+    for url, message in [
+        ("http://[::1/x.jsonl", r"'data.sources.0.url': not a usable download URL: Invalid IPv6 URL"),
+        ("http://host:99999/x.jsonl", r"'data.sources.0.url': not a usable download URL: Port out of range"),
+        ("https:///x.jsonl", r"'data.sources.0.url': not a usable download URL: it names no host"),
+        ("ftp://user:SuperSecret@host/x?token=SuperSecret",
+         r"must start with http:// or https:// \(got 'ftp://\*\*\*@host/x\?token=\*\*\*'\)$"),
+    ]:  # fmt: skip
+        with pytest.raises(ParamsError, match=message) as err:
+            data_params({"kind": "url", "url": url, "sha256": "0" * 64})
+        assert "\n" not in str(err.value) and "SuperSecret" not in str(err.value)
+    with pytest.raises(ParamsError, match=r"'data.sources.0.sha256': must be the file's SHA-256, 64 hex digits"):
+        data_params({"kind": "url", "url": "https://host/x.jsonl", "sha256": "0" * 63})
+    with pytest.raises(ParamsError, match=r"'data.sources.0.revision': must be a full commit hash, 40 hex digits"):
+        data_params({"kind": "hub", "repo": "org/set", "revision": "main"})
+
+
+def test_a_source_label_never_raises():
+    from stages.lib.core.params import UrlSource
+    from stages.lib.data.sources import label
+
+    src = UrlSource.model_construct(kind="url", url="http://[::1/x.jsonl", sha256="0" * 64, name=None)
+    assert label(src) == "url"
+
+
+def test_errors_about_downloaded_content_name_the_url_masked_never_the_scratch_copy(tmp_path, http_server):
+    html = b"<!DOCTYPE html><html><head><title>Sign in</title></head><body></body></html>\n"
+    (tmp_path / "page.jsonl").write_bytes(html)
+    (tmp_path / "bad.jsonl").write_text(json.dumps(RECORDS[0]) + "\n{\n")
+    work = tmp_path / "work" / "source-0"
+    host = http_server.removeprefix("http://")
+    for name, content, message in [
+        ("page.jsonl?v=SuperSecret", html, r"page.jsonl\?v=\*\*\* is an HTML page, not data"),
+        ("bad.jsonl", (tmp_path / "bad.jsonl").read_bytes(), r"bad.jsonl cannot be read as json: line 2 is not valid"),
+    ]:  # fmt: skip
+        digest = hashlib.sha256(content).hexdigest()
+        src = {"kind": "url", "url": f"http://user:SuperSecret@{host}/{name}", "sha256": digest}
+        with pytest.raises(SourceError, match=rf"^http://\*\*\*@{re.escape(host)}/{message}") as err:
+            open_source(data_params(src).data.sources[0], 0, work)
+        assert str(work) not in str(err.value) and "SuperSecret" not in str(err.value)
+    secret = f"http://user:SuperSecret@{host}/missing.json?token=SuperSecret"
+    with pytest.raises(SourceError, match=rf"^http://\*\*\*@{re.escape(host)}/missing.json\?token=\*\*\* could not be "
+                                          r"downloaded: HTTP 404"):  # fmt: skip
+        open_source(data_params({"kind": "url", "url": secret, "sha256": "0" * 64}).data.sources[0], 0, work)
+
+
+class Redirect(BaseHTTPRequestHandler):
+    LOCATIONS = {"/to-ftp": "ftp://user:SuperSecret@files.example/x.jsonl?token=SuperSecret",
+                 "/to-bad": "http://[::1/x"}
+
+    def log_message(self, *args):  # quiet
+        pass
+
+    def do_GET(self):
+        self.send_response(302)
+        self.send_header("Location", self.LOCATIONS[self.path])
+        self.end_headers()
+
+
+def test_a_redirect_that_cannot_work_fails_at_once_naming_where_it_leads(tmp_path):
+    from stages.lib.core.params import NetworkParams
+    from stages.lib.data.sources import download_url
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        for path, message in [
+            ("/to-ftp", r"/to-ftp redirects to ftp://\*\*\*@files.example/x.jsonl\?token=\*\*\*, which is not "
+                        r"an http\(s\) URL"),
+            ("/to-bad", r"/to-bad could not be downloaded: it redirects to a malformed URL"),
+        ]:  # fmt: skip
+            start = time.monotonic()
+            with pytest.raises(SourceError, match=message) as err:
+                download_url(base + path, "0" * 64, tmp_path / "x.jsonl", NetworkParams(retries=2))
+            assert time.monotonic() - start < 1, "retried: a redirect's target does not change on a second try"
+            assert "tried" not in str(err.value) and "SuperSecret" not in str(err.value)
+    finally:
+        server.shutdown()

@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
 from .errors import UserError
+from .urls import mask_urls, url_problem
 
 PARAMS_FILE = Path("params.yaml")
 Dtype = Literal["bfloat16", "float16", "float32"]
@@ -71,16 +73,39 @@ class LocalSource(SourceOptions):
     path: str  # a file or a directory of files under data/sources/ (a DVC dependency)
 
 
+def _hex_digest(digits: int, what: str) -> BeforeValidator:
+    """A digest of `digits` hex digits in either case (some tools print upper case), kept in lower case."""
+
+    def check(value: Any) -> Any:
+        if isinstance(value, str):  # anything else meets the strict type check after this
+            value = value.lower()
+            if not re.fullmatch(f"[0-9a-f]{{{digits}}}", value):
+                raise PydanticCustomError("hex_digest", f"must be {what}")
+        return value
+
+    return BeforeValidator(check)
+
+
+def _usable_url(value: str) -> str:
+    """An http(s) URL that parses (host, port, IPv6 brackets); the error names the problem, not a regex."""
+    problem = url_problem(value)
+    if problem:
+        raise PydanticCustomError("url_syntax", "not a usable download URL: {problem}", {"problem": problem})
+    return value
+
+
 class UrlSource(SourceOptions):
     kind: Literal["url"]
-    url: Annotated[str, Field(pattern=r"^https?://")]
-    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$", description="required: pins the download")]
+    url: Annotated[str, AfterValidator(_usable_url)]
+    sha256: Annotated[str, _hex_digest(64, "the file's SHA-256, 64 hex digits (as `sha256sum <file>` prints it)"),
+                      Field(description="required: pins the download")]
 
 
 class HubSource(SourceOptions):
     kind: Literal["hub"]
     repo: Annotated[str, Field(pattern=r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")]  # org/name on the Hub, never a local path
-    revision: Annotated[str, Field(pattern=r"^[0-9a-f]{40}$", description="a full commit hash: pins the download")]
+    revision: Annotated[str, _hex_digest(40, "a full commit hash, 40 hex digits (a branch or tag can move)"),
+                        Field(description="a full commit hash: pins the download")]
     split: str = "train"
     subset: str | None = None
 
@@ -337,7 +362,7 @@ def _describe(err: dict) -> str:
     if err["type"] == "missing":
         return f"missing required key '{key}'"
     where = f"'{key}'" if key else "params"
-    return f"{where}: {err['msg']} (got {err.get('input')!r})"
+    return f"{where}: {err['msg']} (got {mask_urls(repr(err.get('input')))})"  # a URL's password is not shown
 
 
 def validate(raw: Any, source: str = str(PARAMS_FILE)) -> Params:
