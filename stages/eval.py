@@ -12,6 +12,7 @@ import json
 import math
 from pathlib import Path
 
+from stages.lib.core.earlier import load_saved
 from stages.lib.core.errors import require, run_stage
 from stages.lib.core.outputs import staged_outputs, write_json, write_text
 from stages.lib.core.params import Params, load_params
@@ -103,10 +104,9 @@ def main() -> None:
     params = load_params()
     require(MODELS["tuned"] / "config.json", made_by="merge")
     require(TOKENIZED, made_by="tokenize")
-    from datasets import load_from_disk
     from transformers import AutoTokenizer, GenerationConfig
 
-    validation = load_from_disk(str(TOKENIZED))["validation"]
+    validation = load_saved(TOKENIZED, "tokenize")["validation"]
     rows = validation.select(range(min(params.eval.max_samples, len(validation)))).to_list()
     tokenizer = AutoTokenizer.from_pretrained(MODELS["tuned"])
     stop_ids = GenerationConfig.from_pretrained(MODELS["tuned"]).eos_token_id

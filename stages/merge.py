@@ -15,6 +15,7 @@ import json
 import shutil
 from pathlib import Path
 
+from stages.lib.core.earlier import load_saved, load_tokenizer, reading
 from stages.lib.core.errors import UserError, require, run_stage
 from stages.lib.core.outputs import staged_outputs, write_json
 from stages.lib.core.params import Params, load_params
@@ -36,9 +37,8 @@ def check_unquantized(base_dir: Path) -> None:
 def check_inputs(n: int):
     """The first n validation sequences, as one padded batch."""
     import torch
-    from datasets import load_from_disk
 
-    rows = load_from_disk(str(TOKENIZED))["validation"]["input_ids"][:n]
+    rows = load_saved(TOKENIZED, "tokenize")["validation"]["input_ids"][:n]
     width = max(map(len, rows))
     ids = torch.zeros(len(rows), width, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -63,9 +63,9 @@ def merge(params: Params):
     if params.train.method == "full":  # nothing to merge: the trained weights are the model
         return AutoModelForCausalLM.from_pretrained(ADAPTER_DIR, dtype=dtype), None
     check_unquantized(BASE_DIR)
+    ids, mask = check_inputs(params.merge.check_samples)  # before the weights load: a damaged file fails at once
     base = AutoModelForCausalLM.from_pretrained(BASE_DIR, dtype=dtype).eval()
     with_adapter = PeftModel.from_pretrained(base, ADAPTER_DIR).eval()
-    ids, mask = check_inputs(params.merge.check_samples)
     expected = logits(with_adapter, ids, mask)
     merged = with_adapter.merge_and_unload()
     diff = (logits(merged, ids, mask) - expected).abs().max().item()
@@ -80,14 +80,13 @@ def main() -> None:
     params = load_params()
     require(ADAPTER_DIR / "adapter_config.json", made_by="train")
     require(TOKENIZER, made_by="tokenize")
-    from transformers import AutoTokenizer
-
     from stages.lib.chat import format as chat_format
 
+    with reading(TOKENIZER / chat_format.FORMAT_FILE, TOKENIZED, "tokenize"):  # before the weights load
+        fmt = chat_format.load(TOKENIZER)
+    tokenizer = load_tokenizer(TOKENIZER, TOKENIZED, "tokenize")
     merged, diff = merge(params)
-    fmt = chat_format.load(TOKENIZER)
     merged.generation_config.eos_token_id = fmt.stop_ids[0] if len(fmt.stop_ids) == 1 else fmt.stop_ids
-    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
     merged.generation_config.pad_token_id = tokenizer.pad_token_id
     with staged_outputs() as out:
         tmp = out.dir(MERGED_DIR)

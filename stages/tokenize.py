@@ -19,6 +19,7 @@ import numpy as np
 
 from stages.lib.chat import format as chat_format
 from stages.lib.chat.encode import RenderError, encode, render_all
+from stages.lib.core.earlier import check_digests, read_json, reading
 from stages.lib.core.errors import UserError, require, run_stage
 from stages.lib.core.outputs import scratch_dir, staged_outputs, write_json
 from stages.lib.core.params import Params, load_params
@@ -99,7 +100,9 @@ def tokenize_split(name: str, params: Params, tokenizer, fmt, cache: Path):
     import datasets
 
     datasets.disable_progress_bars()
-    ds = datasets.load_dataset("json", data_files=str(RAW_DIR / f"{name}.jsonl"), split="train", cache_dir=str(cache))
+    path = RAW_DIR / f"{name}.jsonl"
+    with reading(path, RAW_DIR, "download"):
+        ds = datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=str(cache))
     keep = ["source", "messages"] if name == "validation" else ["source"]
     workers = min(os.cpu_count() or 1, 8) if len(ds) >= PARALLEL_FROM else None
     return ds.map(_batch_fn(params, tokenizer, fmt, name == "validation"), batched=True, batch_size=500,
@@ -196,7 +199,8 @@ def nothing_left(params: Params, raw_records: int) -> UserError:
 def main() -> None:
     params = load_params()
     require(RAW_DIR / "manifest.json", BASE_DIR, made_by="download")
-    manifest = json.loads((RAW_DIR / "manifest.json").read_text())
+    manifest = read_json(RAW_DIR / "manifest.json", RAW_DIR, "download", keys=("format", "sources"))
+    check_digests(RAW_DIR, manifest.get("sha256", {}), RAW_DIR / "manifest.json", "download")
     template_recipe(template_name(params, manifest["format"]))  # a bad template fails before the slow imports
     from transformers import AutoTokenizer
 

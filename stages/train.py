@@ -153,9 +153,9 @@ def dvclive_callbacks(live_dir: Path, resume: bool = False) -> list:
 
 def build_trainer(params: Params, output_dir: Path, callbacks: list, **overrides):
     """The stage's SFTTrainer; `overrides` go to SFTConfig (benchmarks use them to reproduce other setups)."""
-    from datasets import load_from_disk
-    from transformers import AutoTokenizer
     from trl import SFTTrainer
+
+    from stages.lib.core.earlier import load_saved, load_tokenizer
 
     t = params.train
     if t.attn_implementation == "varlen":
@@ -163,7 +163,7 @@ def build_trainer(params: Params, output_dir: Path, callbacks: list, **overrides
 
         register()
     args = sft_config(params, output_dir, **overrides)  # the DeepSpeed config is live from here on
-    splits = load_from_disk(str(TOKENIZED))
+    splits = load_saved(TOKENIZED, "tokenize")
     train_set = splits["train"]
     eval_set = splits["validation"] if args.eval_strategy != "no" and len(splits["validation"]) else None
     from stages.lib.train.checkpoints import KeepAdapterDtype
@@ -178,7 +178,7 @@ def build_trainer(params: Params, output_dir: Path, callbacks: list, **overrides
         args=args,
         train_dataset=train_set,
         eval_dataset=eval_set,
-        processing_class=AutoTokenizer.from_pretrained(TOKENIZER),
+        processing_class=load_tokenizer(TOKENIZER, TOKENIZED, "tokenize"),
         peft_config=None if t.method == "full" else lora_config(params),
         quantization_config=quantization_config(params) if t.method == "qlora" else None,
         callbacks=callbacks,

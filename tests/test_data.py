@@ -415,3 +415,48 @@ def test_a_huge_answer_reaches_the_tokenizer_trainer_in_bounded_pieces(tmp_path)
     pieces = list(training_texts(tmp_path))
     assert "".join(pieces) == "long" + "x" * 1_000_000
     assert max(map(len, pieces)) == TRAIN_PIECE
+
+
+def test_damaged_outputs_of_earlier_stages_are_named_with_the_way_back(tmp_path):
+    """A file of data/raw or data/tokenized cut short or edited since its stage wrote it: one line naming the file,
+    `dvc checkout` and `dvc repro -f -s <stage>` (stages/lib/core/earlier.py), not a parser's traceback."""
+    from datasets import Dataset, DatasetDict
+
+    from stages.lib.core.earlier import DamagedOutput, check_digests, load_saved, read_json
+    from stages.lib.core.outputs import sha256_file
+
+    way_back = r"restore it with `dvc checkout {0}` or re-run the stage that writes it with `dvc repro -f -s {1}`$"
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "train.jsonl").write_text(lines(RECORDS))
+    digests = {"train.jsonl": sha256_file(raw / "train.jsonl")}
+    check_digests(raw, digests, raw / "manifest.json", "download")
+    (raw / "train.jsonl").write_text(lines(RECORDS[:1]))  # cut at a line's end: it still parses
+    cut = r"train.jsonl is damaged \(its sha256 is not the one .*manifest.json records: truncated or edited since\): "
+    with pytest.raises(DamagedOutput, match=cut + way_back.format(raw, "download")):
+        check_digests(raw, digests, raw / "manifest.json", "download")
+    (raw / "manifest.json").write_text('{"format": "ch')
+    with pytest.raises(DamagedOutput, match=r"manifest.json is damaged \(JSONDecodeError: Unterminated string"):
+        read_json(raw / "manifest.json", raw, "download")
+    (raw / "manifest.json").write_text('{"format": "chat"}')
+    with pytest.raises(DamagedOutput, match=r"manifest.json is damaged \(no key 'sources'\)"):
+        read_json(raw / "manifest.json", raw, "download", keys=("format", "sources"))
+
+    saved = tmp_path / "tokenized"
+    DatasetDict(train=Dataset.from_list(RECORDS), validation=Dataset.from_list(RECORDS)).save_to_disk(str(saved))
+    assert len(load_saved(saved, "tokenize")["validation"]) == 2
+    arrow = next((saved / "train").glob("*.arrow"))
+    whole = arrow.read_bytes()
+    for damage, name, reason in [
+        (lambda: arrow.write_bytes(whole[: len(whole) // 2]), arrow.name, r"(OSError|ArrowInvalid): Expected to"),
+        (lambda: arrow.write_bytes(b""), arrow.name, r"ArrowInvalid"),
+        (lambda: (saved / "dataset_dict.json").write_text("[1]"), "dataset_dict.json", r"TypeError"),
+        (lambda: (saved / "dataset_dict.json").write_text('{"splits": ["train"]}'), "dataset_dict.json",
+         r"it lists no split 'validation'"),
+        (lambda: (saved / "validation" / "state.json").write_text("{"), "state.json", r"JSONDecodeError"),
+    ]:  # fmt: skip
+        damage()
+        message = rf"{name} is damaged \({reason}.*\): " + way_back.format(saved, "tokenize")
+        with pytest.raises(DamagedOutput, match=message):
+            load_saved(saved, "tokenize")
+        DatasetDict(train=Dataset.from_list(RECORDS), validation=Dataset.from_list(RECORDS)).save_to_disk(str(saved))

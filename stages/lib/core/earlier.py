@@ -1,0 +1,130 @@
+"""Reading the outputs of earlier stages (data/raw, data/tokenized) back in a later stage.
+
+A stage run by hand (`python -m stages.train`) reads whatever is on disk. A file truncated or edited since its
+stage wrote it would fail deep inside json, pyarrow or datasets with a traceback; here it is one line that names
+the file, why it does not read, and the two ways to get it back (`dvc checkout`, or re-running its stage).
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+from .errors import UserError
+from .outputs import sha256_file
+
+
+class DamagedOutput(UserError):
+    """An output an earlier stage wrote does not read back."""
+
+
+def damaged(path: str | Path, reason: str, output: str | Path, stage: str) -> DamagedOutput:
+    """The error for `path`, a file of `output` (a dvc.yaml output of `stage`), that does not read back."""
+    return DamagedOutput(f"{path} is damaged ({reason}): restore it with `dvc checkout {output}` or re-run the stage "
+                         f"that writes it with `dvc repro -f -s {stage}`")  # fmt: skip
+
+
+def _reason(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())[:200]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+@contextmanager
+def reading(path: str | Path, output: str | Path, stage: str,
+            locate: Callable[[], Path | None] | None = None) -> Iterator[None]:  # fmt: skip
+    """Around code that reads `path` (in `output`, written by `stage`): what the parsers raise becomes `damaged`,
+    naming the file `locate()` finds if it finds one; a UserError (a check of the stage itself) passes unchanged."""
+    try:
+        yield
+    except (UserError, MemoryError):
+        raise
+    except Exception as exc:  # json, pyarrow, datasets and tokenizers each raise their own kinds
+        raise damaged((locate and locate()) or path, _reason(exc), output, stage) from None
+
+
+def read_json(path: Path, output: str | Path, stage: str, keys: tuple[str, ...] = ()) -> dict:
+    """A JSON object an earlier stage wrote, with `keys` in it."""
+    with reading(path, output, stage):
+        data = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(data, dict):
+        raise damaged(path, f"a JSON {type(data).__name__}, not an object", output, stage)
+    missing = [k for k in keys if k not in data]
+    if missing:
+        raise damaged(path, f"no key {missing[0]!r}", output, stage)
+    return data
+
+
+def check_digests(folder: Path, digests: dict[str, str], record: Path, stage: str) -> None:
+    """Each file of `folder` named in `digests` (name → sha256, as `record` lists them) is whole and unchanged: a
+    JSON Lines file cut at a line's end would otherwise read as fewer records, without any error."""
+    for name, digest in sorted(digests.items()):
+        path = folder / name
+        with reading(path, folder, stage):
+            actual = sha256_file(path)
+        if actual != digest:
+            raise damaged(path, f"its sha256 is not the one {record} records: truncated or edited since", folder, stage)
+
+
+def load_saved(folder: Path, stage: str, splits: tuple[str, ...] = ("train", "validation")):
+    """`datasets.load_from_disk(folder)`: the DatasetDict `stage` saved, with `splits`. A file that does not read
+    back is named (the DatasetDict's JSON, a split's state or info, an Arrow file cut short)."""
+    from datasets import load_from_disk
+
+    with reading(folder, folder, stage, locate=lambda: _first_damaged(folder)):
+        data = load_from_disk(str(folder))
+    missing = [s for s in splits if s not in data]
+    if missing:
+        raise damaged(folder / "dataset_dict.json", f"it lists no split {missing[0]!r}", folder, stage)
+    return data
+
+
+def load_tokenizer(folder: Path, output: Path, stage: str):
+    """`AutoTokenizer.from_pretrained(folder)`: the tokenizer `stage` saved into `output`; a damaged one names its
+    first file that does not read (JSON that does not parse, text that is not UTF-8)."""
+    from transformers import AutoTokenizer
+
+    with reading(folder, output, stage, locate=lambda: _first_unreadable(folder)):
+        return AutoTokenizer.from_pretrained(folder)
+
+
+def _first_unreadable(folder: Path) -> Path | None:
+    """The first JSON or Jinja file in `folder` that does not parse or decode, else None."""
+    for path in sorted(folder.glob("*.json")) + sorted(folder.glob("*.jinja")):
+        try:
+            text = path.read_text(encoding="utf-8")
+            if path.suffix == ".json":
+                json.loads(text)
+        except (OSError, ValueError):
+            return path
+    return None
+
+
+def _first_damaged(folder: Path) -> Path | None:
+    """The first file of a saved DatasetDict in `folder` that does not read back on its own, else None."""
+    import pyarrow as pa
+
+    names = _json_or_none(folder / "dataset_dict.json")
+    if not isinstance(names, dict):
+        return folder / "dataset_dict.json"
+    for split in names.get("splits", []):
+        for meta in ("state.json", "dataset_info.json"):
+            if not isinstance(_json_or_none(folder / split / meta), dict):
+                return folder / split / meta
+        state = _json_or_none(folder / split / "state.json")
+        for entry in state.get("_data_files", []):
+            arrow = folder / split / str(entry.get("filename", "")) if isinstance(entry, dict) else folder / split
+            try:
+                with pa.memory_map(str(arrow)) as source:
+                    pa.ipc.open_stream(source).read_all().validate()
+            except (OSError, ValueError, pa.ArrowException):
+                return arrow
+    return None
+
+
+def _json_or_none(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
