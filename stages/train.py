@@ -17,6 +17,7 @@ import socket
 import sys
 from pathlib import Path
 
+from stages.lib.core.earlier import load_saved, load_tokenizer
 from stages.lib.core.errors import require, run_stage
 from stages.lib.core.outputs import staged_outputs, write_json, write_text
 from stages.lib.core.params import Params, load_params
@@ -154,8 +155,6 @@ def dvclive_callbacks(live_dir: Path, resume: bool = False) -> list:
 def build_trainer(params: Params, output_dir: Path, callbacks: list, **overrides):
     """The stage's SFTTrainer; `overrides` go to SFTConfig (benchmarks use them to reproduce other setups)."""
     from trl import SFTTrainer
-
-    from stages.lib.core.earlier import load_saved, load_tokenizer
 
     t = params.train
     if t.attn_implementation == "varlen":
@@ -379,6 +378,8 @@ def main() -> None:
     chosen = params.train.lora.target_modules
     key = "train.lora.target_modules" if chosen else f"lora_targets of model recipe '{params.model.recipe}'"
     check_lora_targets(chosen or model_recipe(params.model.recipe).lora_targets, key, BASE_DIR)
+    load_saved(TOKENIZED, "tokenize")  # a damaged file fails here: before any rank starts or checkpoint is hashed
+    load_tokenizer(TOKENIZER, TOKENIZED, "tokenize")
     from stages.lib.train.launch import relaunch_if_needed
 
     if relaunch_if_needed(params):
