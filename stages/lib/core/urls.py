@@ -39,8 +39,8 @@ def url_problem(url: str) -> str | None:
     still, so what passes here at least splits into a host and a path."""
     from urllib.parse import urlsplit
 
-    if any(c.isspace() or ord(c) < 32 for c in url):
-        return "it holds a space or a control character (write a space as %20)"
+    if any(ord(c) < 32 or ord(c) == 127 for c in url):  # a space is fine: httpx sends it as %20
+        return "it holds a control character (a tab or a line break?)"
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 (parses the port: a bad one raises here)
