@@ -172,6 +172,35 @@ def test_a_train_edit_reruns_train_merge_eval_only_as_an_experiment(repo):
     assert set(exp["params"]) == {"params.yaml"}
     table = dvc("exp", "show", "--no-pager", "--csv", cwd=repo).stdout
     assert "lr-low" in table and "gradient_accumulation_steps" not in table
+    # only quality is a DVC metric, tuned scores first; timings live in metrics/train_speed.json
+    assert list(exp["metrics"]) == ["metrics/eval.json", "metrics/train.json"]
+    assert exp["metrics"]["metrics/train.json"]["data"].keys() == {"train", "validation"}
+    assert not {"tokens_per_s", "step_time_s", "runtime", "gib"} & set(json.dumps(exp["metrics"]).replace('"', " ").split())
+    header = dvc("exp", "show", "--no-pager", "--csv", "--only-changed", cwd=repo).stdout.splitlines()[0].split(",")
+    assert header.index("tuned.exact_match") < header.index("train.final_loss") < header.index("train.learning_rate")
+    assert "base.loss" not in header and "train.epochs" in header  # unchanged columns hidden, changed ones shown
+    narrow = dvc("exp", "show", "--no-pager", "--only-changed", "--drop", "Created|perplexity|validation|data/|models/",
+                 cwd=repo, env={"COLUMNS": "120"}).stdout  # the guide's command, in a 120-column terminal
+    assert max(map(len, narrow.splitlines())) <= 120
+    assert all(name in narrow for name in ("lr-low", "tuned.exact_match", "tuned.loss", "tuned.rouge_l"))
+
+
+def test_training_twice_gives_the_same_adapter_hash(repo):
+    """Versioned outputs are deterministic: the same params and data train an adapter with the same DVC hash (the
+    timings that changed it on every run live in metrics/train_speed.json, not in models/adapter)."""
+    edit_params(repo, **{"train.max_steps": 20})
+    try:
+        hashes = []
+        for _ in range(2):
+            dvc("repro", "--force", "--single-item", "train", cwd=repo)  # --force: really train, not the run cache
+            hashes.append(out_hash(repo, "train", "models/adapter"))
+            speed = json.loads((repo / "metrics" / "train_speed.json").read_text())
+            assert speed["tokens_per_s"] > 0 and "peak_gib_train_per_rank" not in speed  # no GPU: no memory figure
+        assert hashes[0] == hashes[1]
+        assert not {"tokens_per_s", "step_time_s"} & set(json.loads((repo / "models" / "adapter" / "train_config.json").read_text()))
+    finally:
+        run(["git", "checkout", "HEAD", "--", "params.yaml", "dvc.lock", "metrics", "dvclive"], cwd=repo)
+        dvc("checkout", "--force", cwd=repo)
 
 
 def test_a_misspelt_key_fails_fast_and_keeps_every_output(repo):
