@@ -5,12 +5,16 @@ error must name. tests/test_bad_inputs.py runs every case in a copy of a ready p
 
 from __future__ import annotations
 
+import gzip
+import hashlib
+import http.server
 import json
 import os
 import shutil
 import socket
 import struct
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -26,6 +30,7 @@ CATEGORIES = {
     "launch": "DeepSpeed and launching",
     "train": "Train settings",
     "order": "Stages run out of order",
+    "damaged": "Outputs damaged since their stage ran (a stage run by hand)",
 }
 
 
@@ -205,11 +210,60 @@ def symlink(rel: str, target: str) -> Callable[[Path, dict], None]:
     return setup
 
 
+def fifo(name: str) -> Callable[[Path, dict], None]:
+    """data/sources/<name> is a named pipe that nothing writes to (opening it would wait forever)."""
+
+    def setup(repo: Path, ctx: dict) -> None:
+        path = repo / "data" / "sources" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.mkfifo(path)
+        set_params(repo, data__sources=[{"kind": "local", "path": f"data/sources/{name}"}])
+
+    return setup
+
+
+def served(path: str, status: int, content: bytes | str) -> Callable[[Path, dict], None]:
+    """The only source is `path` (query included) on a server started for this case, in a thread of the test
+    process that lives as long as it: it answers `status` with `content` (200) or a redirect to it (302). sha256
+    is the content's, so the download itself succeeds."""
+
+    class Answer(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):  # quiet
+            pass
+
+        def do_GET(self):
+            self.send_response(status)
+            if status == 302:
+                self.send_header("Location", content)
+            self.send_header("Content-Length", str(len(content) if status == 200 else 0))
+            self.end_headers()
+            if status == 200:
+                self.wfile.write(content)
+
+    def setup(repo: Path, ctx: dict) -> None:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        digest = hashlib.sha256(content if isinstance(content, bytes) else b"").hexdigest()
+        url = f"http://127.0.0.1:{server.server_address[1]}{path}"
+        set_params(repo, data__sources=[{"kind": "url", "url": url, "sha256": digest}])
+
+    return setup
+
+
+def with_password(path: str) -> Callable[[Path, dict], None]:
+    """The only source is the test server's `path`, with a user and password in the URL."""
+    return lambda repo, ctx: set_params(repo, data__sources=[
+        {"kind": "url", "url": ctx["url"].replace("//", "//user:SuperSecret@") + path, "sha256": "0" * 64}])
+
+
 def busy_port(repo: Path, ctx: dict) -> None:
     set_params(repo, train__deepspeed="zero3", train__launch__master_port=ctx["busy_port"])
 
 
 DS = {"train.deepspeed": "zero3"}  # the launch cases go through DeepSpeed's launcher
+HTML = b"<!DOCTYPE html>\n<html><head><title>Sign in</title></head><body>...</body></html>\n"
+ARROW = "data/tokenized/train/data-00000-of-00001.arrow"
 NO_NET = {"retries": 0, "read_timeout_s": 1, "connect_timeout_s": 1}
 SECRET_TOKEN = "hf_" + "catalogue" + "SecretTokenThatMustNotLeak"  # never written whole in a file: the scan finds only a leak
 
@@ -263,6 +317,11 @@ CASES = [
     Case("negative-seed", "params", "a negative seed", "download", params(seed=-1), "'seed'"),
     Case("url-no-hash", "params", "a URL source without sha256", "download", source(kind="url", url="{url}/good.jsonl"),
          "missing required key 'data.sources.0.sha256'"),
+    Case("url-unparseable", "params", "a URL that does not parse (an IPv6 bracket left open)", "download",
+         source(kind="url", url="http://[::1/x.jsonl", sha256="0" * 64),
+         "'data.sources.0.url': not a usable download URL: Invalid IPv6 URL"),
+    Case("sha256-short", "params", "a sha256 that is not 64 hex digits", "download",
+         source(kind="url", url="{url}/good.jsonl", sha256="0" * 63), "'data.sources.0.sha256': must be the file's SHA-256"),
     Case("unknown-tracker", "params", "an unknown tracker in report_to", "train", params(train__report_to=["wandbb"]),
          "train.report_to: 'wandbb'"),
     Case("unknown-recipe", "params", "an unknown model recipe", "download", params(model__recipe="llama-9"),
@@ -313,6 +372,26 @@ CASES = [
     Case("datasetdict-folder", "data", "a saved DatasetDict folder", "download",
          both(write("data/sources/dd/dataset_dict.json", '{"splits": ["train"]}'),
               params(data__sources=[{"kind": "local", "path": "data/sources/dd"}])), "saved DatasetDict"),
+    Case("json-deep", "data", "a record of 100000 nested `[` (unclosed)", "download",
+         data_file("deep.jsonl", jsonl(GOOD) + "[" * 100_000 + "\n"),
+         "deep.jsonl cannot be read as json: line 21 nests arrays and objects more than 63 levels deep"),
+    Case("json-deep-closed", "data", "a field nested 100000 deep (it crashed Arrow's parser)", "download",
+         data_file("deeper.jsonl", jsonl(GOOD[:5]) + '{"instruction": "q", "output": "a", "x": ' + "[" * 100_000
+                   + "]" * 100_000 + "}\n"), "line 6 nests arrays and objects more than 63 levels deep"),
+    Case("json-duplicate-key", "data", "a JSON Lines record with a key given twice", "download",
+         data_file("dup.jsonl", jsonl(GOOD) + '{"instruction": "q", "output": "a", "output": "b"}\n'),
+         "dup.jsonl cannot be read as json: line 21 has a duplicate key 'output'"),
+    Case("json-lone-surrogate", "data", "a JSON Lines record with a lone surrogate escape (`\\ud800`)", "download",
+         data_file("sur.jsonl", jsonl(GOOD) + '{"instruction": "q\\ud800", "output": "a"}\n'),
+         "line 21 holds an invalid surrogate escape \\ud800"),
+    Case("gzip-file", "data", "a gzip file named .jsonl", "download",
+         data_file("z.jsonl", gzip.compress(jsonl(GOOD).encode(), mtime=0)), "z.jsonl is gzip-compressed, not text"),
+    Case("utf32-file", "data", "a UTF-32 file", "download", data_file("u32.json", json.dumps(GOOD).encode("utf-32")),
+         "is UTF-32 text: re-save it as UTF-8 (iconv -f UTF-32 -t UTF-8)"),
+    Case("utf32-no-bom", "data", "a UTF-32 file without a byte-order mark", "download",
+         data_file("u32.jsonl", jsonl(GOOD).encode("utf-32-le")), "iconv -f UTF-32LE -t UTF-8"),
+    Case("fifo-file", "data", "a named pipe (FIFO) as the data file", "download", fifo("pipe.jsonl"),
+         "data/sources/pipe.jsonl is a named pipe (FIFO), not a regular file"),
     # downloads
     Case("url-404", "sources", "a URL that answers 404", "download",
          source(kind="url", url="{url}/missing.jsonl", sha256="0" * 64), "HTTP 404"),
@@ -336,6 +415,18 @@ CASES = [
          source(kind="url", url="{url}/loop", sha256="0" * 64), "TooManyRedirects"),
     Case("url-unknown-type", "sources", "a URL with neither a known extension nor JSON content", "download",
          source(kind="url", url="{url}/plain", sha256="{plain_sha256}"), "cannot tell the file type"),
+    Case("url-html-page", "sources", "a URL that serves an HTML page (sha256 pinned to it)", "download",
+         served("/page.jsonl?v=7", 200, HTML), "/page.jsonl?v=*** is an HTML page, not data"),
+    Case("url-password", "sources", "a URL with a password in it", "download", with_password("/missing.jsonl"),
+         "http://***@127.0.0.1:"),
+    Case("url-token", "sources", "a URL with a token in its query", "download",
+         source(kind="url", url="{url}/missing.jsonl?token=SuperSecret", sha256="0" * 64),
+         "/missing.jsonl?token=*** could not be downloaded: HTTP 404"),
+    Case("url-redirect-ftp", "sources", "a redirect to an ftp:// URL", "download",
+         served("/x.jsonl", 302, "ftp://user:SuperSecret@127.0.0.1/x.jsonl"),
+         "redirects to ftp://***@127.0.0.1/x.jsonl, which is not an http(s) URL"),
+    Case("url-upper-sha256", "sources", "a sha256 in upper case (accepted) of another file", "download",
+         source(kind="url", url="{url}/good.jsonl", sha256="A" * 64), "the source pins aaaaaaaaaaaaaaaa"),
     Case("hub-dataset-offline", "sources", "a Hub dataset not in the cache, offline", "download",
          source(kind="hub", repo="org/not-cached", revision="a" * 40), "hub dataset org/not-cached@"),
     Case("hub-model-offline", "sources", "a Hub model not in the cache, offline", "download",
@@ -455,6 +546,26 @@ CASES = [
     Case("train-no-tokenized", "order", "train before tokenize", "train", remove("data/tokenized"), "data/tokenized"),
     Case("merge-no-adapter", "order", "merge before train", "merge", remove("models/adapter"), "models/adapter"),
     Case("eval-no-merged", "order", "eval before merge", "eval", remove("models/merged"), "models/merged"),
+    # outputs damaged since their stage wrote them, then a later stage run by hand (python -m stages.X)
+    Case("raw-manifest-cut", "damaged", "data/raw/manifest.json cut short", "tokenize",
+         lambda repo, ctx: truncate(repo / "data/raw/manifest.json"),
+         "data/raw/manifest.json is damaged (JSONDecodeError"),
+    Case("raw-split-cut", "damaged", "data/raw/train.jsonl cut short", "tokenize",
+         lambda repo, ctx: truncate(repo / "data/raw/train.jsonl"),
+         "data/raw/train.jsonl is damaged (its sha256 is not the one data/raw/manifest.json records"),
+    Case("tokenized-arrow-cut", "damaged", "an Arrow file of data/tokenized cut short", "train",
+         lambda repo, ctx: truncate(repo / ARROW),
+         f"{ARROW} is damaged"),
+    Case("tokenized-dict-broken", "damaged", "data/tokenized/dataset_dict.json broken", "eval",
+         both(write("models/merged/config.json", "{}"), lambda repo, ctx: truncate(repo / "data/tokenized/dataset_dict.json")),
+         "data/tokenized/dataset_dict.json is damaged (JSONDecodeError"),
+    Case("tokenizer-cut", "damaged", "the tokenizer in data/tokenized cut short", "merge",
+         both(write("models/adapter/adapter_config.json", "{}"),
+              lambda repo, ctx: truncate(repo / "data/tokenized/tokenizer/tokenizer.json")),
+         "data/tokenized/tokenizer/tokenizer.json is damaged"),
+    Case("raw-manifest-list", "damaged", "data/raw/manifest.json replaced by a JSON list", "tokenize",
+         lambda repo, ctx: (repo / "data/raw/manifest.json").write_text("[]"),
+         "data/raw/manifest.json is damaged (a JSON list, not an object): restore it with"),
 ]
 
 
