@@ -95,9 +95,9 @@ def download_url(url: str, sha256: str, dest: Path, net: NetworkParams) -> Path:
         suffix = ".parquet" if text[:4] == b"PAR1" else ".json" if text[:1] in (b"{", b"[") else None
         if suffix is None:
             tmp.unlink()
-            what = not_text(head, dest.name) or ("cannot tell the file type from its name or content; serve it "
-                                                 f"with one of the extensions {', '.join(sorted(BUILDERS))}")
-            raise SourceError(f"{shown} {what}")
+            what = not_text(head, dest.name)
+            raise SourceError(f"{shown} {what}" if what else f"{shown}: cannot tell the file type from its name or "
+                              f"content; serve it with one of the extensions {', '.join(sorted(BUILDERS))}")
         dest = dest.with_name(dest.name + suffix)
     tmp.rename(dest)
     return dest
