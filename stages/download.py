@@ -19,6 +19,7 @@ from stages.lib.data.sources import DATA_SOURCES, MODEL_SOURCES, hub_errors, hub
 from stages.lib.core.errors import run_stage
 from stages.lib.core.outputs import scratch_dir, staged_outputs, write_json
 from stages.lib.core.params import LocalSource, Params, ParamsError, load_params
+from stages.lib.core.progress import phase
 from stages.lib.core.recipes import ConfigModel, HubModel, ModelRecipe, model_recipe
 
 RAW_DIR = Path("data/raw")
@@ -142,12 +143,17 @@ def copy_local(path: Path, out: Path) -> dict:
 def write_base(params: Params, raw: Path, out: Path) -> None:
     recipe = model_recipe(params.model.recipe)
     if params.model.path:
+        phase("download", f"model: copying {params.model.path}")
         origin = copy_local(Path(params.model.path), out)
     elif isinstance(recipe.source, ConfigModel):
+        how = f"tokenizer from {params.model.tokenizer}" if params.model.tokenizer else "tokenizer trained on the data"
+        phase("download", f"model: building {recipe.source.model_type} from recipe {params.model.recipe} ({how})")
         origin = build_from_config(recipe.source, recipe, params, raw, out)
     else:
+        phase("download", f"model: fetching {recipe.source.repo}@{recipe.source.revision[:12]} (through the Hub cache)")
         origin = fetch_hub(recipe.source, recipe, params, out)
     if recipe.converter and params.model.convert:
+        phase("download", f"model: converting to the native transformers layout ({recipe.converter})")
         origin["converted"] = CONVERTERS[recipe.converter](out)
     check_model_dir(out, f"the model of recipe '{params.model.recipe}' ({origin['kind']} source)")
     sizes = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()}

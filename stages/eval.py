@@ -16,6 +16,7 @@ from stages.lib.core.earlier import load_saved
 from stages.lib.core.errors import require, run_stage
 from stages.lib.core.outputs import staged_outputs, write_json, write_text
 from stages.lib.core.params import Params, load_params
+from stages.lib.core.progress import counter, phase
 from stages.lib.eval.scores import exact_match, rouge_l
 
 TOKENIZED = Path("data/tokenized")
@@ -26,8 +27,8 @@ PLOTS = Path("eval/plots")  # one bar chart per file (dvc.yaml's plots section),
 CHARTS = {"scores.json": ("exact_match", "rouge_l"), "loss.json": ("loss",)}  # scores share a 0-1 axis; loss does not
 
 
-def answer_loss(model, rows, batch_size: int, pad_id: int) -> float:
-    """Mean negative log-likelihood per trained token (labels -100 on prompt and padding)."""
+def answer_loss(model, rows, batch_size: int, pad_id: int, bar=None) -> float:
+    """Mean negative log-likelihood per trained token (labels -100 on prompt and padding); `bar` counts rows."""
     import torch
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
@@ -50,6 +51,8 @@ def answer_loss(model, rows, batch_size: int, pad_id: int) -> float:
         )
         total += nll.item()
         count += int((labels != -100).sum())
+        if bar is not None:
+            bar.update(len(batch["input_ids"]))
     return total / count
 
 
@@ -60,7 +63,8 @@ def answer_text(tokenizer, new_ids: list[int], stop_ids: list[int]) -> str:
     return tokenizer.decode(new_ids[:end], skip_special_tokens=True).strip()
 
 
-def generate(model, tokenizer, rows, batch_size: int, max_new_tokens: int, stop_ids: list[int]) -> list[str]:
+def generate(model, tokenizer, rows, batch_size: int, max_new_tokens: int, stop_ids: list[int], bar=None) -> list[str]:
+    """Greedy answers to the rows' prompts, batched with left padding, as a server returns them; `bar` counts rows."""
     import torch
 
     tokenizer.padding_side = "left"  # generation continues from the right end of every prompt
@@ -77,6 +81,8 @@ def generate(model, tokenizer, rows, batch_size: int, max_new_tokens: int, stop_
                 pad_token_id=tokenizer.pad_token_id,
             )
         outputs += [answer_text(tokenizer, row.tolist(), stop_ids) for row in out[:, batch["input_ids"].shape[1] :]]
+        if bar is not None:
+            bar.update(len(prompts))
     return outputs
 
 
@@ -86,10 +92,14 @@ def evaluate(params: Params, path: Path, rows, tokenizer, stop_ids: list[int]) -
 
     dtype = getattr(torch, params.merge_dtype)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    name = next(k for k, v in MODELS.items() if v == path)
+    phase("eval", f"{name} model: loading {path}")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     e = params.eval
-    loss = answer_loss(model, rows, e.batch_size, tokenizer.pad_token_id)
-    predictions = generate(model, tokenizer, rows, e.batch_size, e.max_new_tokens, stop_ids)
+    with counter("eval", f"{name} answer loss", len(rows), "sample") as bar:
+        loss = answer_loss(model, rows, e.batch_size, tokenizer.pad_token_id, bar)
+    with counter("eval", f"{name} generation", len(rows), "sample") as bar:
+        predictions = generate(model, tokenizer, rows, e.batch_size, e.max_new_tokens, stop_ids, bar)
     n = len(rows)
     scores = {
         "loss": loss,
@@ -126,7 +136,14 @@ def main() -> None:
         for name, keys in CHARTS.items():
             write_json(plots / name, [{"metric": k, "model": m, "value": metrics[m][k]} for k in keys for m in MODELS])
         write_json(out.file(METRICS), metrics)
-    print("eval:", json.dumps(metrics))
+    print("eval:", summary_line(metrics), flush=True)
+
+
+def summary_line(metrics: dict) -> str:
+    """Tuned vs base in one line; metrics/eval.json has every number."""
+    tuned, base = metrics["tuned"], metrics["base"]
+    scores = ", ".join(f"{k} {tuned[k]:.3g} (base {base[k]:.3g})" for k in ("loss", "exact_match", "rouge_l"))
+    return f"tuned {scores} on {metrics['samples']} validation samples"
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from stages.lib.core.earlier import load_saved, load_tokenizer, reading
 from stages.lib.core.errors import UserError, require, run_stage
 from stages.lib.core.outputs import staged_outputs, write_json
 from stages.lib.core.params import Params, load_params
+from stages.lib.core.progress import phase
 
 BASE_DIR = Path("models/base")
 ADAPTER_DIR = Path("models/adapter")
@@ -64,14 +65,17 @@ def merge(params: Params):
         return AutoModelForCausalLM.from_pretrained(ADAPTER_DIR, dtype=dtype), None
     check_unquantized(BASE_DIR)
     ids, mask = check_inputs(params.merge.check_samples)  # before the weights load: a damaged file fails at once
+    phase("merge", f"loading {BASE_DIR} ({params.merge_dtype}) and {ADAPTER_DIR}")
     base = AutoModelForCausalLM.from_pretrained(BASE_DIR, dtype=dtype).eval()
     with_adapter = PeftModel.from_pretrained(base, ADAPTER_DIR).eval()
+    phase("merge", f"merging; comparing logits with base + adapter on {len(ids)} validation samples")
     expected = logits(with_adapter, ids, mask)
     merged = with_adapter.merge_and_unload()
     diff = (logits(merged, ids, mask) - expected).abs().max().item()
     if diff > params.merge.tolerance:
-        raise RuntimeError(
-            f"merged logits differ from base + adapter by {diff:.3g} > merge.tolerance {params.merge.tolerance}"
+        raise UserError(
+            f"merged logits differ from base + adapter by {diff:.3g} > merge.tolerance {params.merge.tolerance}: "
+            "merge in float32 (merge.dtype) or raise the tolerance if this dtype's rounding explains it"
         )
     return merged, diff
 
@@ -88,6 +92,7 @@ def main() -> None:
     merged, diff = merge(params)
     merged.generation_config.eos_token_id = fmt.stop_ids[0] if len(fmt.stop_ids) == 1 else fmt.stop_ids
     merged.generation_config.pad_token_id = tokenizer.pad_token_id
+    phase("merge", f"saving {MERGED_DIR}")
     with staged_outputs() as out:
         tmp = out.dir(MERGED_DIR)
         merged.save_pretrained(tmp)

@@ -23,6 +23,7 @@ from stages.lib.core.earlier import check_digests, read_json, reading
 from stages.lib.core.errors import UserError, require, run_stage
 from stages.lib.core.outputs import scratch_dir, staged_outputs, write_json
 from stages.lib.core.params import Params, load_params
+from stages.lib.core.progress import phase
 from stages.lib.core.recipes import model_recipe, template_recipe
 
 RAW_DIR = Path("data/raw")
@@ -33,6 +34,7 @@ METRICS = Path("metrics/tokenize.json")
 WARN_ANSWERS_CUT = 0.05  # share of answers cut by max_length above which the stage warns
 WARN_UNK = 0.01  # share of <unk> tokens above which the stage warns
 PARALLEL_FROM = 50_000  # records from which tokenize uses a process per core
+PROGRESS_FROM = 5000  # records: below, encoding takes a few seconds and prints nothing
 FLAGS = ("truncated", "answer_cut", "prompt_mismatch", "prompt_repaired")
 
 
@@ -99,12 +101,15 @@ def tokenize_split(name: str, params: Params, tokenizer, fmt, cache: Path):
     """data/raw/<name>.jsonl → a Dataset of encoded rows (Arrow files under `cache`)."""
     import datasets
 
-    datasets.disable_progress_bars()
+    datasets.disable_progress_bars()  # reading back our own JSON Lines: no bar
     path = RAW_DIR / f"{name}.jsonl"
     with reading(path, RAW_DIR, "download"):
         ds = datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=str(cache))
     keep = ["source", "messages"] if name == "validation" else ["source"]
     workers = min(os.cpu_count() or 1, 8) if len(ds) >= PARALLEL_FROM else None
+    if len(ds) >= PROGRESS_FROM:  # datasets' own bar (records done, records/s) where encoding takes a while
+        phase("tokenize", f"encoding {len(ds)} {name} records")
+        datasets.enable_progress_bars()
     return ds.map(_batch_fn(params, tokenizer, fmt, name == "validation"), batched=True, batch_size=500,
                   remove_columns=[c for c in ds.column_names if c not in keep], new_fingerprint=f"encode-{name}",
                   load_from_cache_file=False, num_proc=workers)  # fmt: skip

@@ -12,6 +12,8 @@ import warnings
 DROPPED_LOGS = [
     # DeepSpeed's accelerator probe on a machine without a GPU: the CPU is the intended device there
     ("DeepSpeed", "Setting accelerator to CPU"),
+    # tokenize encodes whole records, then cuts them at tokenize.max_length and counts the cuts itself
+    ("transformers.tokenization_utils_base", "Token indices sequence length is longer"),
 ]
 # (category, regex at the start of the message): warnings raised inside TRL/PEFT/transformers, not by our calls
 IGNORED_WARNINGS = [
