@@ -12,7 +12,7 @@ import json
 import math
 from pathlib import Path
 
-from stages.lib.core.earlier import load_saved
+from stages.lib.core.earlier import check_model_output, load_saved
 from stages.lib.core.errors import require, run_stage
 from stages.lib.core.outputs import staged_outputs, write_json, write_text
 from stages.lib.core.params import Params, load_params
@@ -117,6 +117,8 @@ def main() -> None:
     from transformers import AutoTokenizer, GenerationConfig
 
     validation = load_saved(TOKENIZED, "tokenize")["validation"]
+    check_model_output(MODELS["base"], "download")
+    check_model_output(MODELS["tuned"], "merge")
     rows = validation.select(range(min(params.eval.max_samples, len(validation)))).to_list()
     tokenizer = AutoTokenizer.from_pretrained(MODELS["tuned"])
     stop_ids = GenerationConfig.from_pretrained(MODELS["tuned"]).eos_token_id

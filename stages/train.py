@@ -17,7 +17,7 @@ import socket
 import sys
 from pathlib import Path
 
-from stages.lib.core.earlier import load_saved, load_tokenizer
+from stages.lib.core.earlier import check_model_output, load_saved, load_tokenizer
 from stages.lib.core.errors import require, run_stage
 from stages.lib.core.outputs import staged_outputs, write_json, write_text
 from stages.lib.core.params import Params, load_params
@@ -368,6 +368,7 @@ def main() -> None:
     params = load_params()
     require(TOKENIZER, made_by="tokenize")
     require(BASE_DIR / "config.json", made_by="download")
+    check_model_output(BASE_DIR, "download")
     if params.train.deepspeed:
         deepspeed_config(params.train.deepspeed)  # a missing or broken file fails here, in a second
     check_reporters(params.train.report_to)

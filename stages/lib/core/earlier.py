@@ -1,4 +1,4 @@
-"""Reading the outputs of earlier stages (data/raw, data/tokenized) back in a later stage.
+"""Reading the outputs of earlier stages (data/raw, data/tokenized, model folders) back in a later stage.
 
 A stage run by hand (`python -m stages.train`) reads whatever is on disk. A file truncated or edited since its
 stage wrote it would fail deep inside json, pyarrow or datasets with a traceback; here it is one line that names
@@ -65,6 +65,20 @@ def check_digests(folder: Path, digests: dict[str, str], record: Path, stage: st
             actual = sha256_file(path)
         if actual != digest:
             raise damaged(path, f"its sha256 is not the one {record} records: truncated or edited since", folder, stage)
+
+
+def check_model_output(folder: Path, stage: str) -> None:
+    """A model folder `stage` wrote (models/base, models/adapter, models/merged) is whole before its weights load:
+    every JSON file parses and every safetensors file's header and size agree (model_files; no weights read)."""
+    from ..data.model_files import ModelFilesError, check_safetensors, read_json
+
+    for path in sorted(folder.glob("*.json")) + sorted(folder.glob("*.safetensors")):
+        try:
+            read_json(path) if path.suffix == ".json" else check_safetensors(path)
+        except ModelFilesError as exc:
+            # model_files' own advice ("copy it again from the model's source") is for a source folder: cut it
+            reason = str(exc).removeprefix(f"{path} ").rsplit(": copy", 1)[0].removeprefix("is ")
+            raise damaged(path, reason, folder, stage) from None
 
 
 def load_saved(folder: Path, stage: str, splits: tuple[str, ...] = ("train", "validation")):
