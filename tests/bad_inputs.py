@@ -257,6 +257,17 @@ def with_password(path: str) -> Callable[[Path, dict], None]:
         {"kind": "url", "url": ctx["url"].replace("//", "//user:SuperSecret@") + path, "sha256": "0" * 64}])
 
 
+def deepspeed_json(text: str) -> Callable[[Path, dict], None]:
+    """recipes/deepspeed/mine.json holds `text` and train.deepspeed names it."""
+    return write("recipes/deepspeed/mine.json", text, train__deepspeed="mine")
+
+
+def hostfile(text: str, **launch) -> Callable[[Path, dict], None]:
+    """A hostfile holding `text`, named by train.launch.hostfile, with DeepSpeed on and other train.launch keys."""
+    keys = {f"train__launch__{k}": v for k, v in launch.items()}
+    return write("hostfile", text, **DS, train__launch__hostfile="hostfile", **keys)
+
+
 def busy_port(repo: Path, ctx: dict) -> None:
     set_params(repo, train__deepspeed="zero3", train__launch__master_port=ctx["busy_port"])
 
@@ -491,46 +502,40 @@ CASES = [
     Case("deepspeed-unknown", "launch", "an unknown DeepSpeed recipe (zero4)", "train", params(train__deepspeed="zero4"),
          "train.deepspeed: no recipe 'zero4'"),
     Case("deepspeed-bad-json", "launch", "a DeepSpeed JSON with a syntax error", "train",
-         write("recipes/deepspeed/mine.json", '{"zero_optimization": {"stage": 3,}}', train__deepspeed="mine"),
+         deepspeed_json('{"zero_optimization": {"stage": 3,}}'),
          "recipes/deepspeed/mine.json is not valid JSON"),
     Case("deepspeed-bad-stage", "launch", "ZeRO stage 4 in a DeepSpeed JSON", "train",
-         write("recipes/deepspeed/mine.json", '{"zero_optimization": {"stage": 4}}', train__deepspeed="mine"),
+         deepspeed_json('{"zero_optimization": {"stage": 4}}'),
          "zero_optimization.stage"),
     Case("deepspeed-typo", "launch", "a misspelt DeepSpeed key", "train",
-         write("recipes/deepspeed/mine.json", '{"zero_optimization": {"stage": 3, "overlap_com": true}}',
-               train__deepspeed="mine"), "zero_optimization.overlap_com", slow=True),
+         deepspeed_json('{"zero_optimization": {"stage": 3, "overlap_com": true}}'), "zero_optimization.overlap_com", slow=True),
     Case("deepspeed-outside", "launch", "a DeepSpeed JSON outside recipes/deepspeed/", "train",
          write("ds.json", '{"zero_optimization": {"stage": 3}}', train__deepspeed="ds.json"),
          "outside recipes/deepspeed/"),
     Case("hostfile-malformed", "launch", "a malformed hostfile", "train",
-         write("hostfile", "node0 gpus=4\n", **DS, train__launch__hostfile="hostfile"), "bad entry"),
+         hostfile("node0 gpus=4\n"), "bad entry"),
     Case("hostfile-missing", "launch", "a hostfile that does not exist", "train",
          params(**DS, train__launch__hostfile="nope"), "train.launch.hostfile nope does not exist", slow=True),
     Case("hostfile-short", "launch", "fewer hosts than train.launch.nodes", "train",
-         write("hostfile", "node0 slots=4\n", **DS, train__launch__hostfile="hostfile", train__launch__nodes=2),
+         hostfile("node0 slots=4\n", nodes=2),
          "lists 1 host(s) and train.launch.nodes is 2", slow=True),
     Case("include-missing-gpu", "launch", "`include` names a GPU that is not there", "train",
-         write("hostfile", "node0 slots=2\n", **DS, train__launch__hostfile="hostfile", train__launch__include="node0:0,5"),
+         hostfile("node0 slots=2\n", include="node0:0,5"),
          "train.launch.include", slow=True),
     Case("include-unknown-host", "launch", "`include` names a host not in the hostfile", "train",
-         write("hostfile", "node0 slots=2\nnode1 slots=2\n", **DS, train__launch__hostfile="hostfile",
-               train__launch__nodes=2, train__launch__include="node7:0"), "train.launch.include", slow=True),
+         hostfile("node0 slots=2\nnode1 slots=2\n", nodes=2, include="node7:0"), "train.launch.include", slow=True),
     Case("deepspeed-quoted-stage", "launch", 'a quoted ZeRO stage ("3")', "train",
-         write("recipes/deepspeed/mine.json", '{"zero_optimization": {"stage": "3"}}', train__deepspeed="mine"),
-         "zero_optimization.stage is the string '3'"),
+         deepspeed_json('{"zero_optimization": {"stage": "3"}}'), "zero_optimization.stage is the string '3'"),
     Case("deepspeed-nan", "launch", "NaN in a DeepSpeed JSON", "train",
-         write("recipes/deepspeed/mine.json", '{"zero_optimization": {"stage": 3}, "gradient_clipping": NaN}',
-               train__deepspeed="mine"), "NaN is not a JSON number"),
+         deepspeed_json('{"zero_optimization": {"stage": 3}, "gradient_clipping": NaN}'), "NaN is not a JSON number"),
     Case("deepspeed-duplicate-key", "launch", "a key twice in a DeepSpeed JSON", "train",
-         write("recipes/deepspeed/mine.json", '{"zero_optimization": {"stage": 3, "stage": 2}}', train__deepspeed="mine"),
-         "duplicate key 'stage'"),
+         deepspeed_json('{"zero_optimization": {"stage": 3, "stage": 2}}'), "duplicate key 'stage'"),
     Case("hostfile-directory", "launch", "a directory as the hostfile", "train",
          write("hostdir/a", "x", **DS, train__launch__hostfile="hostdir"), "train.launch.hostfile hostdir is a directory"),
     Case("hostfile-zero-slots", "launch", "slots=0 in the hostfile", "train",
-         write("hostfile", "node0 slots=0\n", **DS, train__launch__hostfile="hostfile"), "node0 has slots=0"),
+         hostfile("node0 slots=0\n"), "node0 has slots=0"),
     Case("hostfile-unreachable", "launch", "a hostfile host that ssh cannot reach", "train",
-         write("hostfile", "no-such-host.invalid slots=1\n", **DS, train__launch__hostfile="hostfile"),
-         "train.launch.hostfile hostfile"),
+         hostfile("no-such-host.invalid slots=1\n"), "train.launch.hostfile hostfile"),
     Case("include-without-hostfile", "launch", "`include` names another host but there is no hostfile", "train",
          params(**DS, train__launch__include="node0:0"), "the only host is localhost"),
     Case("port-in-use", "launch", "the master port is taken", "train", busy_port, "is in use on this host"),
