@@ -83,12 +83,17 @@ def test_launch_settings_are_refused_before_any_rank_starts(tmp_path: Path, monk
         ('{"zero_optimization": {"stage": 3, "reduce_bucket_size": NaN}}', "NaN is not a JSON number"),
         ('{"zero_optimization": {"stage": 3, "stage": 2}}', "duplicate key 'stage'"),
         ("[" * 100000, "nested too deeply"),
+        ('{"zero_optimization": {"stage": 3}, "gradient_clipping": 1e999}', "gradient_clipping is inf"),
+        ('{"bf16": {"enabled": "false"}, "zero_optimization": {"stage": 3}}', "bf16.enabled is the string 'false'"),
+        ('{"optimizer": {"params": {"lr": "1e-4"}}}', "optimizer.params.lr is the string '1e-4'"),
+        ('{"zero_optimisation": {"stage": 3}}', "did you mean 'zero_optimization'"),
+        ('{"zero_optimization": {"offload_param": "cpu"}}', "zero_optimization.offload_param is the string 'cpu'"),
     ],
 )
 def test_deepspeed_configs_are_read_strictly(tmp_path: Path, monkeypatch, zero, expect):
     """DeepSpeed's schema accepted these, and transformers then ran another stage or failed inside a rank."""
     from stages.lib.core.errors import UserError
-    from stages.lib.train.launch import check_deepspeed
+    from stages.lib.train.deepspeed_check import check_deepspeed
 
     (tmp_path / "recipes" / "deepspeed").mkdir(parents=True)
     (tmp_path / "recipes" / "deepspeed" / "mine.json").write_text(zero)

@@ -170,7 +170,8 @@ class LoraParams(Strict):
     r: Annotated[int, Field(ge=1, le=4096)] = 8
     alpha: Annotated[float, Field(gt=0)] = 32
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.05
-    target_modules: list[str] | Literal["all-linear"] | None = None  # null: the model recipe's
+    # null: the model recipe's; an empty list is refused (it read as null, silently)
+    target_modules: Annotated[list[str], Field(min_length=1)] | Literal["all-linear"] | None = None
 
 
 class LaunchParams(Strict):
@@ -322,6 +323,8 @@ def _walk(loc: tuple) -> tuple[list[str], type[BaseModel] | None]:
         if isinstance(current, list):  # a discriminated union: pydantic puts the member's tag in the location
             current = next((m for m in current if part in getattr(m.model_fields["kind"].annotation, "__args__", ())), None)
             continue
+        if current is None and UNION_TAG.match(part):  # a member of a plain union, e.g. list[str] | "all-linear"
+            continue
         keys.append(str(part))
         fields = getattr(current, "model_fields", {})
         owner = current
@@ -331,6 +334,9 @@ def _walk(loc: tuple) -> tuple[list[str], type[BaseModel] | None]:
         members = [a for a in _flatten(fields[part].annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
         current = members if len(members) > 1 else (members[0] if members else None)
     return keys, owner if isinstance(owner, type) else None
+
+
+UNION_TAG = re.compile(r"^(literal|list|dict|tuple|set|int|str|float|bool|none|function-[a-z]+|constrained-[a-z]+)(\[.*\])?$")
 
 
 def _flatten(ann: Any) -> list:
@@ -371,10 +377,23 @@ def validate(raw: Any, source: str = str(PARAMS_FILE)) -> Params:
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:
-        problems = [_describe(e) for e in exc.errors()]
+        problems = _merge_alternatives([_describe(e) for e in exc.errors()])
         # one line, as every error is: several problems are joined, and the count says there are several
         head = f"{source}: " if len(problems) == 1 else f"{source}: {len(problems)} problems: "
         raise ParamsError(head + "; ".join(problems)) from None
+
+
+def _merge_alternatives(problems: list[str]) -> list[str]:
+    """A value that fits no member of a union gives one message per member for the same key: one, joined by "or"."""
+    merged: dict[str, list[str]] = {}
+    for problem in problems:
+        head, sep, rest = problem.partition("': ")
+        if sep and problem.startswith("'") and rest.rfind(" (got ") > 0:
+            message, got = rest.rsplit(" (got ", 1)
+            merged.setdefault(f"{head}': \0 (got {got}", []).append(message)
+        else:
+            merged.setdefault(problem, [])
+    return [key.replace("\0", " or ".join(messages)) if messages else key for key, messages in merged.items()]
 
 
 class ParamsLoader(yaml.SafeLoader):

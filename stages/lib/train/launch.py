@@ -18,8 +18,6 @@ from ..core.params import Params
 
 STAGE_MODULE = "stages.train"
 MAX_SLOTS = 1024  # GPUs one node can list in a hostfile: a bound that catches typos, not a real limit
-NUMERIC_TOP_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-                    "gradient_clipping", "steps_per_print")  # top-level DeepSpeed keys whose values are numbers
 HEAD_ENV = "TRAIN_STAGE_HEAD"  # host:pid of `python -m stages.train`; ranks on that host stop when it is gone
 
 
@@ -44,35 +42,6 @@ def launcher_command(params: Params) -> list[str]:
     return [*cmd, "--module", STAGE_MODULE]
 
 
-def check_deepspeed(name: str) -> dict:
-    """The DeepSpeed config `name` (train.deepspeed) parses, and its zero_optimization section passes DeepSpeed's
-    own schema ("auto" values are transformers' to fill); UserError naming the first bad key otherwise."""
-    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
-    from pydantic import ValidationError
-
-    from ..core.recipes import deepspeed_config
-
-    config = deepspeed_config(name)
-    zero = config.get("zero_optimization", {})
-    if not isinstance(zero, dict):
-        raise UserError(f"train.deepspeed {name}: zero_optimization must be a JSON object")
-    # DeepSpeed's schema turns "3" into stage 3, but transformers compares the raw value with 3: a quoted number
-    # would silently run another ZeRO stage. Every value on these levels is a number, a flag or an object.
-    quoted = [(f"zero_optimization.{k}", v) for k, v in zero.items() if isinstance(v, str) and v != "auto"]
-    quoted += [(k, config[k]) for k in NUMERIC_TOP_KEYS if isinstance(config.get(k), str) and config[k] != "auto"]
-    if quoted:
-        key, value = quoted[0]
-        raise UserError(f"train.deepspeed {name}: {key} is the string {value!r}: write it without quotes "
-                        '(a number or true/false), or "auto"')  # fmt: skip
-    try:
-        DeepSpeedZeroConfig(**{k: v for k, v in zero.items() if v != "auto"})
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        key = ".".join(map(str, ("zero_optimization", *first["loc"])))
-        raise UserError(f"train.deepspeed {name}: {key}: {first['msg']} (got {first.get('input')!r})") from None
-    return config
-
-
 def _quiet_deepspeed_logger():
     import logging
 
@@ -90,7 +59,9 @@ def check_launch(params: Params, visible_gpus: int) -> None:
     _quiet_deepspeed_logger()
     if launch.hostfile:
         if not os.path.isfile(launch.hostfile):
-            what = "is a directory" if os.path.isdir(launch.hostfile) else "does not exist"
+            exists = os.path.lexists(launch.hostfile)
+            what = "is a directory" if os.path.isdir(launch.hostfile) else "is not a regular file" if exists else \
+                "does not exist"
             raise UserError(f"train.launch.hostfile {launch.hostfile} {what}: give a file with one "
                             "`<host> slots=<GPUs>` line per node")  # fmt: skip
         try:
@@ -161,6 +132,8 @@ def relaunch_if_needed(params: Params) -> bool:
             )
         return False
     import torch
+
+    from .deepspeed_check import check_deepspeed
 
     check_deepspeed(params.train.deepspeed)
     check_launch(params, torch.cuda.device_count())

@@ -1,0 +1,90 @@
+"""Checking a DeepSpeed JSON config (train.deepspeed) in the head process, before any rank starts.
+
+DeepSpeed reads most of its config inside each launched rank, a minute in, and several mistakes pass its own
+schema: a quoted number ("3" becomes stage 3 for DeepSpeed, but transformers compares the raw value with 3), an
+overflowing number (1e999 is infinity), a misspelt top-level key (ignored, so the section it meant is missing).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+
+from ..core.errors import UserError
+
+# top-level sections and keys of a DeepSpeed config (deepspeed.runtime.constants holds most, not the sections)
+SECTIONS = {"zero_optimization", "optimizer", "scheduler", "fp16", "bf16", "amp", "flops_profiler",
+            "activation_checkpointing", "tensorboard", "wandb", "csv_monitor", "comet", "comms_logger", "aio",
+            "checkpoint", "data_efficiency", "compression_training", "autotuning", "elasticity", "pipeline",
+            "sparse_attention", "monitor_config", "nebula", "weight_quantization", "hybrid_engine", "timers",
+            "compile", "tensor_parallel", "curriculum_learning", "progressive_layer_drop", "eigenvalue",
+            "quantize_training", "data_types", "torch_autocast"}  # fmt: skip
+
+
+def _known_top_keys() -> set[str]:
+    import deepspeed.runtime.constants as constants
+
+    names = {v for k, v in vars(constants).items() if k.isupper() and isinstance(v, str) and v.islower()}
+    return names | SECTIONS
+
+
+def _leaves(node, path: str = ""):
+    """(dotted key, value) for every scalar in a JSON tree."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _leaves(value, f"{path}.{key}" if path else str(key))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _leaves(value, f"{path}.{i}")
+    else:
+        yield path, node
+
+
+def _quoted_scalar(value) -> bool:
+    """A string that JSON would read as a number or true/false ("3", "1e-4", "false"); "auto" is transformers'."""
+    if not isinstance(value, str) or value == "auto":
+        return False
+    try:
+        return isinstance(json.loads(value), (int, float, bool))
+    except ValueError:
+        return False
+
+
+def check_deepspeed(name: str) -> dict:
+    """The DeepSpeed config `name` (train.deepspeed) parses strictly (recipes.deepspeed_config), has no quoted
+    numbers or flags and no infinite number anywhere, no misspelt top-level key, and its zero_optimization section
+    passes DeepSpeed's own schema ("auto" values are transformers' to fill). Returns the config; UserError naming
+    the first bad key otherwise."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    from pydantic import ValidationError
+
+    from ..core.recipes import deepspeed_config
+
+    config = deepspeed_config(name)
+    where = f"train.deepspeed {name}"
+    for key, value in _leaves(config):
+        if _quoted_scalar(value):
+            raise UserError(f'{where}: {key} is the string {value!r}: write it without quotes, or "auto"')
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{where}: {key} is {value} (a number too large for a float?): write a finite number")
+    known = _known_top_keys()
+    for key in config:
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.8)
+        if key not in known and close:
+            raise UserError(f"{where}: unknown top-level key '{key}'; did you mean '{close[0]}'?")
+    zero = config.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise UserError(f"{where}: zero_optimization must be a JSON object")
+    strings = [(k, v) for k, v in zero.items() if isinstance(v, str) and v != "auto"]
+    if strings:  # every value on this level is a number, a flag or an object (offload_param: {"device": "cpu"})
+        key, value = strings[0]
+        raise UserError(f"{where}: zero_optimization.{key} is the string {value!r}: DeepSpeed expects a number, "
+                        'true/false or an object there (or "auto")')  # fmt: skip
+    try:
+        DeepSpeedZeroConfig(**{k: v for k, v in zero.items() if v != "auto"})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = ".".join(map(str, ("zero_optimization", *first["loc"])))
+        raise UserError(f"{where}: {key}: {first['msg']} (got {first.get('input')!r})") from None
+    return config
