@@ -551,6 +551,8 @@ CASES = [
          params(train__lora__target_modules=["no_such_proj"]), "'no_such_proj' matches no linear layer"),
     Case("flash-attention-missing", "train", "flash_attention_2 where flash-attn or a GPU is missing", "train",
          params(train__attn_implementation="flash_attention_2"), "train.attn_implementation"),
+    Case("flex-attention-cpu", "train", "flex_attention on a machine without a GPU", "train",
+         params(train__attn_implementation="flex_attention"), "flex_attention trains only on a CUDA GPU"),
     Case("liger-missing", "train", "Liger kernels without liger-kernel installed", "train", params(train__liger=True),
          "train.liger"),
     # stages run out of order (python -m stages.X without dvc repro)

@@ -38,6 +38,12 @@ def check_kernels(attn_implementation: str, liger: bool) -> None:
     if attn_implementation in available and not available[attn_implementation]():
         raise UserError(f"train.attn_implementation: {attn_implementation} needs the flash-attn package and a CUDA "
                         "GPU, not both here: use sdpa, or varlen (packed rows, torch's own flash kernel)")  # fmt: skip
+    if attn_implementation == "flex_attention":
+        import torch
+
+        if not torch.cuda.is_available():  # torch's flex attention has no backward pass on the CPU
+            raise UserError("train.attn_implementation: flex_attention trains only on a CUDA GPU (torch has no CPU "
+                            "backward for it): use sdpa, or varlen for packed rows")  # fmt: skip
     if liger and not is_liger_kernel_available():
         raise UserError("train.liger: true needs the liger-kernel package (pip install liger-kernel) and a GPU: "
                         "install it or set train.liger: false")  # fmt: skip
