@@ -9,6 +9,8 @@ loads and has an end-of-sequence token (the stop token of every answer).
 from __future__ import annotations
 
 import json
+import math
+import re
 import struct
 from pathlib import Path
 
@@ -21,18 +23,23 @@ class ModelFilesError(UserError):
     pass
 
 
-# the dtype names of the safetensors format (its Rust reader refuses any other)
-DTYPES = {"BOOL", "U8", "I8", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64", "I64", "U64",
-          "F8_E5M2", "F8_E4M3", "F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "F4", "F6_E2M3", "F6_E3M2", "C64"}  # fmt: skip
+# the dtypes of the safetensors format (its Rust reader refuses any other) and their size in bits
+DTYPES = {"BOOL": 8, "U8": 8, "I8": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32,
+          "F64": 64, "I64": 64, "U64": 64, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F8_E4M3FNUZ": 8,
+          "F8_E5M2FNUZ": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "C64": 64}  # fmt: skip
 
 
 def read_json(path: Path) -> object:
     """The parsed JSON file; ModelFilesError naming it when it is not UTF-8 JSON."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"), parse_constant=_no_constant)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
         raise ModelFilesError(f"{path} is not valid JSON ({why}): copy it again from the model's source") from None
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")  # Python's reader accepts NaN/Infinity; a NaN eps trains NaN
 
 
 def check_config(folder: Path, what: str) -> None:
@@ -70,9 +77,13 @@ def check_safetensors(path: Path) -> dict[str, tuple[int, ...]]:
         except (ValueError, UnicodeDecodeError):
             raise ModelFilesError(f"{path} has a corrupt safetensors header: copy it again from the model's source") from None
     tensors = {k: v for k, v in header.items() if k != "__metadata__"} if isinstance(header, dict) else None
-    valid = tensors is not None and all(
+    meta = header.get("__metadata__", {}) if isinstance(header, dict) else None
+    valid = tensors is not None and isinstance(meta, dict) and all(
+        isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
+    ) and all(
         isinstance(v, dict) and isinstance(v.get("shape"), list) and isinstance(v.get("data_offsets"), list)
-        and len(v["data_offsets"]) == 2 for v in tensors.values()
+        and len(v["data_offsets"]) == 2 and all(type(x) is int and x >= 0 for x in v["shape"] + v["data_offsets"])
+        for v in tensors.values()
     )  # fmt: skip
     if not valid:
         raise ModelFilesError(f"{path} has a safetensors header of the wrong layout: copy it again from the model's source")
@@ -80,7 +91,14 @@ def check_safetensors(path: Path) -> dict[str, tuple[int, ...]]:
     if unknown is not None:
         raise ModelFilesError(f"{path}: tensor {unknown} has dtype {tensors[unknown].get('dtype')!r}, which "
                               "safetensors does not know: copy the file again from the model's source")  # fmt: skip
-    expected = 8 + n + max((v["data_offsets"][1] for v in tensors.values()), default=0)
+    end = 0  # the tensors lie back to back, in offset order, each as long as its shape and dtype make it
+    for name, v in sorted(tensors.items(), key=lambda item: item[1]["data_offsets"]):
+        start, stop = v["data_offsets"]
+        if start != end or (stop - start) * 8 != math.prod(v["shape"]) * DTYPES[v["dtype"]]:
+            raise ModelFilesError(f"{path}: tensor {name}'s data offsets do not match its shape and dtype: copy the "
+                                  "file again from the model's source")  # fmt: skip
+        end = stop
+    expected = 8 + n + end
     if size != expected:
         state = "truncated" if size < expected else "longer than its header says"
         raise ModelFilesError(f"{path} is {state} ({size} bytes, its header needs {expected}): copy it again "
@@ -121,7 +139,7 @@ def meta_model(folder: Path, what: str):
         config = AutoConfig.from_pretrained(folder)
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(config)
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+    except Exception as exc:  # noqa: BLE001 - each config class fails its own way (0 heads: ZeroDivisionError)
         import transformers
 
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -138,6 +156,12 @@ def check_shapes(folder: Path, what: str, shapes: dict[str, tuple[int, ...]]) ->
     if model is None:
         return
     prefix = f"{model.base_model_prefix}."
+    known = set(model.state_dict()) | {k.removeprefix(prefix) for k in model.state_dict()}  # tied ones included
+    ignored = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []]
+    extra = sorted(k for k in shapes if k not in known and not any(p.search(k) for p in ignored))
+    if extra:
+        raise ModelFilesError(f"{what}: the weights hold {len(extra)} tensor(s) that config.json's model does not "
+                              f"have, e.g. {extra[0]}: the config describes another (smaller?) model")  # fmt: skip
     for name, param in model.named_parameters():  # tied weights appear once
         stored = shapes.get(name, shapes.get(name.removeprefix(prefix)))
         if stored is None:
@@ -164,8 +188,18 @@ def check_tokenizer(folder: Path, what: str):
     return tokenizer
 
 
+def check_vocab(folder: Path, what: str, tokenizer) -> None:
+    """The tokenizer's EOS and padding ids are rows of the model's embedding (config.json's vocab_size)."""
+    vocab = read_json(folder / "config.json").get("vocab_size")
+    for role in ("eos", "pad"):
+        token_id = getattr(tokenizer, f"{role}_token_id")
+        if isinstance(vocab, int) and isinstance(token_id, int) and token_id >= vocab:
+            raise ModelFilesError(f"{what}: the tokenizer's {role} token has id {token_id}, beyond the model's "
+                                  f"vocab_size {vocab}: the tokenizer belongs to another model")  # fmt: skip
+
+
 def check_model_dir(folder: Path, what: str) -> None:
     """All checks of a model directory (`what` names it in errors, e.g. `model.path models/sources/x`)."""
     check_config(folder, what)
     check_shapes(folder, what, check_weights(folder, what))
-    check_tokenizer(folder, what)
+    check_vocab(folder, what, check_tokenizer(folder, what))
