@@ -156,12 +156,6 @@ def check_shapes(folder: Path, what: str, shapes: dict[str, tuple[int, ...]]) ->
     if model is None:
         return
     prefix = f"{model.base_model_prefix}."
-    known = set(model.state_dict()) | {k.removeprefix(prefix) for k in model.state_dict()}  # tied ones included
-    ignored = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []]
-    extra = sorted(k for k in shapes if k not in known and not any(p.search(k) for p in ignored))
-    if extra:
-        raise ModelFilesError(f"{what}: the weights hold {len(extra)} tensor(s) that config.json's model does not "
-                              f"have, e.g. {extra[0]}: the config describes another (smaller?) model")  # fmt: skip
     for name, param in model.named_parameters():  # tied weights appear once
         stored = shapes.get(name, shapes.get(name.removeprefix(prefix)))
         if stored is None:
@@ -170,6 +164,13 @@ def check_shapes(folder: Path, what: str, shapes: dict[str, tuple[int, ...]]) ->
         if stored != tuple(param.shape):
             raise ModelFilesError(f"{what}: tensor {name} has shape {list(stored)} but config.json makes it "
                                   f"{list(param.shape)}: the config and the weights are of different models")  # fmt: skip
+    # then tensors the model lacks: a renamed tensor is named above as missing, a config with fewer layers here
+    known = set(model.state_dict()) | {k.removeprefix(prefix) for k in model.state_dict()}  # tied ones included
+    ignored = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []]
+    extra = sorted(k for k in shapes if k not in known and not any(p.search(k) for p in ignored))
+    if extra:
+        raise ModelFilesError(f"{what}: the weights hold {len(extra)} tensor(s) that config.json's model does not "
+                              f"have, e.g. {extra[0]}: the config describes another (smaller?) model")  # fmt: skip
 
 
 def check_tokenizer(folder: Path, what: str):
