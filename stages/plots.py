@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-TEMPLATE = Path(".dvc/tmp/plots_offline.html")  # .dvc/tmp is DVC's own git-ignored folder
+TEMPLATE = Path(".dvc/plots_offline.html")  # git-ignored (.dvc/.gitignore); not in .dvc/tmp, which DVC may clear
 PAGE = """<!DOCTYPE html>
 <html>
 <head>
