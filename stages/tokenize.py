@@ -19,7 +19,7 @@ import numpy as np
 
 from stages.lib.chat import format as chat_format
 from stages.lib.chat.encode import RenderError, encode, render_all
-from stages.lib.core.earlier import check_digests, read_json, reading
+from stages.lib.core.earlier import check_digests, load_tokenizer, read_json, reading
 from stages.lib.core.errors import UserError, require, run_stage
 from stages.lib.core.outputs import scratch_dir, staged_outputs, write_json
 from stages.lib.core.params import Params, load_params
@@ -207,11 +207,10 @@ def main() -> None:
     manifest = read_json(RAW_DIR / "manifest.json", RAW_DIR, "download", keys=("format", "sources"))
     check_digests(RAW_DIR, manifest.get("sha256", {}), RAW_DIR / "manifest.json", "download")
     template_recipe(template_name(params, manifest["format"]))  # a bad template fails before the slow imports
-    from transformers import AutoTokenizer
 
     with staged_outputs() as out:
         tmp = out.dir(OUT_DIR)
-        tokenizer = chat_format.reload(AutoTokenizer.from_pretrained(BASE_DIR), tmp / TOKENIZER.name)
+        tokenizer = chat_format.reload(load_tokenizer(BASE_DIR, BASE_DIR, "download"), tmp / TOKENIZER.name)
         fmt = decide_format(params, tokenizer, manifest["format"])
         for note in fmt.notes:
             print(f"tokenize: {note}", flush=True)

@@ -69,16 +69,27 @@ def check_digests(folder: Path, digests: dict[str, str], record: Path, stage: st
 
 def check_model_output(folder: Path, stage: str) -> None:
     """A model folder `stage` wrote (models/base, models/adapter, models/merged) is whole before its weights load:
-    every JSON file parses and every safetensors file's header and size agree (model_files; no weights read)."""
-    from ..data.model_files import ModelFilesError, check_safetensors, read_json
+    every JSON file parses, every safetensors file's header and size agree, and a whole model's tensor names and
+    shapes are the ones its config.json builds on the meta device (model_files; no weights read)."""
+    from ..data.model_files import ModelFilesError, check_safetensors, check_shapes, read_json
 
+    shapes: dict = {}
     for path in sorted(folder.glob("*.json")) + sorted(folder.glob("*.safetensors")):
         try:
-            read_json(path) if path.suffix == ".json" else check_safetensors(path)
+            if path.suffix == ".json":
+                read_json(path)
+            else:
+                shapes |= check_safetensors(path)
         except ModelFilesError as exc:
             # model_files' own advice ("copy it again from the model's source") is for a source folder: cut it
             reason = str(exc).removeprefix(f"{path} ").rsplit(": copy", 1)[0].removeprefix("is ")
             raise damaged(path, reason, folder, stage) from None
+    if shapes and (folder / "config.json").is_file():  # a whole model: tensor names and shapes match its config
+        try:
+            check_shapes(folder, str(folder), shapes)
+        except ModelFilesError as exc:
+            reason = str(exc).removeprefix(f"{folder}: ").split(": ")[0]
+            raise damaged(folder, reason, folder, stage) from None
 
 
 def load_saved(folder: Path, stage: str, splits: tuple[str, ...] = ("train", "validation")):

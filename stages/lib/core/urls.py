@@ -17,16 +17,25 @@ def mask_url(url: str) -> str:
     scheme, sep, rest = url.partition("://")
     if not sep:
         scheme, rest = "", url
+    # a password may hold "/" or "#" (a user's typo or an unescaped secret): everything up to the last "@" before
+    # the query is masked, even if that hides a path that has an "@" in it
+    head = rest.split("?", 1)[0]
+    if "@" in head:
+        rest = "***@" + rest[head.rfind("@") + 1 :]
     end = min((i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0), default=len(rest))
     netloc, tail = rest[:end], rest[end:]
-    if "@" in netloc:
-        netloc = "***@" + netloc.rpartition("@")[2]
+    tail, hsep, fragment = tail.partition("#")
     path, qsep, query = tail.partition("?")
     if qsep:
-        query, hsep, fragment = query.partition("#")
-        fields = (f"{k}=***" if eq else "***" for k, eq, _ in (p.partition("=") for p in query.split("&")))
-        path += "?" + "&".join(fields) + hsep + fragment
+        path += "?" + _mask_fields(query)
+    if hsep:  # tokens in a fragment (#access_token=...) are masked the same way
+        path += "#" + (_mask_fields(fragment) if "=" in fragment else fragment)
     return f"{scheme}{sep}{netloc}{path}"
+
+
+def _mask_fields(text: str) -> str:
+    """`a=1&b=2` → `a=***&b=***` (a field without `=` becomes `***`)."""
+    return "&".join(f"{k}=***" if eq else "***" for k, eq, _ in (p.partition("=") for p in text.split("&")))
 
 
 def mask_urls(text: str) -> str:

@@ -55,6 +55,10 @@ def check_config(folder: Path, what: str) -> None:
     for other in sorted(folder.glob("*.json")):
         if not isinstance(read_json(other), dict):
             raise ModelFilesError(f"{other} is JSON but not an object: copy it again from the model's source")
+    generation = folder / "generation_config.json"
+    eos = read_json(generation).get("eos_token_id") if generation.is_file() else None
+    if not (eos is None or type(eos) is int or (isinstance(eos, list) and all(type(e) is int for e in eos))):
+        raise ModelFilesError(f"{generation}: eos_token_id is {eos!r}; it must be a token id or a list of ids")
 
 
 def check_safetensors(path: Path) -> dict[str, tuple[int, ...]]:
@@ -183,6 +187,17 @@ def check_tokenizer(folder: Path, what: str):
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ModelFilesError(f"{what}: the tokenizer does not load ({type(exc).__name__}: {first[:200]}); "
                               "copy its tokenizer files (tokenizer.json or tokenizer.model, tokenizer_config.json)") from None  # fmt: skip
+    if tokenizer.chat_template:  # tokenize's `template: tokenizer` renders it: a syntax error fails here, not there
+        from jinja2 import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        templates = tokenizer.chat_template if isinstance(tokenizer.chat_template, dict) else {"": tokenizer.chat_template}
+        for template in templates.values():
+            try:
+                ImmutableSandboxedEnvironment().parse(template)
+            except TemplateError as exc:
+                raise ModelFilesError(f"{what}: the tokenizer's chat template is not valid Jinja ({exc}): fix "
+                                      "chat_template.jinja (or tokenizer_config.json's chat_template)") from None
     if tokenizer.eos_token is None:
         raise ModelFilesError(f"{what}: the tokenizer has no EOS token, which ends every trained answer: set "
                               "\"eos_token\" in its tokenizer_config.json (e.g. \"</s>\" or \"<|endoftext|>\")")  # fmt: skip

@@ -36,9 +36,10 @@ def launcher_command(params: Params) -> list[str]:
     else:
         cmd += ["--num_gpus", str(launch.gpus_per_node)] if launch.gpus_per_node else []
         cmd += ["--num_nodes", str(launch.nodes)] if launch.nodes > 1 else []
-    if launch.nodes > 1:
-        cmd += ["--no_ssh", "--node_rank", str(launch.node_rank)] if launch.runner == "no-ssh" else []
-        cmd += ["--launcher", launch.runner] if launch.runner != "no-ssh" else []
+    if launch.runner == "no-ssh" and (launch.nodes > 1 or launch.hostfile):  # any hostfile: DeepSpeed would ssh
+        cmd += ["--no_ssh", "--node_rank", str(launch.node_rank)]
+    elif launch.nodes > 1:
+        cmd += ["--launcher", launch.runner]
     return [*cmd, "--module", STAGE_MODULE]
 
 

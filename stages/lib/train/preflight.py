@@ -51,7 +51,7 @@ def check_kernels(attn_implementation: str, liger: bool) -> None:
 
 def check_lora_targets(targets: list[str] | str, key: str, base: Path) -> None:
     """Each entry of `targets` (LoRA target_modules; `key` is the setting that gave them) matches at least one
-    linear layer of the model in `base`, by PEFT's own matching rule (a name, a suffix after a dot, or a regex).
+    layer of the model in `base` that LoRA can adapt (linear, embedding, convolution), by PEFT's own matching rule (a name, a suffix after a dot, or a regex).
     Built on the meta device from config.json: no weights load. "all-linear" always matches."""
     if isinstance(targets, str):
         return
@@ -65,9 +65,10 @@ def check_lora_targets(targets: list[str] | str, key: str, base: Path) -> None:
     model = meta_model(base, str(base))
     if model is None:  # needs its Hub code: PEFT's own check at load
         return
-    layers = [name for name, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))]
+    supported = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention, Conv1D)  # PEFT's
+    layers = [name for name, m in model.named_modules() if isinstance(m, supported)]
     for target in targets:
         if not any(check_target_module_exists(LoraConfig(target_modules=[target]), name) for name in layers):
             kinds = sorted({name.rsplit(".", 1)[-1] for name in layers})
-            raise UserError(f"{key}: '{target}' matches no linear layer of {base} (its linear layers: "
+            raise UserError(f"{key}: '{target}' matches no layer of {base} that LoRA adapts (those it has: "
                             f"{', '.join(kinds)})")  # fmt: skip
