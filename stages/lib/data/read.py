@@ -316,7 +316,11 @@ def read_table(path: Path, cache_dir: Path):
     if builder == "csv":
         sep = "\t" if files[0].suffix.lower() == ".tsv" else ","
         with open(files[0], newline="", encoding="utf-8-sig") as f:
-            header = next(csv.reader(f, delimiter=sep), [])
+            try:
+                header = next(csv.reader(f, delimiter=sep), [])
+            except csv.Error as exc:  # e.g. an unclosed quote runs the header past the field limit
+                raise SourceError(f"{files[0]}: its header line does not parse as {'TSV' if sep == chr(9) else 'CSV'} "
+                                  f"({exc}): check its quotes") from None  # fmt: skip
         # every cell as its text: pandas would read "007" as 7 and an empty cell as NaN
         kwargs = {"sep": sep, "converters": {c: str for c in header}, "na_filter": False, "encoding": "utf-8-sig"}
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its own retry messages would precede ours

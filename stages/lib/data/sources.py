@@ -204,7 +204,9 @@ def open_source(src: DataSource, seed: int, workdir: Path, net: NetworkParams = 
     if isinstance(src, LocalSource):
         return read_table(Path(src.path), workdir / "cache"), {"kind": "local", "path": src.path}
     if isinstance(src, UrlSource):
-        path = download_url(src.url, src.sha256, workdir / (url_path(src.url).name or "data.json"), net)
+        name = url_path(src.url).name or "data.json"
+        name = name if len(name) <= 100 else name[-100:]  # a file name has at most 255 bytes; the suffix is kept
+        path = download_url(src.url, src.sha256, workdir / name, net)
         try:
             ds = read_table(path, workdir / "cache")
         except SourceError as exc:  # about the content: name the URL, not the scratch copy (deleted by then)
