@@ -71,7 +71,7 @@ def check_model_output(folder: Path, stage: str) -> None:
     """A model folder `stage` wrote (models/base, models/adapter, models/merged) is whole before its weights load:
     every JSON file parses, every safetensors file's header and size agree, and a whole model's tensor names and
     shapes are the ones its config.json builds on the meta device (model_files; no weights read)."""
-    from ..data.model_files import ModelFilesError, check_safetensors, check_shapes, read_json
+    from .model_files import ModelFilesError, check_safetensors, check_shapes, read_json
 
     shapes: dict = {}
     for path in sorted(folder.glob("*.json")) + sorted(folder.glob("*.safetensors")):

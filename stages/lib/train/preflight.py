@@ -60,7 +60,7 @@ def check_lora_targets(targets: list[str] | str, key: str, base: Path) -> None:
     from torch import nn
     from transformers.pytorch_utils import Conv1D
 
-    from ..data.model_files import meta_model
+    from ..core.model_files import meta_model
 
     model = meta_model(base, str(base))
     if model is None:  # needs its Hub code: PEFT's own check at load

@@ -14,7 +14,7 @@ import re
 import struct
 from pathlib import Path
 
-from ..core.errors import UserError
+from .errors import UserError
 
 MAX_HEADER = 100 << 20  # bytes; safetensors itself refuses larger headers
 
