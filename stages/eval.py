@@ -86,13 +86,14 @@ def generate(model, tokenizer, rows, batch_size: int, max_new_tokens: int, stop_
     return outputs
 
 
-def evaluate(params: Params, path: Path, rows, tokenizer, stop_ids: list[int]) -> tuple[dict, list[str]]:
+def evaluate(params: Params, name: str, rows, tokenizer, stop_ids: list[int]) -> tuple[dict, list[str]]:
+    """Answer loss, perplexity and generation scores of MODELS[name] on `rows`, and its answers."""
     import torch
     from transformers import AutoModelForCausalLM
 
     dtype = getattr(torch, params.merge_dtype)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    name = next(k for k, v in MODELS.items() if v == path)
+    path = MODELS[name]
     phase("eval", f"{name} model: loading {path}")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     e = params.eval
@@ -124,8 +125,8 @@ def main() -> None:
     stop_ids = GenerationConfig.from_pretrained(MODELS["tuned"]).eos_token_id
     stop_ids = [stop_ids] if isinstance(stop_ids, int) else list(stop_ids)
     metrics, predictions = {}, {}
-    for name, path in MODELS.items():
-        metrics[name], predictions[name] = evaluate(params, path, rows, tokenizer, stop_ids)
+    for name in MODELS:
+        metrics[name], predictions[name] = evaluate(params, name, rows, tokenizer, stop_ids)
     metrics["samples"] = len(rows)
     lines = []
     for i, row in enumerate(rows):

@@ -8,6 +8,7 @@ loads and has an end-of-sequence token (the stop token of every answer).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -15,6 +16,7 @@ import struct
 from pathlib import Path
 
 from .errors import UserError
+from .strict_json import no_constant
 
 MAX_HEADER = 100 << 20  # bytes; safetensors itself refuses larger headers
 
@@ -32,14 +34,10 @@ DTYPES = {"BOOL": 8, "U8": 8, "I8": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 
 def read_json(path: Path) -> object:
     """The parsed JSON file; ModelFilesError naming it when it is not UTF-8 JSON."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"), parse_constant=_no_constant)
+        return json.loads(path.read_text(encoding="utf-8"), parse_constant=no_constant)  # a NaN eps trains NaN
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
         raise ModelFilesError(f"{path} is not valid JSON ({why}): copy it again from the model's source") from None
-
-
-def _no_constant(name: str):
-    raise ValueError(f"{name} is not a JSON number")  # Python's reader accepts NaN/Infinity; a NaN eps trains NaN
 
 
 def check_config(folder: Path, what: str) -> None:
@@ -133,22 +131,29 @@ def meta_model(folder: Path, what: str):
     """The model config.json describes, built on the meta device (no memory, no weights; about a second even for
     70B shapes). ModelFilesError when transformers does not know its model_type; None for a model that needs its
     own Hub code (auto_map), which is not run here."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     config = read_json(folder / "config.json")
     if config.get("auto_map"):
         return None
+    stat = (folder / "config.json").stat()
     try:
-        config = AutoConfig.from_pretrained(folder)
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config)
+        return _build_on_meta(str(folder.resolve()), stat.st_mtime_ns, stat.st_size)
     except Exception as exc:  # noqa: BLE001 - each config class fails its own way (0 heads: ZeroDivisionError)
         import transformers
 
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ModelFilesError(f"{what}: transformers {transformers.__version__} cannot build this config.json "
                               f"({first[:160]}): check model_type and the sizes in it") from None  # fmt: skip
+
+
+@functools.lru_cache(maxsize=4)
+def _build_on_meta(folder: str, mtime_ns: int, size: int):
+    """One meta build per config.json version and process: train checks models/base's weights and its LoRA targets
+    against the same model (the stat values are only the cache key)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
 
 
 def check_shapes(folder: Path, what: str, shapes: dict[str, tuple[int, ...]]) -> None:

@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .params import Dtype, ParamsError, read_yaml
+from .strict_json import no_constant, no_duplicates
 
 RECIPES = Path("recipes")
 PLACEHOLDERS = {"system": ("content",), "user": ("content", "round"), "assistant": ("content", "round")}  # stages run from the project root, like every path in dvc.yaml
@@ -92,26 +93,11 @@ def _load(kind: str, name: str, suffix: str) -> tuple[Path, Any]:
     if suffix != ".json":
         return path, read_yaml(path, text)
     try:
-        return path, json.loads(text, parse_constant=_no_constant, object_pairs_hook=_no_duplicates)
+        return path, json.loads(text, parse_constant=no_constant, object_pairs_hook=no_duplicates)
     except ValueError as exc:
         raise ParamsError(f"{path} is not valid JSON: {exc}") from None
     except RecursionError:
         raise ParamsError(f"{path} is nested too deeply to be a config") from None
-
-
-def _no_constant(name: str):
-    """json.loads hook: NaN and Infinity are not JSON (Python's reader accepts them; DeepSpeed would carry them)."""
-    raise ValueError(f"{name} is not a JSON number: write a finite number")
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
-    """json.loads hook: a key given twice is refused (the reader would keep the last one silently)."""
-    seen: dict = {}
-    for key, value in pairs:
-        if key in seen:
-            raise ValueError(f"duplicate key '{key}': keep one")
-        seen[key] = value
-    return seen
 
 
 def _validated(cls: type[BaseModel], path: Path, raw: Any):

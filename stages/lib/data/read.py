@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.errors import UserError
+from ..core.strict_json import DuplicateKey, no_duplicates
 
 BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
 SAVED_METADATA = {"dataset_info.json", "state.json", "dataset_dict.json"}
@@ -218,29 +219,15 @@ def _root_cause(exc: BaseException) -> BaseException:
     return exc
 
 
-class _DuplicateKey(ValueError):
-    pass
-
-
-def _no_duplicate_keys(pairs: list) -> dict:
-    """json's object_pairs_hook: Python keeps the last of two equal keys, the reader refuses the record."""
-    seen = set()
-    for key, _ in pairs:
-        if key in seen:
-            raise _DuplicateKey(key)
-        seen.add(key)
-    return dict(pairs)
-
-
 def _parse_problem(text: str, whole: bool) -> tuple[object, str]:
     """`text` (a `whole` file, or one line) parsed by Python's json, and what the reader refuses in it ('' when
     nothing), as a phrase that follows "line N" or "it"."""
     import json
 
     try:
-        value = json.loads(text, object_pairs_hook=_no_duplicate_keys)
-    except _DuplicateKey as exc:
-        return None, f"has a duplicate key {exc.args[0]!r} (an object names it twice): keep one"
+        value = json.loads(text, object_pairs_hook=no_duplicates)
+    except DuplicateKey as exc:
+        return None, f"has a duplicate key {exc.key!r} (an object names it twice): keep one"
     except RecursionError:
         return None, f"nests arrays and objects more than {MAX_DEPTH} levels deep: flatten or drop that field"
     except json.JSONDecodeError as exc:  # a whole file's message has the line and column, a line's needs none
