@@ -172,22 +172,57 @@ def build_trainer(params: Params, output_dir: Path, callbacks: list, **overrides
     else:
         from stages.lib.train.lean_trainer import LeanSFTTrainer as base_class
     trainer_class = type("StageTrainer", (KeepAdapterDtype, base_class), {})
+    model = load_sharded(params, args) if t.method == "qlora" else None
+    if model is not None:
+        args.model_init_kwargs = None  # the model is built: TRL would warn that these go unused
     trainer = trainer_class(
-        model=str(BASE_DIR),
+        model=str(BASE_DIR) if model is None else model,
         args=args,
         train_dataset=train_set,
         eval_dataset=eval_set,
         processing_class=load_tokenizer(TOKENIZER, TOKENIZED, "tokenize"),
         peft_config=None if t.method == "full" else lora_config(params),
-        quantization_config=quantization_config(params) if t.method == "qlora" else None,
+        quantization_config=quantization_config(params) if t.method == "qlora" and model is None else None,
         callbacks=callbacks,
     )
+    trainer.load_weights_gib = base_weights_gib(trainer.model)  # before DeepSpeed initialises: what loading left
     check_labels(trainer.train_dataset, train_set)
     if t.deepspeed:
         from stages.lib.train.zero3_release import Zero3EarlyRelease
 
         trainer.add_callback(Zero3EarlyRelease(trainer))  # acts only under ZeRO-3
     return trainer
+
+
+def load_sharded(params: Params, args):
+    """Under ZeRO-3, the 4-bit base loaded so that each rank keeps only its shard (stages/lib/train/sharded_load.py);
+    None elsewhere, or for a checkpoint whose tensor names that loader does not know (TRL then loads it whole)."""
+    from transformers.integrations.deepspeed import deepspeed_config, is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        return None
+    import torch
+
+    from stages.lib.train import sharded_load
+
+    t = params.train
+    hidden = json.loads((BASE_DIR / "config.json").read_text())
+    hidden = hidden.get("hidden_size") or hidden.get("text_config", {}).get("hidden_size") or 0
+    partition = sharded_load.ZeroPartitioner(deepspeed_config(), hidden)
+    model = sharded_load.load(BASE_DIR, quantization_config(params), getattr(torch, t.dtype), t.attn_implementation,
+                              device=partition.device, place=partition,
+                              trust_remote_code=params.model.trust_remote_code)  # fmt: skip
+    if model is None and int(os.environ.get("RANK", "0")) == 0:
+        print("train: models/base's tensor names are not its model's parameter names; every rank loads the whole "
+              "4-bit model before ZeRO-3 partitions it")
+    return model
+
+
+def base_weights_gib(model) -> float:
+    """GiB of base-model weights this rank holds (LoRA parameters left out); see sharded_load.resident_bytes."""
+    from stages.lib.train.sharded_load import GIB, resident_bytes
+
+    return resident_bytes(model, skip=lambda name: "lora_" in name) / GIB
 
 
 def check_labels(prepared, tokenized) -> None:
@@ -240,6 +275,10 @@ def train(params: Params) -> None:
     marker = checkpoints.complete_after_save(identity, live_partial, params.train.save_total_limit)
     callbacks = [telemetry, saver, marker, *dvclive_callbacks(live_partial, resume=resume is not None)]
     trainer = build_trainer(params, CHECKPOINTS, callbacks)
+    load_gib = [round(trainer.load_weights_gib, 4)]
+    if dist.is_initialized():  # every rank's figure, for rank 0's record
+        load_gib = [None] * dist.get_world_size()
+        dist.all_gather_object(load_gib, round(trainer.load_weights_gib, 4))
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if saver.stopped_by:
         if dist.is_initialized():
@@ -256,7 +295,7 @@ def train(params: Params) -> None:
             path = partial / extra
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
         sort_target_modules(partial / "adapter_config.json")
-        config = resolved_config(params, trainer, result, resume)
+        config = resolved_config(params, trainer, result, resume) | {"load_weights_gib_per_rank": load_gib}
         write_json(partial / "train_config.json", config)  # no timings: the same run gives the same adapter hash
         print("train:", summary_line(config, telemetry.summary), flush=True)
         with staged_outputs() as out:  # the adapter, its metrics and its curves arrive together

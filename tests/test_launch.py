@@ -148,7 +148,24 @@ def test_two_cpu_processes_train_under_zero3(tmp_path: Path):
     assert (proc.stdout + proc.stderr).count(f"train: {answers} of ") == 2  # each rank trains the answers only
     config = json.loads((tmp_path / "models" / "adapter" / "train_config.json").read_text())
     assert config["world_size"] == 2 and config["global_steps"] == 2
+    # each rank loaded only its shard of the 4-bit base: compare with what one process holds after the same load
+    whole = one_rank_load_gib(tmp_path, raw)
+    per_rank = config["load_weights_gib_per_rank"]
+    assert len(per_rank) == 2 and all(0 < gib <= 0.55 * whole for gib in per_rank), (per_rank, whole)
     weights = load_file(tmp_path / "models" / "adapter" / "adapter_model.safetensors")
     lora_b = [w for k, w in weights.items() if "lora_B" in k]
     assert lora_b and all(w.numel() > 0 for w in lora_b)  # gathered from both ranks' shards on save
     assert any(w.abs().sum() > 0 for w in lora_b)
+
+
+def one_rank_load_gib(project: Path, raw: dict) -> float:
+    """GiB of weights one process holds after loading the project's 4-bit base whole (no ZeRO-3), as train counts."""
+    import torch
+
+    from stages.lib.core.params import Params
+    from stages.lib.train import sharded_load
+    from stages.train import quantization_config
+
+    params = Params.model_validate(raw)
+    model = sharded_load.load(project / "models" / "base", quantization_config(params), getattr(torch, params.train.dtype))
+    return sharded_load.resident_bytes(model) / sharded_load.GIB
