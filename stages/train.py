@@ -22,6 +22,8 @@ from stages.lib.core.errors import require, run_stage
 from stages.lib.core.outputs import staged_outputs, write_json, write_text
 from stages.lib.core.params import Params, load_params
 from stages.lib.core.recipes import deepspeed_config, model_recipe
+from stages.lib.core.model_files import meta_model
+from stages.lib.train.fit import apply_cap, check_weights_fit
 from stages.lib.train.preflight import check_kernels, check_lora_targets, check_reporters
 
 TOKENIZED = Path("data/tokenized")
@@ -257,6 +259,7 @@ def train(params: Params) -> None:
     from stages.lib.train.telemetry import Telemetry
 
     StopRequest.install()
+    apply_cap()  # TRAIN_GPU_MEMORY_GIB: before anything is allocated
     if os.environ.get(HEAD_ENV, "").startswith(f"{socket.gethostname()}:"):
         watch_head(int(os.environ[HEAD_ENV].rsplit(":", 1)[1]))
     join_world(params.train.launch.timeout_minutes)
@@ -415,6 +418,7 @@ def main() -> None:
     chosen = params.train.lora.target_modules
     key = "train.lora.target_modules" if chosen else f"lora_targets of model recipe '{params.model.recipe}'"
     check_lora_targets(chosen or model_recipe(params.model.recipe).lora_targets, key, BASE_DIR)
+    check_weights_fit(params, BASE_DIR, meta_model(BASE_DIR, "models/base"))
     load_saved(TOKENIZED, "tokenize")  # a damaged file fails here: before any rank starts or checkpoint is hashed
     load_tokenizer(TOKENIZER, TOKENIZED, "tokenize")
     from stages.lib.train.launch import relaunch_if_needed
