@@ -5,6 +5,8 @@ prints, per topology: steps, loss first/last, adapter size, LoRA-B norm, per-ran
 Two "nodes" on one host are two launcher processes (runner no-ssh, own node rank, own GPUs via include).
 
     python bench/topologies.py --data DIR --work /tmp/topo --runs 1gpu,2gpu,2x1,2x2 [--size 7b] [--steps 16]
+    python bench/topologies.py ... --runs 1gpu:none,1gpu:zero3,2gpu:zero3,2gpu:zero2   # NAME:DEEPSPEED per run
+    python bench/topologies.py ... --size 32b --cap-gib 16 --keep-going              # play 16 GiB cards
 
 DIR holds alpaca_zh_demo.json and qwen2/ (the tokenizer), as in ../shared/data.
 """
@@ -28,6 +30,8 @@ SIZES = {  # Qwen2.5 shapes; weights are random
            "num_key_value_heads": 4, "rope_theta": 1e6, "rms_norm_eps": 1e-6, "tie_word_embeddings": False},
     "1.5b": {"hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28, "num_attention_heads": 12,
              "num_key_value_heads": 2, "rope_theta": 1e6, "rms_norm_eps": 1e-6, "tie_word_embeddings": True},
+    "32b": {"hidden_size": 5120, "intermediate_size": 27648, "num_hidden_layers": 64, "num_attention_heads": 40,
+            "num_key_value_heads": 8, "rope_theta": 1e6, "rms_norm_eps": 1e-6, "tie_word_embeddings": False},
     "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
              "num_key_value_heads": 2, "tie_word_embeddings": True},  # a CPU smoke test of this script
 }  # fmt: skip
@@ -57,8 +61,15 @@ def run(cmd: list[str], cwd: Path, log: Path, env: dict | None = None) -> subpro
     return subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
 
 
-def wait(procs: list[subprocess.Popen], logs: list[Path], what: str) -> None:
+class RunFailed(SystemExit):
+    pass
+
+
+def wait(procs: list[subprocess.Popen], logs: list[Path], what: str, keep_going: bool = False) -> None:
     codes = [p.wait() for p in procs]
+    if any(codes) and keep_going:  # the caller reports the failure as a result (e.g. a refusal that is expected)
+        errors = [line for log in logs for line in log.read_text().splitlines() if line.startswith(("error:", "train:"))]
+        raise RunFailed(f"{what} failed: exit codes {codes}: {errors[-1] if errors else '(no error line)'}")
     if any(codes):
         for log in logs:
             print(f"--- {log}\n{log.read_text()[-6000:]}", file=sys.stderr)
@@ -66,7 +77,7 @@ def wait(procs: list[subprocess.Popen], logs: list[Path], what: str) -> None:
 
 
 def prepare(work: Path, data: Path, size: str, steps: int, deepspeed: str) -> Path:
-    base = work / "base"
+    base = work / f"base-{size}"
     if (base / "data" / "tokenized").exists():
         return base
     base.mkdir(parents=True, exist_ok=True)
@@ -102,7 +113,7 @@ def node_dir(work: Path, base: Path, name: str, node: int, params: dict) -> Path
     return d
 
 
-def topology(work: Path, base: Path, name: str, port: int, train_changes: dict) -> dict:
+def topology(work: Path, base: Path, name: str, port: int, train_changes: dict, keep_going: bool = False) -> dict:
     nodes, gpus, accum = TOPOLOGIES[name]
     params = yaml.safe_load((base / "params.yaml").read_text())
     params["train"] |= train_changes | {"grad_accum": accum}
@@ -122,8 +133,9 @@ def topology(work: Path, base: Path, name: str, port: int, train_changes: dict) 
         d = node_dir(work, base, name, n, params)
         dirs.append(d)
         logs.append(d / "train.log")
-        procs.append(run([sys.executable, "-m", "stages.train"], d, logs[-1]))
-    wait(procs, logs, f"train {name}")
+        alone = {"CUDA_VISIBLE_DEVICES": "0"} if not params["train"].get("deepspeed") else None  # one process, one GPU
+        procs.append(run([sys.executable, "-m", "stages.train"], d, logs[-1], alone))
+    wait(procs, logs, f"train {name}", keep_going)
     return summary(name, dirs[0], time.time() - t)
 
 
@@ -144,6 +156,7 @@ def summary(name: str, d: Path, seconds: float) -> dict:
         "peak_gib_train_per_rank": config["peak_gib_train_per_rank"],
         "tokens_per_s": config.get("tokens_per_s"), "tokens_per_s_per_gpu": config.get("tokens_per_s_per_gpu"),
         "gib_at_first_step_per_rank": config.get("gib_at_first_step_per_rank"),
+        "load_weights_gib_per_rank": config.get("load_weights_gib_per_rank"),
         "weights_rank0": config.get("weights_rank0"),
         "stage_seconds": seconds,
     }  # fmt: skip
@@ -158,15 +171,25 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--deepspeed", default="zero3")
     ap.add_argument("--out", type=Path, default=None, help="append one JSON line per run here")
+    ap.add_argument("--cap-gib", type=float, default=None, help="cap each rank's GPU memory (TRAIN_GPU_MEMORY_GIB)")
+    ap.add_argument("--keep-going", action="store_true", help="report a failed run as a result and go on")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a train setting for every run, e.g. --set packed_length=8192 (value read as YAML)")
     args = ap.parse_args()
     changes = {"max_steps": args.steps, "deepspeed": args.deepspeed}
     changes |= {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
+    if args.cap_gib:
+        os.environ["TRAIN_GPU_MEMORY_GIB"] = str(args.cap_gib)
     base = prepare(args.work, args.data.resolve(), args.size, args.steps, args.deepspeed)
-    for i, name in enumerate(filter(None, args.runs.split(","))):
-        result = topology(args.work, base, name, 29500 + 10 * i, changes)
-        result |= {"size": args.size, "deepspeed": args.deepspeed, "train": changes}
+    for i, run_spec in enumerate(filter(None, args.runs.split(","))):
+        name, _, deepspeed = run_spec.partition(":")  # NAME:DEEPSPEED, "none" for no DeepSpeed
+        run_changes = changes | ({"deepspeed": None if deepspeed == "none" else deepspeed} if deepspeed else {})
+        try:
+            result = topology(args.work, base, name, 29500 + 10 * i, run_changes, args.keep_going)
+        except RunFailed as failed:
+            result = {"topology": name, "failed": str(failed)}
+        result |= {"size": args.size, "deepspeed": run_changes["deepspeed"], "cap_gib": args.cap_gib,
+                   "train": run_changes}  # fmt: skip
         line = json.dumps(result)
         print(line, flush=True)
         if args.out:

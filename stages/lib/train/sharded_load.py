@@ -85,7 +85,10 @@ class ZeroPartitioner:
     def __init__(self, ds_config: dict, hidden_size: int):
         import deepspeed
 
-        self.init = deepspeed.zero.Init(config_dict_or_path=_fill_model_autos(ds_config, hidden_size))
+        config = _fill_model_autos(ds_config, hidden_size)
+        offload = config.get("zero_optimization", {}).get("offload_param") or {}
+        # pinned like the engine's own conversion pins them (zero3-offload keeps the shards in CPU memory)
+        self.init = deepspeed.zero.Init(config_dict_or_path=config, pin_memory=bool(offload.get("pin_memory")))
         self.device = self.init.local_device
 
     def __call__(self, param: torch.nn.Parameter) -> None:
