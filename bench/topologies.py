@@ -30,6 +30,8 @@ SIZES = {  # Qwen2.5 shapes; weights are random
            "num_key_value_heads": 4, "rope_theta": 1e6, "rms_norm_eps": 1e-6, "tie_word_embeddings": False},
     "1.5b": {"hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28, "num_attention_heads": 12,
              "num_key_value_heads": 2, "rope_theta": 1e6, "rms_norm_eps": 1e-6, "tie_word_embeddings": True},
+    "14b": {"hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 48, "num_attention_heads": 40,
+            "num_key_value_heads": 8, "rope_theta": 1e6, "rms_norm_eps": 1e-6, "tie_word_embeddings": False},
     "32b": {"hidden_size": 5120, "intermediate_size": 27648, "num_hidden_layers": 64, "num_attention_heads": 40,
             "num_key_value_heads": 8, "rope_theta": 1e6, "rms_norm_eps": 1e-6, "tie_word_embeddings": False},
     "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -40,13 +42,13 @@ TOPOLOGIES = {"1gpu": (1, 1, 4), "2gpu": (1, 2, 2), "2x1": (2, 1, 2), "2x2": (2,
               "2x4": (2, 4, 1)}  # fmt: skip
 
 
-def base_params(steps: int, deepspeed: str) -> dict:
+def base_params(steps: int, deepspeed: str, max_length: int = 2048) -> dict:
     return {
         "seed": 42,
         "data": {"sources": [{"kind": "local", "path": "data/sources/alpaca_zh_demo.json"}], "validation_fraction": 0.02,
                  "max_validation": 20},
         "model": {"recipe": "bench-qwen2", "tokenizer": "models/sources/qwen2"},
-        "tokenize": {"template": "seed", "max_length": 2048},
+        "tokenize": {"template": "seed", "max_length": max_length},
         "train": {
             "method": "qlora", "dtype": "bfloat16", "learning_rate": 1e-3, "lr_scheduler": "constant",
             "warmup_ratio": 0.0, "max_steps": steps, "batch_size": 1, "packing": True, "logging_steps": 1,
@@ -76,7 +78,7 @@ def wait(procs: list[subprocess.Popen], logs: list[Path], what: str, keep_going:
         raise SystemExit(f"{what} failed: exit codes {codes}")
 
 
-def prepare(work: Path, data: Path, size: str, steps: int, deepspeed: str) -> Path:
+def prepare(work: Path, data: Path, size: str, steps: int, deepspeed: str, max_length: int = 2048) -> Path:
     base = work / f"base-{size}"
     if (base / "data" / "tokenized").exists():
         return base
@@ -90,7 +92,7 @@ def prepare(work: Path, data: Path, size: str, steps: int, deepspeed: str) -> Pa
         "template": "seed", "lora_targets": ["q_proj", "k_proj", "v_proj"], "dtype": "bfloat16",
     }  # fmt: skip
     (base / "recipes" / "models" / "bench-qwen2.yaml").write_text(yaml.safe_dump(recipe))
-    (base / "params.yaml").write_text(yaml.safe_dump(base_params(steps, deepspeed)))
+    (base / "params.yaml").write_text(yaml.safe_dump(base_params(steps, deepspeed, max_length)))
     (base / "data" / "sources").mkdir(parents=True, exist_ok=True)  # the stages read local inputs from here only
     shutil.copyfile(data / "alpaca_zh_demo.json", base / "data" / "sources" / "alpaca_zh_demo.json")
     shutil.copytree(data / "qwen2", base / "models" / "sources" / "qwen2", dirs_exist_ok=True)
@@ -171,6 +173,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--deepspeed", default="zero3")
     ap.add_argument("--out", type=Path, default=None, help="append one JSON line per run here")
+    ap.add_argument("--max-length", type=int, default=2048, help="tokenize.max_length (the packed row by default)")
     ap.add_argument("--cap-gib", type=float, default=None, help="cap each rank's GPU memory (TRAIN_GPU_MEMORY_GIB)")
     ap.add_argument("--keep-going", action="store_true", help="report a failed run as a result and go on")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -180,7 +183,7 @@ def main() -> None:
     changes |= {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
     if args.cap_gib:
         os.environ["TRAIN_GPU_MEMORY_GIB"] = str(args.cap_gib)
-    base = prepare(args.work, args.data.resolve(), args.size, args.steps, args.deepspeed)
+    base = prepare(args.work, args.data.resolve(), args.size, args.steps, args.deepspeed, args.max_length)
     for i, run_spec in enumerate(filter(None, args.runs.split(","))):
         name, _, deepspeed = run_spec.partition(":")  # NAME:DEEPSPEED, "none" for no DeepSpeed
         run_changes = changes | ({"deepspeed": None if deepspeed == "none" else deepspeed} if deepspeed else {})

@@ -15,6 +15,7 @@ import shutil
 import signal
 import socket
 import sys
+import time
 from pathlib import Path
 
 from stages.lib.core.earlier import check_model_output, load_saved, load_tokenizer
@@ -211,9 +212,13 @@ def load_sharded(params: Params, args):
     hidden = json.loads((BASE_DIR / "config.json").read_text())
     hidden = hidden.get("hidden_size") or hidden.get("text_config", {}).get("hidden_size") or 0
     partition = sharded_load.ZeroPartitioner(deepspeed_config(), hidden)
+    start = time.perf_counter()
     model = sharded_load.load(BASE_DIR, quantization_config(params), getattr(torch, t.dtype), t.attn_implementation,
                               device=partition.device, place=partition,
                               trust_remote_code=params.model.trust_remote_code)  # fmt: skip
+    if model is not None and int(os.environ.get("RANK", "0")) == 0:
+        print(f"train: ZeRO-3: each rank loaded its shard of the 4-bit base in {time.perf_counter() - start:.0f} s "
+              f"(rank 0 holds {sharded_load.resident_bytes(model) / sharded_load.GIB:.2f} GiB of weights)", flush=True)
     if model is None and int(os.environ.get("RANK", "0")) == 0:
         print("train: models/base's tensor names are not its model's parameter names; every rank loads the whole "
               "4-bit model before ZeRO-3 partitions it")
