@@ -36,6 +36,7 @@ LIVE_DIR = Path("dvclive/train")
 METRICS = Path("metrics/train.json")  # quality: a DVC metric
 SPEED = Path("metrics/train_speed.json")  # tokens/s, step time, memory: changes run to run, so not a DVC metric
 NEVER = 10**12  # a step count no run reaches
+SHARDED_LOAD_ENV = "TRAIN_SHARDED_LOAD"  # 0: under ZeRO-3, load the 4-bit base whole on every rank (the old way)
 TRACKER_LOGS = "logs/tensorboard"  # train.report_to: [tensorboard] writes here (git-ignored, not a DVC output)
 
 
@@ -199,10 +200,11 @@ def build_trainer(params: Params, output_dir: Path, callbacks: list, **overrides
 
 def load_sharded(params: Params, args):
     """Under ZeRO-3, the 4-bit base loaded so that each rank keeps only its shard (stages/lib/train/sharded_load.py);
-    None elsewhere, or for a checkpoint whose tensor names that loader does not know (TRL then loads it whole)."""
+    None elsewhere, with TRAIN_SHARDED_LOAD=0, or for a checkpoint whose tensor names that loader does not know
+    (TRL then loads it whole on every rank)."""
     from transformers.integrations.deepspeed import deepspeed_config, is_deepspeed_zero3_enabled
 
-    if not is_deepspeed_zero3_enabled():
+    if not is_deepspeed_zero3_enabled() or os.environ.get(SHARDED_LOAD_ENV) == "0":
         return None
     import torch
 

@@ -71,3 +71,31 @@ def test_zero3_per_gpu_peak_drops_on_two_gpus(shared_data, tmp_path):
     assert max(two["gib_at_first_step_per_rank"]) < 0.6 * one["gib_at_first_step_per_rank"][0]  # sharded
     for a, b in zip(one["losses"], two["losses"]):
         assert abs(a - b) / a < 1e-3
+
+
+def test_zero3_load_peak_is_a_shard_of_the_4bit_model(shared_data, tmp_path):
+    """Under ZeRO-3 each rank's load peak stays within its share of the whole 4-bit model plus 0.5 GiB, with the
+    same step-1 loss as the model loaded whole without DeepSpeed (same quantized values).
+
+    Measured (bench/RESULTS.md §1c, 2 × H200, 7B shape): 2.72 GiB/rank against 5.16 GiB of weights whole."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    whole, two, offload = topologies(shared_data, tmp_path, "--runs", "1gpu:none,2gpu:zero3,2gpu:zero3-offload",
+                                     "--size", "7b", "--steps", "2", "--set", "packed_length=2048")  # fmt: skip
+    weights = whole["load_weights_gib_per_rank"][0]  # the 4-bit model as one process holds it
+    for run in (two, offload):
+        assert all(gib <= weights / 2 + 0.01 for gib in run["load_weights_gib_per_rank"])
+        assert all(gib <= weights / 2 + 0.5 for gib in run["peak_gib_load_per_rank"]), run["peak_gib_load_per_rank"]
+        assert abs(run["losses"][0] - whole["losses"][0]) < 1e-3 * whole["losses"][0]
+
+
+def test_weights_larger_than_a_capped_gpu_are_refused_on_one_and_train_on_two(shared_data, tmp_path):
+    """A 14B shape (9.2 GiB of 4-bit weights) on GPUs capped at 9 GiB: one GPU is refused before loading, two train."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    one, two = topologies(shared_data, tmp_path, "--runs", "1gpu:zero3,2gpu:zero3", "--size", "14b", "--cap-gib", "9",
+                          "--max-length", "1024", "--steps", "3", "--set", "packed_length=1024", "--keep-going",
+                          "--set", "attn_implementation=varlen", "--set", "token_metrics=false")  # fmt: skip
+    assert "need 9.2 GiB per GPU (ZeRO-3 over 1 GPU) but a GPU has 9.0 GiB" in one["failed"]
+    assert "failed" not in two and two["steps"] == 3 and two["loss_last"] < two["loss_first"]
+    assert max(two["peak_gib_train_per_rank"]) <= 9.0
