@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+import tempfile
 from pathlib import Path
 
 from stages.lib.core.earlier import check_model_output, load_saved
@@ -17,14 +19,17 @@ from stages.lib.core.errors import require, run_stage
 from stages.lib.core.outputs import staged_outputs, write_json, write_text
 from stages.lib.core.params import Params, load_params
 from stages.lib.core.progress import counter, phase
-from stages.lib.eval.scores import exact_match, rouge_l
+from stages.lib.eval import benchmarks
+from stages.lib.eval.scores import exact_match, rouge_l, sacrebleu_scores
 
 TOKENIZED = Path("data/tokenized")
 MODELS = {"base": Path("models/base"), "tuned": Path("models/merged")}
 METRICS = Path("metrics/eval.json")
 GENERATIONS = Path("eval/generations.jsonl")
 PLOTS = Path("eval/plots")  # one bar chart per file (dvc.yaml's plots section), base and tuned side by side
-CHARTS = {"scores.json": ("exact_match", "rouge_l"), "loss.json": ("loss",)}  # scores share a 0-1 axis; loss does not
+CHARTS = {"scores.json": ("exact_match", "rouge_l", "cut_by_cap"),  # a 0-1 axis
+          "sacrebleu.json": ("bleu", "chrf"),  # a 0-100 axis
+          "loss.json": ("loss",)}  # fmt: skip
 
 
 def answer_loss(model, rows, batch_size: int, pad_id: int, bar=None) -> float:
@@ -63,12 +68,22 @@ def answer_text(tokenizer, new_ids: list[int], stop_ids: list[int]) -> str:
     return tokenizer.decode(new_ids[:end], skip_special_tokens=True).strip()
 
 
-def generate(model, tokenizer, rows, batch_size: int, max_new_tokens: int, stop_ids: list[int], bar=None) -> list[str]:
-    """Greedy answers to the rows' prompts, batched with left padding, as a server returns them; `bar` counts rows."""
+def generation_cap(rows, max_new_tokens: int | None) -> int:
+    """New tokens a generation may take: `eval.max_new_tokens`, or twice the longest reference answer (answer and
+    end tokens, as tokenized for training), at least 16, so that a right answer is never cut."""
+    if max_new_tokens:
+        return max_new_tokens
+    return max(16, 2 * max(sum(r["assistant_masks"]) for r in rows))
+
+
+def generate(model, tokenizer, rows, batch_size: int, max_new_tokens: int, stop_ids: list[int], bar=None):
+    """Greedy answers to the rows' prompts, batched with left padding, as a server returns them; `bar` counts rows.
+
+    Returns (answers, cut): cut[i] is True when answer i reached `max_new_tokens` before any stop token."""
     import torch
 
     tokenizer.padding_side = "left"  # generation continues from the right end of every prompt
-    outputs = []
+    outputs, cut = [], []
     for start in range(0, len(rows), batch_size):
         prompts = [r["input_ids"][: r["prompt_length"]] for r in rows[start : start + batch_size]]
         batch = tokenizer.pad({"input_ids": prompts}, return_tensors="pt").to(model.device)
@@ -80,14 +95,16 @@ def generate(model, tokenizer, rows, batch_size: int, max_new_tokens: int, stop_
                 eos_token_id=stop_ids,
                 pad_token_id=tokenizer.pad_token_id,
             )
-        outputs += [answer_text(tokenizer, row.tolist(), stop_ids) for row in out[:, batch["input_ids"].shape[1] :]]
+        new = [row.tolist() for row in out[:, batch["input_ids"].shape[1] :]]
+        outputs += [answer_text(tokenizer, ids, stop_ids) for ids in new]
+        cut += [not set(ids) & set(stop_ids) for ids in new]  # finished rows end in a stop token, then padding
         if bar is not None:
             bar.update(len(prompts))
-    return outputs
+    return outputs, cut
 
 
-def evaluate(params: Params, name: str, rows, tokenizer, stop_ids: list[int]) -> tuple[dict, list[str]]:
-    """Answer loss, perplexity and generation scores of MODELS[name] on `rows`, and its answers."""
+def evaluate(params: Params, name: str, rows, tokenizer, stop_ids: list[int], tasks: list[dict]) -> tuple[dict, list[str]]:
+    """Answer loss, perplexity, generation scores and benchmark accuracy of MODELS[name], and its answers."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -100,14 +117,23 @@ def evaluate(params: Params, name: str, rows, tokenizer, stop_ids: list[int]) ->
     with counter("eval", f"{name} answer loss", len(rows), "sample") as bar:
         loss = answer_loss(model, rows, e.batch_size, tokenizer.pad_token_id, bar)
     with counter("eval", f"{name} generation", len(rows), "sample") as bar:
-        predictions = generate(model, tokenizer, rows, e.batch_size, e.max_new_tokens, stop_ids, bar)
+        predictions, cut = generate(model, tokenizer, rows, e.batch_size, generation_cap(rows, e.max_new_tokens),
+                                    stop_ids, bar)  # fmt: skip
     n = len(rows)
+    references = [r["reference"] for r in rows]
     scores = {
         "loss": loss,
         "perplexity": math.exp(min(loss, 50.0)),
-        "exact_match": sum(exact_match(p, r["reference"]) for p, r in zip(predictions, rows)) / n,
-        "rouge_l": sum(rouge_l(p, r["reference"]) for p, r in zip(predictions, rows)) / n,
+        "exact_match": sum(exact_match(p, r) for p, r in zip(predictions, references)) / n,
+        "rouge_l": sum(rouge_l(p, r) for p, r in zip(predictions, references)) / n,
+        **sacrebleu_scores(predictions, references),
+        "cut_by_cap": sum(cut) / n,
     }
+    if tasks:
+        phase("eval", f"{name} model: {len(tasks)} multiple-choice benchmark(s)")
+        bench = benchmarks.accuracy(model, tokenizer, tasks, e.batch_size, seed=params.seed)
+        scores["accuracy"] = bench.pop("overall")["accuracy"]
+        scores["accuracy_by_benchmark"] = {task: result["accuracy"] for task, result in bench.items()}
     return scores, predictions
 
 
@@ -115,19 +141,30 @@ def main() -> None:
     params = load_params()
     require(MODELS["tuned"] / "config.json", made_by="merge")
     require(TOKENIZED, made_by="tokenize")
-    from transformers import AutoTokenizer, GenerationConfig
-
     validation = load_saved(TOKENIZED, "tokenize")["validation"]
     check_model_output(MODELS["base"], "download")
     check_model_output(MODELS["tuned"], "merge")
+    scratch = Path(tempfile.mkdtemp(prefix="eval-benchmarks-"))  # built-in sets are written here, then removed
+    try:
+        evaluate_all(params, validation, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def evaluate_all(params: Params, validation, scratch: Path) -> None:
+    """Both models on the validation rows and the benchmarks; writes the stage's outputs."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    tasks = benchmark_tasks(params, scratch)  # files checked before any model loads
     rows = validation.select(range(min(params.eval.max_samples, len(validation)))).to_list()
     tokenizer = AutoTokenizer.from_pretrained(MODELS["tuned"])
     stop_ids = GenerationConfig.from_pretrained(MODELS["tuned"]).eos_token_id
     stop_ids = [stop_ids] if isinstance(stop_ids, int) else list(stop_ids)
     metrics, predictions = {}, {}
     for name in MODELS:
-        metrics[name], predictions[name] = evaluate(params, name, rows, tokenizer, stop_ids)
+        metrics[name], predictions[name] = evaluate(params, name, rows, tokenizer, stop_ids, tasks)
     metrics["samples"] = len(rows)
+    metrics["generation_cap_tokens"] = generation_cap(rows, params.eval.max_new_tokens)
     lines = []
     for i, row in enumerate(rows):
         prompt = tokenizer.decode(row["input_ids"][: row["prompt_length"]])
@@ -137,15 +174,43 @@ def main() -> None:
         write_text(out.file(GENERATIONS), "".join(lines))
         plots = out.dir(PLOTS)
         for name, keys in CHARTS.items():
-            write_json(plots / name, [{"metric": k, "model": m, "value": metrics[m][k]} for k in keys for m in MODELS])
+            write_json(plots / name, [{"metric": k, "model": m, "value": metrics[m][k]}
+                                      for k in keys for m in MODELS if k in metrics[m]])  # fmt: skip
+        if tasks:  # per benchmark, then all questions together
+            write_json(plots / "accuracy.json", [{"metric": t, "model": m, "value": metrics[m]["accuracy_by_benchmark"][t]}
+                                                 for t in [task["task"] for task in tasks] for m in MODELS]
+                       + [{"metric": "all", "model": m, "value": metrics[m]["accuracy"]} for m in MODELS])  # fmt: skip
         write_json(out.file(METRICS), metrics)
     print("eval:", summary_line(metrics), flush=True)
+
+
+def benchmark_tasks(params: Params, scratch: Path) -> list[dict]:
+    """lm-eval task configs of params.eval.benchmarks; UserError naming the benchmark for a missing or bad file."""
+    from stages.lib.core.errors import UserError
+
+    tasks = []
+    for i, b in enumerate(params.eval.benchmarks):
+        key = f"eval.benchmarks[{i}] ({b.name})"
+        if b.builtin:
+            test, dev = benchmarks.write_builtin(b.builtin, params.seed, scratch / b.name)
+        else:
+            test, dev = Path(b.test), Path(b.dev) if b.dev else None
+        for path in filter(None, (test, dev)):
+            if not path.is_file():
+                raise UserError(f"{key}: {path} does not exist: put the CSV there or change the path")
+            try:
+                benchmarks.check_answers(path, benchmarks.detect_layout(path))
+            except (benchmarks.BenchmarkError, UnicodeDecodeError) as exc:
+                raise UserError(f"{key}: {exc}") from None
+        tasks.append(benchmarks.task_config(b.name, test, dev, b.shots, b.max_questions))
+    return tasks
 
 
 def summary_line(metrics: dict) -> str:
     """Tuned vs base in one line; metrics/eval.json has every number."""
     tuned, base = metrics["tuned"], metrics["base"]
-    scores = ", ".join(f"{k} {tuned[k]:.3g} (base {base[k]:.3g})" for k in ("loss", "exact_match", "rouge_l"))
+    keys = [k for k in ("loss", "exact_match", "rouge_l", "bleu", "accuracy") if k in tuned]
+    scores = ", ".join(f"{k} {tuned[k]:.3g} (base {base[k]:.3g})" for k in keys)
     return f"tuned {scores} on {metrics['samples']} validation samples"
 
 

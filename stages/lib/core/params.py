@@ -267,10 +267,54 @@ class MergeParams(Strict):
     chatglm2_layout: bool = False  # also write the merged model in ChatGLM2's original layout (models/merged/chatglm2)
 
 
+BENCHMARKS_DIR = "data/benchmarks"  # benchmark CSV files live here: a DVC dependency of eval
+
+
+def _benchmark_file(value: str) -> str:
+    if not value.endswith(".csv"):
+        raise PydanticCustomError("benchmark_file", "must be a .csv file (CMMLU, C-Eval or MMLU layout)")
+    parts = Path(value).parts
+    if Path(value).is_absolute() or ".." in parts or "/".join(parts[:2]) != BENCHMARKS_DIR or len(parts) < 3:
+        raise PydanticCustomError("benchmark_file", "must be a file under {folder}/ (DVC could not see it change "
+                                  "elsewhere)", {"folder": BENCHMARKS_DIR})  # fmt: skip
+    return value
+
+
+BenchmarkFile = Annotated[str, AfterValidator(_benchmark_file)]
+
+
+class BenchmarkParams(Strict):
+    """One multiple-choice benchmark (one subject): a test file, and a dev file for k-shot examples."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]+$")]  # its key in metrics/eval.json
+    builtin: Literal["toy-choice"] | None = None  # generated: no files
+    test: BenchmarkFile | None = None
+    dev: BenchmarkFile | None = None
+    shots: Annotated[int, Field(ge=0, le=10)] = 0  # worked examples from dev before each question
+    max_questions: Annotated[int, Field(ge=1)] | None = None  # the first N test questions
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.builtin is None) == (self.test is None):
+            raise ValueError("give either builtin or test (a CSV under data/benchmarks/), not both or neither")
+        if self.shots and self.builtin is None and self.dev is None:
+            raise ValueError(f"shots: {self.shots} needs dev (a CSV of worked examples) or shots: 0")
+        return self
+
+
 class EvalParams(Strict):
     max_samples: Annotated[int, Field(ge=1)] = 100
-    max_new_tokens: Annotated[int, Field(ge=1)] = 64
+    max_new_tokens: Annotated[int, Field(ge=1)] | None = None  # null: twice the longest reference answer (min 16)
     batch_size: Annotated[int, Field(ge=1)] = 16
+    benchmarks: list[BenchmarkParams] = []  # multiple-choice sets: accuracy of base and tuned
+
+    @model_validator(mode="after")
+    def _unique_names(self):
+        names = [b.name for b in self.benchmarks]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"benchmark name {twice[0]} is used twice: names key metrics/eval.json")
+        return self
 
 
 class NetworkParams(Strict):

@@ -1,0 +1,147 @@
+"""Multiple-choice benchmarks (CMMLU, C-Eval, MMLU CSV layouts) scored by lm-evaluation-harness.
+
+Each benchmark of params `eval.benchmarks` becomes an lm-eval task config built here (no YAML files): the question
+and its four options as a user turn of the model's chat template (the prompt a server builds), k worked examples
+from the dev file as earlier turns, and the option letters scored by their log-likelihood as the assistant's first
+tokens (lm-eval's `multiple_choice`: the most likely letter is the model's answer). lm-eval reads the CSV files
+with `datasets`; the built-in `toy-choice` set is written to a temporary folder first.
+"""
+
+from __future__ import annotations
+
+import csv
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+LETTERS = ("A", "B", "C", "D")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Column names of one CSV layout and the answer cue that ends each question."""
+
+    name: str
+    question: str
+    answer: str
+    cue: str
+    header: bool = True
+
+
+LAYOUTS = {
+    "cmmlu": Layout("cmmlu", "Question", "Answer", "答案："),  # header ",Question,A,B,C,D,Answer"
+    "ceval": Layout("ceval", "question", "answer", "答案："),  # header "id,question,A,B,C,D,answer[,explanation]"
+    "mmlu": Layout("mmlu", "question", "answer", "Answer:", header=False),  # no header: question,A,B,C,D,answer
+}
+
+
+class BenchmarkError(ValueError):
+    """A benchmark file that is not one of the three layouts, or a row without a letter answer."""
+
+
+def detect_layout(path: Path) -> Layout:
+    """The layout of a benchmark CSV from its first row. BenchmarkError names the file and what was found."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        first = next(csv.reader(f), None)
+    if not first:
+        raise BenchmarkError(f"{path} is empty: a benchmark CSV needs a question, options A-D and an answer per row")
+    cells = [c.strip() for c in first]
+    if cells[1:7] == ["Question", "A", "B", "C", "D", "Answer"]:
+        return LAYOUTS["cmmlu"]
+    if cells[:7] == ["id", "question", "A", "B", "C", "D", "answer"]:
+        return LAYOUTS["ceval"]
+    if len(cells) == 6 and cells[5] in LETTERS:
+        return LAYOUTS["mmlu"]
+    raise BenchmarkError(f"{path}: first row {cells[:8]} is none of the layouts: CMMLU (',Question,A,B,C,D,Answer'), "
+                         "C-Eval ('id,question,A,B,C,D,answer') or MMLU (no header; question,A,B,C,D,answer)")  # fmt: skip
+
+
+def check_answers(path: Path, layout: Layout) -> int:
+    """Number of questions; BenchmarkError for the first row whose answer is not A-D or that lacks a column."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        rows = csv.reader(f)
+        names = next(rows) if layout.header else ["question", *LETTERS, "answer"]
+        index = {name.strip(): i for i, name in enumerate(names)}
+        count = 0
+        for line, row in enumerate(rows, 2 if layout.header else 1):
+            if len(row) < len(names):
+                raise BenchmarkError(f"{path} line {line}: {len(row)} columns, the header has {len(names)}")
+            if row[index[layout.answer]].strip() not in LETTERS:
+                raise BenchmarkError(f"{path} line {line}: answer {row[index[layout.answer]]!r} is not one of A, B, C, D "
+                                     "(C-Eval's test split has no answers: use its val split)")  # fmt: skip
+            count += 1
+    if count == 0:
+        raise BenchmarkError(f"{path} has no questions")
+    return count
+
+
+def task_config(name: str, test: Path, dev: Path | None, shots: int, limit: int | None = None) -> dict:
+    """lm-eval's config for one benchmark (a dict, as its YAML task files hold); `limit`: the first N questions."""
+    layout = detect_layout(test)
+    files = {"test": str(test)} | ({"dev": str(dev)} if dev else {})
+    q, a = layout.question, layout.answer
+    config = {
+        "task": name,
+        "dataset_path": "csv",
+        "dataset_kwargs": {"data_files": files} | ({} if layout.header else {"column_names": [q, *LETTERS, a]}),
+        "test_split": "test",
+        "output_type": "multiple_choice",
+        "doc_to_text": f"{{{{{q}.strip()}}}}\n" + "".join(f"{c}. {{{{{c}}}}}\n" for c in LETTERS) + layout.cue,
+        "doc_to_choice": list(LETTERS),
+        "doc_to_target": f"{{{{{list(LETTERS)}.index({a}.strip())}}}}",
+        "target_delimiter": "",  # the letter is the assistant's first token, right after the template's turn start
+        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+        "num_fewshot": shots,
+    }
+    if dev and shots:
+        config["fewshot_split"] = "dev"
+        config["fewshot_config"] = {"sampler": "first_n"}  # the dev file's first `shots` rows, in file order
+    if limit:
+        config["process_docs"] = lambda docs: docs.select(range(min(limit, len(docs))))  # the first `limit` questions
+    return config
+
+
+def accuracy(model, tokenizer, tasks: list[dict], batch_size: int, seed: int = 0) -> dict:
+    """{benchmark name: {"accuracy": 0-1, "questions": n}} for a loaded causal LM, plus "overall" (per question).
+
+    Few-shot examples are the first `num_fewshot` rows of each dev file, given as earlier chat turns. Each result
+    also has "choices": the index of the chosen option per question, in file order. Scoring rule: lm-eval's
+    `multiple_choice` output type (argmax of the options' summed log-likelihoods).
+    """
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    result = lm_eval.simple_evaluate(
+        model=lm, tasks=tasks, apply_chat_template=True, fewshot_as_multiturn=True,
+        random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+        verbosity="ERROR", log_samples=True,
+    )  # fmt: skip
+    scores = {}
+    for task in tasks:
+        entry = result["results"][task["task"]]
+        samples = sorted(result["samples"][task["task"]], key=lambda sample: sample["doc_id"])
+        choices = [max(range(len(LETTERS)), key=lambda i: s["filtered_resps"][i][0]) for s in samples]
+        scores[task["task"]] = {"accuracy": entry["acc,none"], "questions": len(samples), "choices": choices}
+    total = sum(s["questions"] for s in scores.values())
+    scores["overall"] = {"accuracy": sum(s["accuracy"] * s["questions"] for s in scores.values()) / total,
+                         "questions": total, "choices": []}  # fmt: skip
+    return scores
+
+
+def write_builtin(name: str, seed: int, folder: Path | None = None) -> tuple[Path, Path]:
+    """Write a built-in set as CMMLU-layout dev.csv and test.csv; returns (test, dev)."""
+    from .toy_choice import BUILTIN
+
+    folder = folder or Path(tempfile.mkdtemp(prefix=f"{name}-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    dev_rows, test_rows = BUILTIN[name](seed)
+    paths = []
+    for split, rows in (("test", test_rows), ("dev", dev_rows)):
+        path = folder / f"{split}.csv"
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["", "Question", *LETTERS, "Answer"])
+            writer.writerows([i, r["question"], *r["options"], r["answer"]] for i, r in enumerate(rows))
+        paths.append(path)
+    return paths[0], paths[1]

@@ -1,0 +1,136 @@
+"""Eval's scores: multiple-choice accuracy through lm-evaluation-harness, BLEU/chrF, the generation cap.
+
+The CMMLU check recomputes lm-eval's answers by hand: the chat-template prompt a server builds (worked examples as
+earlier turns), one forward pass per option letter, the most likely letter wins.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import default_params
+
+
+def tiny_model(folder: Path, tokenizer_dir: Path):
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
+                         initializer_range=0.5)  # fmt: skip
+    return LlamaForCausalLM(config).eval(), tokenizer
+
+
+def hand_choice(model, tokenizer, shots: list[dict], question: dict) -> int:
+    import torch
+
+    def turn(row):
+        return (f"{row['Question'].strip()}\n" + "".join(f"{c}. {row[c]}\n" for c in "ABCD") + "答案：")
+
+    messages = []
+    for row in shots:
+        messages += [{"role": "user", "content": turn(row)}, {"role": "assistant", "content": row["Answer"]}]
+    messages.append({"role": "user", "content": turn(question)})
+    context = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    start = len(tokenizer(context, add_special_tokens=False)["input_ids"])
+    scores = []
+    for letter in "ABCD":
+        ids = tokenizer(context + letter, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logprobs = model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+        scores.append(sum(float(logprobs[i - 1, ids[i]]) for i in range(start, len(ids))))
+    return max(range(4), key=scores.__getitem__)
+
+
+@pytest.mark.shared_data
+def test_cmmlu_few_shot_accuracy_matches_a_hand_computed_ranking(shared_data):
+    import csv
+
+    from stages.lib.eval import benchmarks
+
+    cmmlu = shared_data / "eval" / "cmmlu"
+    test, dev = cmmlu / "test" / "computer_science.csv", cmmlu / "dev" / "computer_science.csv"
+    assert benchmarks.detect_layout(test).name == "cmmlu" and benchmarks.check_answers(test, benchmarks.LAYOUTS["cmmlu"]) == 204
+    model, tokenizer = tiny_model(Path("unused"), shared_data / "tokenizers" / "qwen2")
+    task = benchmarks.task_config("cmmlu-cs", test, dev, shots=2, limit=3)
+    result = benchmarks.accuracy(model, tokenizer, [task], batch_size=4)
+    with open(dev, encoding="utf-8") as f:
+        shots = list(csv.DictReader(f))[:2]
+    with open(test, encoding="utf-8") as f:
+        questions = list(csv.DictReader(f))[:3]
+    expected = [hand_choice(model, tokenizer, shots, q) for q in questions]
+    assert result["cmmlu-cs"]["choices"] == expected
+    right = sum("ABCD"[c] == q["Answer"] for c, q in zip(expected, questions))
+    assert result["cmmlu-cs"]["accuracy"] == pytest.approx(right / 3) and result["overall"]["questions"] == 3
+
+
+def write_csv(path: Path, rows: list[list[str]]) -> Path:
+    import csv
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows(rows)
+    return path
+
+
+def test_layouts_are_recognised_and_bad_files_named(tmp_path: Path):
+    from stages.lib.eval import benchmarks
+
+    q = ["1+1?", "1", "2", "3", "4"]
+    cmmlu = write_csv(tmp_path / "a.csv", [["", "Question", "A", "B", "C", "D", "Answer"], ["0", *q, "B"]])
+    ceval = write_csv(tmp_path / "b.csv", [["id", "question", "A", "B", "C", "D", "answer", "explanation"], ["0", *q, "B", ""]])
+    mmlu = write_csv(tmp_path / "c.csv", [[*q, "B"], [*q, "C"]])
+    assert [benchmarks.detect_layout(p).name for p in (cmmlu, ceval, mmlu)] == ["cmmlu", "ceval", "mmlu"]
+    assert benchmarks.check_answers(mmlu, benchmarks.LAYOUTS["mmlu"]) == 2
+    other = write_csv(tmp_path / "d.csv", [["q", "a"], ["x", "y"]])
+    with pytest.raises(benchmarks.BenchmarkError, match="is none of the layouts"):
+        benchmarks.detect_layout(other)
+    hidden = write_csv(tmp_path / "e.csv", [["id", "question", "A", "B", "C", "D", "answer"], ["0", *q, ""]])
+    with pytest.raises(benchmarks.BenchmarkError, match=r"e.csv line 2: answer '' is not one of A, B, C, D"):
+        benchmarks.check_answers(hidden, benchmarks.LAYOUTS["ceval"])
+    test, dev = benchmarks.write_builtin("toy-choice", 42, tmp_path / "toy")
+    assert benchmarks.detect_layout(test).name == "cmmlu" and benchmarks.check_answers(test, benchmarks.LAYOUTS["cmmlu"]) == 40
+
+
+def test_benchmark_params_are_checked_before_models_load(tmp_path: Path, monkeypatch):
+    from stages.eval import benchmark_tasks
+    from stages.lib.core.errors import UserError
+    from stages.lib.core.params import ParamsError, load_params
+
+    monkeypatch.chdir(tmp_path)
+    raw = default_params()
+
+    def params_with(*benchmarks):
+        raw["eval"]["benchmarks"] = list(benchmarks)
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+        return load_params()
+
+    for entry, message in [
+        ({"name": "x", "test": "elsewhere/t.csv"}, "must be a file under data/benchmarks/"),
+        ({"name": "x", "test": "data/benchmarks/t.csv", "shots": 3}, "shots: 3 needs dev"),
+        ({"name": "x"}, "give either builtin or test"),
+    ]:
+        with pytest.raises(ParamsError, match=message):
+            params_with(entry)
+    with pytest.raises(ParamsError, match="benchmark name x is used twice"):
+        params_with({"name": "x", "builtin": "toy-choice"}, {"name": "x", "builtin": "toy-choice"})
+    with pytest.raises(UserError, match=r"eval.benchmarks\[0\] \(cs\): data/benchmarks/t.csv does not exist"):
+        benchmark_tasks(params_with({"name": "cs", "test": "data/benchmarks/t.csv"}), tmp_path)
+    write_csv(tmp_path / "data" / "benchmarks" / "t.csv", [["", "Question", "A", "B", "C", "D", "Answer"], ["0", "q", "1", "2", "3", "4", "E"]])
+    with pytest.raises(UserError, match=r"\(cs\): data/benchmarks/t.csv line 2: answer 'E'"):
+        benchmark_tasks(params_with({"name": "cs", "test": "data/benchmarks/t.csv"}), tmp_path)
+
+
+def test_bleu_chrf_and_the_generation_cap():
+    from stages.eval import generation_cap
+    from stages.lib.eval.scores import sacrebleu_scores
+
+    same = sacrebleu_scores(["红色的猫", "red cat"], ["红色的猫", "red cat"])
+    assert same["bleu"] == pytest.approx(100) and same["chrf"] == pytest.approx(100)
+    assert sacrebleu_scores(["狗"], ["红色的猫"])["bleu"] < 1
+    rows = [{"assistant_masks": [0, 0, 1, 1, 1]}, {"assistant_masks": [0] + [1] * 12}]
+    assert generation_cap(rows, None) == 24 and generation_cap(rows[:1], None) == 16 and generation_cap(rows, 7) == 7
