@@ -176,7 +176,7 @@ def build_trainer(params: Params, output_dir: Path, callbacks: list, **overrides
     else:
         from stages.lib.train.lean_trainer import LeanSFTTrainer as base_class
     trainer_class = type("StageTrainer", (KeepAdapterDtype, base_class), {})
-    model = load_sharded(params, args) if t.method == "qlora" else None
+    model = load_sharded(params) if t.method == "qlora" else None
     if model is not None:
         args.model_init_kwargs = None  # the model is built: TRL would warn that these go unused
     trainer = trainer_class(
@@ -198,7 +198,7 @@ def build_trainer(params: Params, output_dir: Path, callbacks: list, **overrides
     return trainer
 
 
-def load_sharded(params: Params, args):
+def load_sharded(params: Params):
     """Under ZeRO-3, the 4-bit base loaded so that each rank keeps only its shard (stages/lib/train/sharded_load.py);
     None elsewhere, with TRAIN_SHARDED_LOAD=0, or for a checkpoint whose tensor names that loader does not know
     (TRL then loads it whole on every rank)."""
