@@ -195,21 +195,31 @@ def benchmark_tasks(params: Params, scratch: Path) -> list[dict]:
             test, dev = benchmarks.write_builtin(b.builtin, params.seed, scratch / b.name)
         else:
             test, dev = Path(b.test), Path(b.dev) if b.dev else None
-        for path in filter(None, (test, dev)):
-            if not path.is_file():
-                raise UserError(f"{key}: {path} does not exist: put the CSV there or change the path")
-            try:
+        try:
+            for path in filter(None, (test, dev)):
+                problem = benchmarks.read_problem(path) or outside(path)
+                if problem:
+                    raise benchmarks.BenchmarkError(problem)
                 benchmarks.check_answers(path, benchmarks.detect_layout(path))
-            except (benchmarks.BenchmarkError, UnicodeDecodeError) as exc:
-                raise UserError(f"{key}: {exc}") from None
-        tasks.append(benchmarks.task_config(b.name, test, dev, b.shots, b.max_questions))
+            tasks.append(benchmarks.task_config(b.name, test, dev, b.shots, b.max_questions))
+        except benchmarks.BenchmarkError as exc:
+            raise UserError(f"{key}: {exc}") from None
     return tasks
+
+
+def outside(path: Path) -> str | None:
+    """A file under data/benchmarks that links elsewhere: DVC would not see it change."""
+    from stages.lib.core.params import BENCHMARKS_DIR
+
+    if path.is_absolute() or path.resolve().is_relative_to(Path(BENCHMARKS_DIR).resolve()):
+        return None  # absolute: a built-in set in the scratch folder
+    return f"{path} links to {path.resolve()}, outside {BENCHMARKS_DIR}/: copy the file there"
 
 
 def summary_line(metrics: dict) -> str:
     """Tuned vs base in one line; metrics/eval.json has every number."""
     tuned, base = metrics["tuned"], metrics["base"]
-    keys = [k for k in ("loss", "exact_match", "rouge_l", "bleu", "accuracy") if k in tuned]
+    keys = [k for k in ("loss", "exact_match", "rouge_l", "bleu", "chrf", "cut_by_cap", "accuracy") if k in tuned]
     scores = ", ".join(f"{k} {tuned[k]:.3g} (base {base[k]:.3g})" for k in keys)
     return f"tuned {scores} on {metrics['samples']} validation samples"
 

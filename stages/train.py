@@ -24,7 +24,7 @@ from stages.lib.core.outputs import staged_outputs, write_json, write_text
 from stages.lib.core.params import Params, load_params
 from stages.lib.core.recipes import deepspeed_config, model_recipe
 from stages.lib.core.model_files import meta_model
-from stages.lib.train.fit import apply_cap, check_weights_fit
+from stages.lib.train.fit import apply_cap, check_weights_fit, size
 from stages.lib.train.preflight import check_kernels, check_lora_targets, check_reporters
 
 TOKENIZED = Path("data/tokenized")
@@ -220,7 +220,7 @@ def load_sharded(params: Params):
                               trust_remote_code=params.model.trust_remote_code)  # fmt: skip
     if model is not None and int(os.environ.get("RANK", "0")) == 0:
         print(f"train: ZeRO-3: each rank loaded its shard of the 4-bit base in {time.perf_counter() - start:.0f} s "
-              f"(rank 0 holds {sharded_load.resident_bytes(model) / sharded_load.GIB:.2f} GiB of weights)", flush=True)
+              f"(rank 0 holds {size(sharded_load.resident_bytes(model) / sharded_load.GIB)} of weights)", flush=True)
     if model is None and int(os.environ.get("RANK", "0")) == 0:
         print("train: models/base's tensor names are not its model's parameter names; every rank loads the whole "
               "4-bit model before ZeRO-3 partitions it")

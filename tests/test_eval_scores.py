@@ -116,13 +116,37 @@ def test_benchmark_params_are_checked_before_models_load(tmp_path: Path, monkeyp
     ]:
         with pytest.raises(ParamsError, match=message):
             params_with(entry)
-    with pytest.raises(ParamsError, match="benchmark name x is used twice"):
+    with pytest.raises(ParamsError, match="name x is used twice"):
         params_with({"name": "x", "builtin": "toy-choice"}, {"name": "x", "builtin": "toy-choice"})
+    with pytest.raises(ParamsError, match=r"eval.benchmarks.1: builtin: toy-choice brings its own worked examples"):
+        params_with({"name": "x", "builtin": "toy-choice"}, {"name": "y", "builtin": "toy-choice", "dev": "data/benchmarks/d.csv"})
+    with pytest.raises(ParamsError, match="eval.benchmarks.0.name"):
+        params_with({"name": "cmmlu.cs", "builtin": "toy-choice"})  # a dot would nest the metric key
     with pytest.raises(UserError, match=r"eval.benchmarks\[0\] \(cs\): data/benchmarks/t.csv does not exist"):
         benchmark_tasks(params_with({"name": "cs", "test": "data/benchmarks/t.csv"}), tmp_path)
-    write_csv(tmp_path / "data" / "benchmarks" / "t.csv", [["", "Question", "A", "B", "C", "D", "Answer"], ["0", "q", "1", "2", "3", "4", "E"]])
-    with pytest.raises(UserError, match=r"\(cs\): data/benchmarks/t.csv line 2: answer 'E'"):
+    header = ["", "Question", "A", "B", "C", "D", "Answer"]
+    write_csv(tmp_path / "data" / "benchmarks" / "t.csv", [header, ["0", "q", "1", "2", "3", "4", "E"]])
+    with pytest.raises(UserError, match=r"\(cs\): data/benchmarks/t.csv line 2: answer 'E' is not one of A, B, C, D$"):
         benchmark_tasks(params_with({"name": "cs", "test": "data/benchmarks/t.csv"}), tmp_path)
+    write_csv(tmp_path / "data" / "benchmarks" / "good.csv", [header, ["0", "q", "1", "2", "3", "4", "b"]])
+    assert benchmark_tasks(params_with({"name": "cs", "test": "data/benchmarks/good.csv"}), tmp_path)  # lower case
+    write_csv(tmp_path / "data" / "benchmarks" / "dev2.csv", [header] + [["0", "q", "1", "2", "3", "4", "A"]] * 2)
+    write_csv(tmp_path / "data" / "benchmarks" / "mmlu.csv", [["q", "1", "2", "3", "4", "A"]] * 5)
+    (tmp_path / "data" / "benchmarks" / "gbk.csv").write_bytes(",Question,A,B,C,D,Answer\n0,".encode() + "题目".encode("gbk"))
+    (tmp_path / "data" / "benchmarks" / "dir.csv").mkdir()
+    write_csv(tmp_path / "elsewhere.csv", [header, ["0", "q", "1", "2", "3", "4", "A"]])
+    (tmp_path / "data" / "benchmarks" / "link.csv").symlink_to(tmp_path / "elsewhere.csv")
+    write_csv(tmp_path / "data" / "benchmarks" / "noanswer.csv", [["id", "question", "A", "B", "C", "D"], ["0", "q", "1", "2", "3", "4"]])
+    for entry, message in [
+        ({"dev": "data/benchmarks/dev2.csv", "shots": 3}, "dev2.csv has 2 worked examples, shots asks for 3: lower shots"),
+        ({"dev": "data/benchmarks/mmlu.csv", "shots": 1}, "mmlu.csv is in the mmlu layout and data/benchmarks/good.csv in the cmmlu layout"),
+        ({"test": "data/benchmarks/gbk.csv"}, r"gbk.csv is not UTF-8 text \(byte \d+\): save it as UTF-8"),
+        ({"test": "data/benchmarks/dir.csv"}, "dir.csv is not a file"),
+        ({"test": "data/benchmarks/link.csv"}, "link.csv links to .*elsewhere.csv, outside data/benchmarks/"),
+        ({"test": "data/benchmarks/noanswer.csv"}, "has no answer column .C-Eval's test split has no answers"),
+    ]:
+        with pytest.raises(UserError, match=r"eval.benchmarks\[0\] \(cs\): .*" + message):
+            benchmark_tasks(params_with({"name": "cs", "test": "data/benchmarks/good.csv"} | entry), tmp_path)
 
 
 def test_bleu_chrf_and_the_generation_cap():

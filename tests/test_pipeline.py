@@ -58,7 +58,7 @@ def test_fresh_clone_repro_trains_a_model_that_beats_the_base(repo):
 
 
 def test_dvc_plots_draws_the_intended_charts_only(repo):
-    """`dvc plots show` as a user runs it: six charts, none of them a single point; the loss chart has both curves."""
+    """`dvc plots show` as a user runs it: eight charts, none of them a single point; the loss chart has both curves."""
     shown = json.loads(dvc("plots", "show", "--json", cwd=repo).stdout)["data"]
     assert list(shown) == [
         "Answer-token loss, training and validation",
@@ -66,6 +66,8 @@ def test_dvc_plots_draws_the_intended_charts_only(repo):
         "Gradient norm (before clipping)",
         "Training tokens per second (all ranks)",
         "Eval scores, base vs tuned",
+        "Eval BLEU and chrF, base vs tuned",
+        "Multiple-choice accuracy per benchmark, base vs tuned",
         "Eval answer loss, base vs tuned",
     ]
     for title, (chart,) in shown.items():
@@ -74,7 +76,9 @@ def test_dvc_plots_draws_the_intended_charts_only(repo):
     curves = {v["filename"] for v in shown["Answer-token loss, training and validation"][0]["content"]["data"]["values"]}
     assert curves == {"train/loss.tsv", "eval/loss.tsv"}
     bars = {(v["metric"], v["model"]) for v in shown["Eval scores, base vs tuned"][0]["content"]["data"]["values"]}
-    assert bars == {(m, model) for m in ("exact_match", "rouge_l") for model in ("base", "tuned")}
+    assert bars == {(m, model) for m in ("exact_match", "rouge_l", "cut_by_cap") for model in ("base", "tuned")}
+    bars = {(v["metric"], v["model"]) for v in shown["Multiple-choice accuracy per benchmark, base vs tuned"][0]["content"]["data"]["values"]}
+    assert bars == {(m, model) for m in ("toy-choice", "all") for model in ("base", "tuned")}
     logged = {p.relative_to(repo / "dvclive" / "train" / "plots" / "metrics").as_posix()
               for p in (repo / "dvclive" / "train" / "plots" / "metrics").rglob("*.tsv")}  # fmt: skip
     assert logged == {"train/loss.tsv", "eval/loss.tsv", "learning_rate.tsv", "grad_norm.tsv", "tokens_per_s.tsv"}
@@ -99,7 +103,7 @@ def test_plots_render_with_no_network(repo, tmp_path):
     ours = tmp_path / "ours" / "index.html"
     assert "<script src=" not in ours.read_text() and "<script src=" in (tmp_path / "dvc" / "index.html").read_text()
     assert rendered_charts(tmp_path / "dvc" / "index.html") == 0
-    assert rendered_charts(ours) == 6
+    assert rendered_charts(ours) == 8
     dvc("plots", "show", "-o", str(tmp_path / "later"), cwd=repo)  # the local config keeps plain `dvc plots` offline
     assert "<script src=" not in (tmp_path / "later" / "index.html").read_text()
 

@@ -286,7 +286,7 @@ BenchmarkFile = Annotated[str, AfterValidator(_benchmark_file)]
 class BenchmarkParams(Strict):
     """One multiple-choice benchmark (one subject): a test file, and a dev file for k-shot examples."""
 
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]+$")]  # its key in metrics/eval.json
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+$")]  # its key in metrics/eval.json (no dots: keys nest)
     builtin: Literal["toy-choice"] | None = None  # generated: no files
     test: BenchmarkFile | None = None
     dev: BenchmarkFile | None = None
@@ -297,6 +297,8 @@ class BenchmarkParams(Strict):
     def _one_source(self):
         if (self.builtin is None) == (self.test is None):
             raise ValueError("give either builtin or test (a CSV under data/benchmarks/), not both or neither")
+        if self.builtin and self.dev:
+            raise ValueError(f"builtin: {self.builtin} brings its own worked examples: leave dev out")
         if self.shots and self.builtin is None and self.dev is None:
             raise ValueError(f"shots: {self.shots} needs dev (a CSV of worked examples) or shots: 0")
         return self
@@ -313,7 +315,7 @@ class EvalParams(Strict):
         names = [b.name for b in self.benchmarks]
         twice = sorted({n for n in names if names.count(n) > 1})
         if twice:
-            raise ValueError(f"benchmark name {twice[0]} is used twice: names key metrics/eval.json")
+            raise ValueError(f"eval.benchmarks: name {twice[0]} is used twice (names key metrics/eval.json)")
         return self
 
 
@@ -407,8 +409,9 @@ def _describe(err: dict) -> str:
         if key in MOVED:
             hint = f"; it moved to {MOVED[key]}"
         return f"unknown key '{key}'{hint} (allowed here: {', '.join(known)})"
-    if err["type"] == "value_error":  # a cross-field rule: its message names the keys
-        return err["msg"].removeprefix("Value error, ")
+    if err["type"] == "value_error":  # a cross-field rule: its message names the keys, but not which list item
+        msg = err["msg"].removeprefix("Value error, ")
+        return f"{key}: {msg}" if any(isinstance(part, int) for part in err["loc"]) else msg
     if err["type"] == "missing":
         return f"missing required key '{key}'"
     where = f"'{key}'" if key else "params"

@@ -50,7 +50,10 @@ def detect_layout(path: Path) -> Layout:
         return LAYOUTS["cmmlu"]
     if cells[:7] == ["id", "question", "A", "B", "C", "D", "answer"]:
         return LAYOUTS["ceval"]
-    if len(cells) == 6 and cells[5] in LETTERS:
+    if "A" in cells and cells[cells.index("A"):cells.index("A") + 4] == list(LETTERS):  # a header without answers
+        raise BenchmarkError(f"{path}: header {cells[:8]} has no answer column (C-Eval's test split has no answers: "
+                             "use its val split)")  # fmt: skip
+    if len(cells) == 6 and cells[5].upper() in LETTERS:
         return LAYOUTS["mmlu"]
     raise BenchmarkError(f"{path}: first row {cells[:8]} is none of the layouts: CMMLU (',Question,A,B,C,D,Answer'), "
                          "C-Eval ('id,question,A,B,C,D,answer') or MMLU (no header; question,A,B,C,D,answer)")  # fmt: skip
@@ -66,9 +69,10 @@ def check_answers(path: Path, layout: Layout) -> int:
         for line, row in enumerate(rows, 2 if layout.header else 1):
             if len(row) < len(names):
                 raise BenchmarkError(f"{path} line {line}: {len(row)} columns, the header has {len(names)}")
-            if row[index[layout.answer]].strip() not in LETTERS:
-                raise BenchmarkError(f"{path} line {line}: answer {row[index[layout.answer]]!r} is not one of A, B, C, D "
-                                     "(C-Eval's test split has no answers: use its val split)")  # fmt: skip
+            answer = row[index[layout.answer]].strip()
+            if answer.upper() not in LETTERS:
+                hint = " (C-Eval's test split has no answers: use its val split)" if not answer else ""
+                raise BenchmarkError(f"{path} line {line}: answer {answer!r} is not one of A, B, C, D{hint}")
             count += 1
     if count == 0:
         raise BenchmarkError(f"{path} has no questions")
@@ -76,8 +80,16 @@ def check_answers(path: Path, layout: Layout) -> int:
 
 
 def task_config(name: str, test: Path, dev: Path | None, shots: int, limit: int | None = None) -> dict:
-    """lm-eval's config for one benchmark (a dict, as its YAML task files hold); `limit`: the first N questions."""
+    """lm-eval's config for one benchmark (a dict, as its YAML task files hold); `limit`: the first N questions.
+    BenchmarkError when the dev file has another layout or fewer rows than `shots`."""
     layout = detect_layout(test)
+    if dev:
+        if detect_layout(dev) != layout:
+            raise BenchmarkError(f"{dev} is in the {detect_layout(dev).name} layout and {test} in the {layout.name} "
+                                 "layout: give both in one layout")  # fmt: skip
+        rows = check_answers(dev, layout)
+        if rows < shots:
+            raise BenchmarkError(f"{dev} has {rows} worked examples, shots asks for {shots}: lower shots")
     files = {"test": str(test)} | ({"dev": str(dev)} if dev else {})
     q, a = layout.question, layout.answer
     config = {
@@ -88,7 +100,7 @@ def task_config(name: str, test: Path, dev: Path | None, shots: int, limit: int 
         "output_type": "multiple_choice",
         "doc_to_text": f"{{{{{q}.strip()}}}}\n" + "".join(f"{c}. {{{{{c}}}}}\n" for c in LETTERS) + layout.cue,
         "doc_to_choice": list(LETTERS),
-        "doc_to_target": f"{{{{{list(LETTERS)}.index({a}.strip())}}}}",
+        "doc_to_target": f"{{{{{list(LETTERS)}.index({a}.strip().upper())}}}}",
         "target_delimiter": "",  # the letter is the assistant's first token, right after the template's turn start
         "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
         "num_fewshot": shots,
@@ -101,6 +113,19 @@ def task_config(name: str, test: Path, dev: Path | None, shots: int, limit: int 
     return config
 
 
+def read_problem(path: Path) -> str | None:
+    """Why `path` cannot be read as a benchmark file, or None."""
+    if not path.exists():
+        return f"{path} does not exist: put the CSV there or change the path"
+    if not path.is_file():
+        return f"{path} is not a file: give a CSV file"
+    try:
+        path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        return f"{path} is not UTF-8 text (byte {exc.start}): save it as UTF-8"
+    return None
+
+
 def accuracy(model, tokenizer, tasks: list[dict], batch_size: int, seed: int = 0) -> dict:
     """{benchmark name: {"accuracy": 0-1, "questions": n}} for a loaded causal LM, plus "overall" (per question).
 
@@ -108,8 +133,13 @@ def accuracy(model, tokenizer, tasks: list[dict], batch_size: int, seed: int = 0
     also has "choices": the index of the chosen option per question, in file order. Scoring rule: lm-eval's
     `multiple_choice` output type (argmax of the options' summed log-likelihoods).
     """
+    import logging
+
     import lm_eval
     from lm_eval.models.huggingface import HFLM
+
+    # its notice that `pretrained` is a model object: that is how eval shares the model it loaded
+    logging.getLogger("lm_eval.models.huggingface").setLevel(logging.ERROR)
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     result = lm_eval.simple_evaluate(
