@@ -158,6 +158,7 @@ def write_chatglm2_checkpoint(folder: Path, sp_model: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow  # a whole pipeline (about 2 min); conversion and the template are checked by the tests above
 def test_a_tiny_chatglm2_checkpoint_runs_the_whole_pipeline(sp_model, tmp_path):
     from datasets import load_from_disk
 

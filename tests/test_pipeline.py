@@ -190,6 +190,7 @@ def test_a_train_edit_reruns_train_merge_eval_only_as_an_experiment(repo):
     assert all(name in narrow for name in shown), narrow
 
 
+@pytest.mark.slow  # two more trainings (about 35 s); run with -m slow after changing train or its outputs
 def test_training_twice_gives_the_same_adapter_hash(repo):
     """Versioned outputs are deterministic: the same params and data train an adapter with the same DVC hash (the
     timings that changed it on every run live in metrics/train_speed.json, not in models/adapter)."""
@@ -230,6 +231,7 @@ def test_two_fresh_runs_give_identical_data_hashes(repo, tmp_path):
         assert out_hash(other, stage, path) == out_hash(repo, stage, path), path
 
 
+@pytest.mark.slow  # a whole pipeline with a 150k-token vocabulary (about 2 min); mixing is unit-tested in test_data
 @pytest.mark.shared_data
 def test_a_belle_style_mixture_with_the_qwen2_tokenizer(shared_data, tmp_path):
     """Real Chinese alpaca records exported BELLE-style (question/std_answer, JSON Lines in a file named .json) mixed

@@ -136,6 +136,7 @@ def first_line(proc: subprocess.Popen, prefix: str) -> str:
         proc.communicate(timeout=120)
 
 
+@pytest.mark.slow  # three more trainings (about 35 s); resume itself is tested above
 def test_a_changed_param_or_changed_data_starts_fresh_and_says_why(project, tmp_path):
     repo, _ = project
     checkpoints = repo / "models" / "checkpoints"

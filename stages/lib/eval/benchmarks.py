@@ -10,6 +10,7 @@ with `datasets`; the built-in `toy-choice` set is written to a temporary folder 
 from __future__ import annotations
 
 import csv
+import functools
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,7 +144,7 @@ def accuracy(model, tokenizer, tasks: list[dict], batch_size: int, seed: int = 0
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     result = lm_eval.simple_evaluate(
-        model=lm, tasks=tasks, apply_chat_template=True, fewshot_as_multiturn=True,
+        model=lm, tasks=tasks, apply_chat_template=True, fewshot_as_multiturn=True, task_manager=_no_builtin_tasks(),
         random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
         verbosity="ERROR", log_samples=True,
     )  # fmt: skip
@@ -157,6 +158,15 @@ def accuracy(model, tokenizer, tasks: list[dict], batch_size: int, seed: int = 0
     scores["overall"] = {"accuracy": sum(s["accuracy"] * s["questions"] for s in scores.values()) / total,
                          "questions": total, "choices": []}  # fmt: skip
     return scores
+
+
+@functools.lru_cache(maxsize=1)
+def _no_builtin_tasks():
+    """lm-eval's task index without its ~14,000 bundled task files: indexing them took 30 s per call, and every task
+    here is a config built above."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_defaults=False)
 
 
 def write_builtin(name: str, seed: int, folder: Path | None = None) -> tuple[Path, Path]:
