@@ -13,14 +13,14 @@ import torch
 from conftest import default_params
 
 
-def save_model(folder: Path, tied: bool, bare: bool = False, **shape) -> Path:
+def save_model(folder: Path, tied: bool, bare: bool = False, saved_dtype=torch.bfloat16, **shape) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied,
                          initializer_range=0.2, **shape)  # fmt: skip
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model = LlamaForCausalLM(config).to(saved_dtype)
     (model.model if bare else model).save_pretrained(folder)
     if bare:  # a bare model's config still names the causal-LM class for AutoModelForCausalLM
         config.save_pretrained(folder)
@@ -38,13 +38,15 @@ def as_bytes(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().reshape(-1).contiguous().view(torch.uint8)  # packed 4-bit data seen as bf16 may hold NaN patterns
 
 
-@pytest.mark.parametrize("tied,double_quant", [(False, True), (True, False)])
-def test_loader_gives_what_from_pretrained_gives(tmp_path: Path, tied: bool, double_quant: bool):
+@pytest.mark.parametrize("tied,double_quant,saved", [(False, True, "bfloat16"), (True, False, "bfloat16"),
+                                                    (False, True, "float32")])  # fmt: skip
+def test_loader_gives_what_from_pretrained_gives(tmp_path: Path, tied: bool, double_quant: bool, saved: str):
+    """Also for a float32 checkpoint trained in bfloat16: both cast before they quantize."""
     from transformers import AutoModelForCausalLM
 
     from stages.lib.train import sharded_load
 
-    folder = save_model(tmp_path / "base", tied)
+    folder = save_model(tmp_path / "base", tied, saved_dtype=getattr(torch, saved))
     q = quantization(double_quant)
     ref = AutoModelForCausalLM.from_pretrained(folder, quantization_config=q, dtype=torch.bfloat16)
     mine = sharded_load.load(folder, q, torch.bfloat16)

@@ -146,7 +146,8 @@ def load(path: Path, quantization, dtype: torch.dtype, attn_implementation: str 
                 old = module._parameters[attr]
                 value = f.get_tensor(stored[name])
                 if isinstance(module, bnb.nn.Linear4bit) and attr == "weight":
-                    new = bnb.nn.Params4bit(value.to(device), requires_grad=False, **old.__dict__).to(device)
+                    value = value.to(device=device, dtype=dtype)  # from_pretrained casts before it quantizes
+                    new = bnb.nn.Params4bit(value, requires_grad=False, **old.__dict__).to(device)
                 else:  # kept in 16 bits: cast as from_pretrained does, to the dtype the model was built with
                     new = torch.nn.Parameter(value.to(old.dtype), requires_grad=old.requires_grad)
                     if place is None:
