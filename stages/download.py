@@ -15,8 +15,9 @@ from stages.lib.convert import CONVERTERS
 from stages.lib.data.mix import summary_line
 from stages.lib.core.model_files import check_model_dir, check_tokenizer
 from stages.lib.data.read import data_files
-from stages.lib.data.sources import DATA_SOURCES, MODEL_SOURCES, hub_errors, hub_limits, tracked_path
+from stages.lib.data.sources import DATA_SOURCES, MODEL_SOURCES, hub_errors, hub_limits
 from stages.lib.core.errors import run_stage
+from stages.lib.core.paths import tracked_path
 from stages.lib.core.outputs import scratch_dir, staged_outputs, write_json
 from stages.lib.core.params import LocalSource, Params, ParamsError, load_params
 from stages.lib.core.progress import phase

@@ -103,8 +103,10 @@ def generate(model, tokenizer, rows, batch_size: int, max_new_tokens: int, stop_
     return outputs, cut
 
 
-def evaluate(params: Params, name: str, rows, tokenizer, stop_ids: list[int], tasks: list[dict]) -> tuple[dict, list[str]]:
-    """Answer loss, perplexity, generation scores and benchmark accuracy of MODELS[name], and its answers."""
+def evaluate(params: Params, name: str, rows, tokenizer, stop_ids: list[int], cap: int,
+             tasks: list[dict]) -> tuple[dict, list[str]]:
+    """Answer loss, perplexity, generation scores (answers of at most `cap` new tokens) and benchmark accuracy of
+    MODELS[name], and its answers."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -117,8 +119,7 @@ def evaluate(params: Params, name: str, rows, tokenizer, stop_ids: list[int], ta
     with counter("eval", f"{name} answer loss", len(rows), "sample") as bar:
         loss = answer_loss(model, rows, e.batch_size, tokenizer.pad_token_id, bar)
     with counter("eval", f"{name} generation", len(rows), "sample") as bar:
-        predictions, cut = generate(model, tokenizer, rows, e.batch_size, generation_cap(rows, e.max_new_tokens),
-                                    stop_ids, bar)  # fmt: skip
+        predictions, cut = generate(model, tokenizer, rows, e.batch_size, cap, stop_ids, bar)
     n = len(rows)
     references = [r["reference"] for r in rows]
     scores = {
@@ -157,14 +158,15 @@ def evaluate_all(params: Params, validation, scratch: Path) -> None:
 
     tasks = benchmark_tasks(params, scratch)  # files checked before any model loads
     rows = validation.select(range(min(params.eval.max_samples, len(validation)))).to_list()
+    cap = generation_cap(rows, params.eval.max_new_tokens)
     tokenizer = AutoTokenizer.from_pretrained(MODELS["tuned"])
     stop_ids = GenerationConfig.from_pretrained(MODELS["tuned"]).eos_token_id
     stop_ids = [stop_ids] if isinstance(stop_ids, int) else list(stop_ids)
     metrics, predictions = {}, {}
     for name in MODELS:
-        metrics[name], predictions[name] = evaluate(params, name, rows, tokenizer, stop_ids, tasks)
+        metrics[name], predictions[name] = evaluate(params, name, rows, tokenizer, stop_ids, cap, tasks)
     metrics["samples"] = len(rows)
-    metrics["generation_cap_tokens"] = generation_cap(rows, params.eval.max_new_tokens)
+    metrics["generation_cap_tokens"] = cap
     lines = []
     for i, row in enumerate(rows):
         prompt = tokenizer.decode(row["input_ids"][: row["prompt_length"]])
@@ -187,33 +189,21 @@ def evaluate_all(params: Params, validation, scratch: Path) -> None:
 def benchmark_tasks(params: Params, scratch: Path) -> list[dict]:
     """lm-eval task configs of params.eval.benchmarks; UserError naming the benchmark for a missing or bad file."""
     from stages.lib.core.errors import UserError
+    from stages.lib.core.params import BENCHMARKS_DIR
+    from stages.lib.core.paths import tracked_path
 
     tasks = []
     for i, b in enumerate(params.eval.benchmarks):
         key = f"eval.benchmarks[{i}] ({b.name})"
         if b.builtin:
             test, dev = benchmarks.write_builtin(b.builtin, params.seed, scratch / b.name)
-        else:
-            test, dev = Path(b.test), Path(b.dev) if b.dev else None
+        else:  # params keep them under data/benchmarks; a link there may still lead out
+            test, dev = (tracked_path(f, key, Path(BENCHMARKS_DIR)) if f else None for f in (b.test, b.dev))
         try:
-            for path in filter(None, (test, dev)):
-                problem = benchmarks.read_problem(path) or outside(path)
-                if problem:
-                    raise benchmarks.BenchmarkError(problem)
-                benchmarks.check_answers(path, benchmarks.detect_layout(path))
             tasks.append(benchmarks.task_config(b.name, test, dev, b.shots, b.max_questions))
         except benchmarks.BenchmarkError as exc:
             raise UserError(f"{key}: {exc}") from None
     return tasks
-
-
-def outside(path: Path) -> str | None:
-    """A file under data/benchmarks that links elsewhere: DVC would not see it change."""
-    from stages.lib.core.params import BENCHMARKS_DIR
-
-    if path.is_absolute() or path.resolve().is_relative_to(Path(BENCHMARKS_DIR).resolve()):
-        return None  # absolute: a built-in set in the scratch folder
-    return f"{path} links to {path.resolve()}, outside {BENCHMARKS_DIR}/: copy the file there"
 
 
 def summary_line(metrics: dict) -> str:

@@ -210,10 +210,11 @@ def load_sharded(params: Params):
 
     from stages.lib.train import sharded_load
 
+    from transformers import AutoConfig
+
     t = params.train
-    hidden = json.loads((BASE_DIR / "config.json").read_text())
-    hidden = hidden.get("hidden_size") or hidden.get("text_config", {}).get("hidden_size") or 0
-    partition = sharded_load.ZeroPartitioner(deepspeed_config(), hidden)
+    config = AutoConfig.from_pretrained(BASE_DIR, trust_remote_code=params.model.trust_remote_code)
+    partition = sharded_load.ZeroPartitioner(deepspeed_config(), config)
     start = time.perf_counter()
     model = sharded_load.load(BASE_DIR, quantization_config(params), getattr(torch, t.dtype), t.attn_implementation,
                               device=partition.device, place=partition,

@@ -142,7 +142,7 @@ def test_benchmark_params_are_checked_before_models_load(tmp_path: Path, monkeyp
         ({"dev": "data/benchmarks/mmlu.csv", "shots": 1}, "mmlu.csv is in the mmlu layout and data/benchmarks/good.csv in the cmmlu layout"),
         ({"test": "data/benchmarks/gbk.csv"}, r"gbk.csv is not UTF-8 text \(byte \d+\): save it as UTF-8"),
         ({"test": "data/benchmarks/dir.csv"}, "dir.csv is not a file"),
-        ({"test": "data/benchmarks/link.csv"}, "link.csv links to .*elsewhere.csv, outside data/benchmarks/"),
+        ({"test": "data/benchmarks/link.csv"}, "link.csv leads to .*elsewhere.csv, outside data/benchmarks/"),
         ({"test": "data/benchmarks/noanswer.csv"}, "has no answer column .C-Eval's test split has no answers"),
     ]:
         with pytest.raises(UserError, match=r"eval.benchmarks\[0\] \(cs\): .*" + message):

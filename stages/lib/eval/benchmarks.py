@@ -82,11 +82,18 @@ def check_answers(path: Path, layout: Layout) -> int:
 
 def task_config(name: str, test: Path, dev: Path | None, shots: int, limit: int | None = None) -> dict:
     """lm-eval's config for one benchmark (a dict, as its YAML task files hold); `limit`: the first N questions.
-    BenchmarkError when the dev file has another layout or fewer rows than `shots`."""
+    Both files are checked first (no model is needed): BenchmarkError when one cannot be read, is no known layout,
+    has a bad answer, or when the dev file has another layout than the test file or fewer rows than `shots`."""
+    for path in filter(None, (test, dev)):
+        problem = read_problem(path)
+        if problem:
+            raise BenchmarkError(problem)
     layout = detect_layout(test)
+    check_answers(test, layout)
     if dev:
-        if detect_layout(dev) != layout:
-            raise BenchmarkError(f"{dev} is in the {detect_layout(dev).name} layout and {test} in the {layout.name} "
+        dev_layout = detect_layout(dev)
+        if dev_layout != layout:
+            raise BenchmarkError(f"{dev} is in the {dev_layout.name} layout and {test} in the {layout.name} "
                                  "layout: give both in one layout")  # fmt: skip
         rows = check_answers(dev, layout)
         if rows < shots:

@@ -82,10 +82,10 @@ class ZeroPartitioner:
     the broadcast keeps the whole tensor off the GPU. `ds_config` is transformers' live DeepSpeed config.
     """
 
-    def __init__(self, ds_config: dict, hidden_size: int):
+    def __init__(self, ds_config: dict, model_config):
         import deepspeed
 
-        config = _fill_model_autos(ds_config, hidden_size)
+        config = _fill_model_autos(ds_config, model_config)
         offload = config.get("zero_optimization", {}).get("offload_param") or {}
         # pinned like the engine's own conversion pins them (zero3-offload keeps the shards in CPU memory)
         self.init = deepspeed.zero.Init(config_dict_or_path=config, pin_memory=bool(offload.get("pin_memory")))
@@ -98,10 +98,16 @@ class ZeroPartitioner:
             param.data = torch.empty(0, dtype=param.dtype, device=self.device)
 
 
-def _fill_model_autos(ds_config: dict, hidden_size: int) -> dict:
-    """The three "auto" entries that transformers fills only once the Trainer sees the model, with its values."""
+def _fill_model_autos(ds_config: dict, model_config) -> dict:
+    """The three "auto" entries that transformers fills only once the Trainer sees the model, with its values
+    (transformers' HfTrainerDeepSpeedConfig.trainer_config_finalize: the same hidden size, the same formulas)."""
     import copy
 
+    owners = (model_config, getattr(model_config, "text_config", None))
+    sizes = [getattr(o, "hidden_size", None) or max(getattr(o, "hidden_sizes", None) or [0]) for o in owners]
+    hidden_size = next((size for size in sizes if size), None)
+    if hidden_size is None:
+        raise ValueError("the model's config has no hidden_size: give the DeepSpeed config numbers instead of auto")
     config = copy.deepcopy(ds_config)
     zero = config.get("zero_optimization", {})
     for key, value in (("reduce_bucket_size", hidden_size * hidden_size),
