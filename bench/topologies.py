@@ -135,7 +135,7 @@ def topology(work: Path, base: Path, name: str, port: int, train_changes: dict, 
         d = node_dir(work, base, name, n, params)
         dirs.append(d)
         logs.append(d / "train.log")
-        alone = {"CUDA_VISIBLE_DEVICES": "0"} if not params["train"].get("deepspeed") else None  # one process, one GPU
+        alone = {"CUDA_VISIBLE_DEVICES": "0"} if nodes * gpus == 1 else None  # one GPU (also for `auto`'s choice)
         procs.append(run([sys.executable, "-m", "stages.train"], d, logs[-1], alone))
     wait(procs, logs, f"train {name}", keep_going)
     return summary(name, dirs[0], time.time() - t)
@@ -159,6 +159,7 @@ def summary(name: str, d: Path, seconds: float) -> dict:
         "tokens_per_s": config.get("tokens_per_s"), "tokens_per_s_per_gpu": config.get("tokens_per_s_per_gpu"),
         "gib_at_first_step_per_rank": config.get("gib_at_first_step_per_rank"),
         "load_weights_gib_per_rank": config.get("load_weights_gib_per_rank"),
+        "plan": config.get("plan"),
         "weights_rank0": config.get("weights_rank0"),
         "stage_seconds": seconds,
     }  # fmt: skip
@@ -186,6 +187,9 @@ def main() -> None:
     base = prepare(args.work, args.data.resolve(), args.size, args.steps, args.deepspeed, args.max_length)
     for i, run_spec in enumerate(filter(None, args.runs.split(","))):
         name, _, deepspeed = run_spec.partition(":")  # NAME:DEEPSPEED, "none" for no DeepSpeed
+        if deepspeed.endswith(".json"):  # a probe config: the stage reads configs from recipes/deepspeed only
+            shutil.copyfile(deepspeed, base / "recipes" / "deepspeed" / Path(deepspeed).name)
+            deepspeed = Path(deepspeed).stem
         run_changes = changes | ({"deepspeed": None if deepspeed == "none" else deepspeed} if deepspeed else {})
         try:
             result = topology(args.work, base, name, 29500 + 10 * i, run_changes, args.keep_going)

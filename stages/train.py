@@ -257,7 +257,8 @@ def check_labels(prepared, tokenized) -> None:
     print(f"train: {labelled} of {total} tokens carry loss (the answers and their end tokens)")
 
 
-def train(params: Params) -> None:
+def train(params: Params, planned: dict | None = None) -> None:
+    """Train on this rank with resolved `params` (no `auto` left); `planned`: the planner's choice, if auto."""
     import datasets
     import torch.distributed as dist
 
@@ -307,11 +308,13 @@ def train(params: Params) -> None:
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
         sort_target_modules(partial / "adapter_config.json")
         config = resolved_config(params, trainer, result, resume) | {"load_weights_gib_per_rank": load_gib}
+        if planned:
+            config["plan"] = planned
         write_json(partial / "train_config.json", config)  # no timings: the same run gives the same adapter hash
         print("train:", summary_line(config, telemetry.summary), flush=True)
         with staged_outputs() as out:  # the adapter, its metrics and its curves arrive together
             out.add(partial, ADAPTER_DIR)
-            write_json(out.file(METRICS), quality_metrics(config, trainer.state.log_history))
+            write_json(out.file(METRICS), quality_metrics(config, trainer.state.log_history, planned))
             write_json(out.file(SPEED), telemetry.summary)
             if live_partial.exists():
                 out.add(live_partial, LIVE_DIR)
@@ -323,13 +326,18 @@ def train(params: Params) -> None:
         dist.destroy_process_group()
 
 
-def quality_metrics(config: dict, log_history: list[dict]) -> dict:
+def quality_metrics(config: dict, log_history: list[dict], planned: dict | None = None) -> dict:
     """metrics/train.json, what `dvc exp show` lists for train: the last logged training loss and the last
-    validation loss (answer tokens only, like every loss here). The mean loss and the step count are in
-    train_config.json: two columns are what a 120-column `dvc exp show` has room for."""
+    validation loss (answer tokens only, like every loss here), and under `setting` what `auto` chose (params.yaml
+    says only "auto"). The mean loss and the step count are in train_config.json: two columns are what a
+    120-column `dvc exp show` has room for."""
     last_eval = next((h["eval_loss"] for h in reversed(log_history) if "eval_loss" in h), None)
     history = config["loss_history"]
-    return {"train": {"final_loss": history[-1]["loss"] if history else None}, "validation": {"final_loss": last_eval}}
+    metrics = {"train": {"final_loss": history[-1]["loss"] if history else None}, "validation": {"final_loss": last_eval}}
+    chosen = {k: v for k, v in (planned or {}).items() if k in ("deepspeed", "gradient_checkpointing")}
+    if chosen:
+        metrics["setting"] = {k: "none" if v is None else v for k, v in chosen.items()}
+    return metrics
 
 
 def summary_line(config: dict, speed: dict) -> str:
@@ -419,6 +427,9 @@ def main() -> None:
     require(TOKENIZER, made_by="tokenize")
     require(BASE_DIR / "config.json", made_by="download")
     check_model_output(BASE_DIR, "download")
+    from stages.plan import resolve
+
+    params, planned = resolve(params)  # prints the plan on a GPU; `auto` becomes its choice, before any rank starts
     if params.train.deepspeed:
         deepspeed_config(params.train.deepspeed)  # a missing or broken file fails here, in a second
     check_reporters(params.train.report_to)
@@ -433,7 +444,7 @@ def main() -> None:
 
     if relaunch_if_needed(params):
         return
-    train(params)
+    train(params, planned)
 
 
 if __name__ == "__main__":

@@ -203,7 +203,7 @@ class TrainParams(Strict):
     grad_accum: Annotated[int, Field(ge=1)] = 1
     packing: bool = True  # padding-free BFD packing; attention never crosses samples
     packed_length: Annotated[int, Field(ge=8, le=2**22)] | None = None  # tokens per packed row; null: tokenize.max_length
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | Literal["auto"] = False  # auto: the planner's choice (python -m stages.plan)
     reentrant_checkpointing: bool | None = None  # null: reentrant under ZeRO-3 only
     # varlen: packed rows attend per sample in torch's flash kernel (stages/lib/train/varlen_attention.py); needs packing
     attn_implementation: Literal[
@@ -219,7 +219,7 @@ class TrainParams(Strict):
     eval_steps: Annotated[int, Field(ge=1)] | None = None  # answer loss on the validation split every N steps
     report_to: list[str] = []  # trackers besides DVCLive: transformers' integration names (wandb, mlflow, ...)
     device_map: Literal["auto"] | None = None
-    deepspeed: str | None = None  # a name in recipes/deepspeed or a path to a JSON file
+    deepspeed: str | None = None  # a name in recipes/deepspeed or a path to a JSON file; auto: the planner's choice
     launch: LaunchParams = LaunchParams()
 
     @model_validator(mode="after")

@@ -25,6 +25,7 @@ class HubModel(Strict):
     kind: Literal["hub"]
     repo: str
     revision: Annotated[str, Field(pattern=r"^[0-9a-f]{40}$", description="a full commit hash: pins the weights")]
+    config: dict[str, Any] | None = None  # sizes from its config.json: `python -m stages.plan` needs no download
 
 
 class ConfigModel(Strict):

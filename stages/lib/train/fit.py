@@ -35,8 +35,8 @@ class WeightBytes:
         return (self.sharded // world if zero3 else self.sharded) + self.whole
 
 
-def weight_bytes(model, four_bit: bool, dtype_bytes: int, double_quant: bool) -> WeightBytes:
-    """Count a meta-device `model`'s weights as the train stage loads them.
+def weight_bytes(model, four_bit: bool, dtype_bytes: int, double_quant: bool, part=None) -> WeightBytes:
+    """Count a meta-device `model`'s weights as the train stage loads them (only submodule `part`'s, if given).
 
     4-bit: every `nn.Linear` except the output embedding becomes 0.5 byte per weight plus its absmax (4 bytes per
     64 weights, or 1 byte with double quantization, whose second level adds 4 bytes per 256 absmax values) and
@@ -50,7 +50,7 @@ def weight_bytes(model, four_bit: bool, dtype_bytes: int, double_quant: bool) ->
                  if four_bit and isinstance(m, torch.nn.Linear) and m is not head}  # fmt: skip
     sharded = whole = 0
     seen: set[int] = set()
-    for param in model.parameters():
+    for param in (part or model).parameters():
         if id(param) in seen:
             continue
         seen.add(id(param))

@@ -1,0 +1,303 @@
+"""Plan before training: predicted peak GPU memory and relative speed of each setting, from config.json alone.
+
+A candidate is a DeepSpeed setting (none, zero2, zero3, zero3-offload) with gradient checkpointing on or off, at the
+params' tokens per micro-batch. Its predicted peak per GPU is the sum of
+
+- weights: the loaded base's exact bytes (fit.weight_bytes), split over the GPUs by ZeRO-3, on the CPU with offload;
+- adapter: the trainable parameters (LoRA, or all of them for `method: full`) in float32 with their gradients and
+  two Adam moments, the last three split by ZeRO (any stage) and moved to the CPU by optimizer offload;
+- activations: the bytes autograd keeps per token and decoder layer, counted from the layer's widths and scaled by
+  ACTIVATION_SCALE; every layer's without checkpointing, each layer's input plus one recomputed layer with it,
+  plus BACKWARD_LAYERS layers of working memory in the backward pass;
+- loss: TRL's chunked LM head (one 4,096 x 32,768 logits tile, the hidden states it reads and their fp32 gradient);
+- ZeRO-3 gathers: the larger of two decoder layers (the one in use and the one prefetched) or, at the loss, the
+  16-bit input and output embeddings.
+
+The two scale constants were fitted on the 7B measurements with and without checkpointing (bench/RESULTS.md §5,
+H200); with them every measured configuration there is predicted within 15 %. Speed is relative: tokens/s per GPU
+of each setting against one GPU without DeepSpeed, measured on the same 7B (EFFICIENCY), times the GPUs used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..core.params import Params
+from .fit import GIB, size, weight_bytes
+
+# Fitted: 7B QLoRA, 8,192-token rows, H200: 44.18 GiB without checkpointing, 9.09 with (bench/RESULTS.md §2, §1c)
+ACTIVATION_SCALE = 0.78  # share of the counted per-layer tensors autograd really keeps (some are views or freed)
+BACKWARD_LAYERS = 0.34  # layers' worth of activation gradients alive at once in the backward pass
+TILE_TOKENS, TILE_VOCAB = 4096, 32768  # TRL 1.16's chunked log-prob: tokens x vocab per logits tile
+HEADROOM = 0.9  # of a GPU's memory: allocator fragmentation and the CUDA context need the rest
+# tokens/s per GPU against one GPU without DeepSpeed, 7B QLoRA, 8,192-token rows, 2 x H200 (bench/RESULTS.md §1c)
+EFFICIENCY = {"none": 1.0, "zero2": 0.88, "zero3": 0.36, "zero3-offload": 0.32}
+ZERO3_ONE_GPU = 0.47  # ZeRO-3 on a single GPU (nothing to overlap the gathers with)
+NO_CHECKPOINTING = 1.34  # tokens/s without recomputation against with it (RESULTS.md §2: 12,705 vs 9,512)
+CANDIDATES = ("none", "zero2", "zero3", "zero3-offload")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One candidate. `deepspeed`: a recipe name or a JSON path, "none" for no DeepSpeed; `gpus`: processes."""
+
+    deepspeed: str
+    checkpointing: bool
+    gpus: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.deepspeed}, {'checkpointing' if self.checkpointing else 'no checkpointing'}"
+
+
+@dataclass
+class Estimate:
+    """Predicted GiB per GPU of one setting, by part; `speed`: tokens/s relative to one GPU without DeepSpeed."""
+
+    setting: Setting
+    weights: float
+    adapter: float
+    activations: float
+    loss: float
+    gathers: float
+    load_peak: float
+    speed: float
+    fits: bool = False
+
+    @property
+    def train_peak(self) -> float:
+        return self.weights + self.adapter + self.activations + self.loss + self.gathers
+
+
+@dataclass
+class Plan:
+    """Every candidate's estimate, the chosen one (None when nothing fits) and why, for `gpus` x `nodes` GPUs of
+    `capacity_gib` each (None: no GPU; nothing is predicted)."""
+
+    rows: list[Estimate]
+    chosen: Estimate | None
+    reason: str
+    capacity_gib: float | None
+    gpus_per_node: int
+    nodes: int
+    tokens_per_gpu: int
+    advice: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the estimate reads from the meta-device model: widths, the decoder layers and the embeddings."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    kv: int  # key (= value) width: KV heads x head size
+    vocab: int
+    layer: object  # one decoder layer (a meta module)
+    embeddings: list  # input and output embedding weights (one if tied)
+
+
+def shape(model) -> Shape:
+    """Widths of a meta-device causal LM built by transformers (any architecture with `num_hidden_layers`
+    decoder layers in a ModuleList)."""
+    import torch
+
+    config = model.config.get_text_config()
+    layers = max((m for m in model.modules() if isinstance(m, torch.nn.ModuleList)), key=len)
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv = (getattr(config, "num_key_value_heads", None) or heads) * head_dim
+    embeddings = {id(w): w for w in (model.get_input_embeddings().weight, model.get_output_embeddings().weight)}
+    return Shape(len(layers), config.hidden_size, config.intermediate_size, kv,
+                 model.get_output_embeddings().weight.shape[0], layers[0], list(embeddings.values()))  # fmt: skip
+
+
+def deepspeed_kind(name: str) -> tuple[int, bool, bool]:
+    """(ZeRO stage, parameters offloaded, optimizer offloaded) of a DeepSpeed setting; (0, False, False) for none."""
+    if name == "none":
+        return 0, False, False
+    from ..core.recipes import deepspeed_config
+
+    zero = deepspeed_config(name).get("zero_optimization", {})
+    offloaded = lambda key: (zero.get(key) or {}).get("device", "none") not in ("none", None)  # noqa: E731
+    return int(zero.get("stage", 0)), offloaded("offload_param"), offloaded("offload_optimizer")
+
+
+def trainable_params(model, params: Params, targets: list[str] | str) -> int:
+    """Parameters the optimizer updates: every one for `method: full`, else LoRA's r x (in + out) per targeted
+    linear layer (PEFT matches a target by the module name's last parts; "all-linear" takes every linear layer
+    but the output head)."""
+    import torch
+
+    if params.train.method == "full":
+        return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    r = params.train.lora.r
+    head = model.get_output_embeddings()
+    total = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or module is head:
+            continue
+        if targets == "all-linear" or any(name == t or name.endswith(f".{t}") for t in targets):
+            total += r * (module.in_features + module.out_features)
+    return total
+
+
+def tokens_per_gpu(params: Params) -> int:
+    """Tokens in one micro-batch: batch_size packed rows, or batch_size samples padded up to max_length."""
+    t = params.train
+    row = (t.packed_length or params.tokenize.max_length) if t.packing else params.tokenize.max_length
+    return t.batch_size * row
+
+
+def layer_activation_bytes(s: Shape, dtype_bytes: int, dropout_inputs: int) -> float:
+    """Bytes autograd keeps per token in one decoder layer: queries, keys and values before and after rotary
+    embedding, the attention output, the two norms' float32 inputs and outputs, the MLP's four intermediate
+    tensors, and LoRA dropout's copies of its inputs (`dropout_inputs` values), scaled by ACTIVATION_SCALE."""
+    d = dtype_bytes
+    counted = d * (6 * s.hidden + 4 * s.kv + 4 * s.intermediate) + 8 * s.hidden + (d + 1) * dropout_inputs
+    return ACTIVATION_SCALE * counted
+
+
+def estimate(model, params: Params, setting: Setting, targets: list[str] | str, tokens: int | None = None) -> Estimate:
+    """Predicted peak GiB per GPU of `setting` for the meta-device `model`, at `tokens` per micro-batch (default:
+    the params'). Raises ParamsError for a DeepSpeed name that is not a recipe or JSON file."""
+    import torch
+
+    t = params.train
+    s = shape(model)
+    d = torch.finfo(getattr(torch, t.dtype)).bits // 8
+    tokens = tokens or tokens_per_gpu(params)
+    stage, param_offload, optimizer_offload = deepspeed_kind(setting.deepspeed)
+    zero3 = stage == 3
+    four_bit = t.method == "qlora"
+    whole = weight_bytes(model, four_bit, d, t.quant.double_quant)
+    resident = 0 if param_offload else whole.per_gpu(setting.gpus, zero3)
+    layer = weight_bytes(model, four_bit, d, t.quant.double_quant, part=s.layer)
+    layer_bytes = layer.sharded + layer.whole
+
+    trainable = trainable_params(model, params, targets)
+    states = 12 * trainable  # float32 gradient and two Adam moments
+    adapter = 4 * trainable + (0 if optimizer_offload else states / (setting.gpus if stage else 1))
+
+    dropout_inputs = 0
+    if t.lora.dropout > 0 and t.method != "full":
+        dropout_inputs = sum(m.in_features for n, m in s.layer.named_modules()
+                             if isinstance(m, torch.nn.Linear) and (targets == "all-linear" or n.split(".")[-1] in targets))  # fmt: skip
+    per_layer = layer_activation_bytes(s, d, dropout_inputs) * tokens
+    working = (1 + BACKWARD_LAYERS if setting.checkpointing else BACKWARD_LAYERS) * per_layer
+    saved = s.layers * (s.hidden * d * tokens if setting.checkpointing else per_layer)
+    activations = saved + working
+    loss = min(tokens, TILE_TOKENS) * min(s.vocab, TILE_VOCAB) * d + tokens * s.hidden * (2 * d + 8)
+    gathers = 0.0
+    if zero3:  # at the peak: two gathered layers in the backward pass, or the 16-bit embeddings at the loss
+        embeddings = sum(w.numel() for w in s.embeddings) * d
+        if not param_offload:  # fitted to the 14B runs: less the rank's own shard, resident already
+            embeddings *= 1 - 1 / setting.gpus
+        gathers = max(2 * layer_bytes, embeddings - working)
+    largest = max(p.numel() for p in model.parameters()) * d  # the one tensor being read or quantized
+    head = model.get_output_embeddings()
+    largest_quantized = max((m.weight.numel() for m in model.modules()
+                             if isinstance(m, torch.nn.Linear) and m is not head), default=0) * d  # fmt: skip
+    if param_offload:
+        load = 2 * largest_quantized if four_bit else largest
+    else:
+        load = resident + (largest_quantized if four_bit else largest)
+    speed = EFFICIENCY.get(setting.deepspeed, EFFICIENCY["zero3"] if zero3 else EFFICIENCY["zero2"])
+    if zero3 and setting.gpus == 1:
+        speed = ZERO3_ONE_GPU * (speed / EFFICIENCY["zero3"])
+    speed *= setting.gpus * (1 if setting.checkpointing else NO_CHECKPOINTING)
+    return Estimate(setting, resident / GIB, adapter / GIB, activations / GIB, loss / GIB, gathers / GIB,
+                    load / GIB, speed)  # fmt: skip
+
+
+def candidates(gpus: int, nodes: int) -> list[Setting]:
+    """Every DeepSpeed recipe over all `gpus` x `nodes` GPUs, each with checkpointing on and off; no DeepSpeed only
+    for a single GPU (without DeepSpeed the stage runs one process, and refuses several visible GPUs)."""
+    world = gpus * nodes
+    kinds = ("none", "zero3", "zero3-offload") if world == 1 else CANDIDATES[1:]  # zero2 on one GPU: no gain
+    settings = [Setting(ds, c, world) for ds in kinds for c in (False, True)]
+    return settings
+
+
+def make_plan(model, params: Params, targets: list[str] | str, gpus: int, nodes: int,
+              capacity_gib: float | None) -> Plan:
+    """Estimate every candidate and pick the fastest that fits in HEADROOM x `capacity_gib`; with nothing that
+    fits, `advice` lists the cheapest changes that would (shorter rows, offload, more GPUs)."""
+    tokens = tokens_per_gpu(params)
+    rows = [estimate(model, params, s, targets, tokens) for s in candidates(gpus, nodes)]
+    if capacity_gib is None:
+        return Plan(rows, None, "no GPU here: nothing to fit (give --gpu-memory-gib to plan for one)", None, gpus,
+                    nodes, tokens)  # fmt: skip
+    budget = HEADROOM * capacity_gib
+    for row in rows:
+        row.fits = max(row.train_peak, row.load_peak) <= budget
+    fitting = [r for r in rows if r.fits]
+    if not fitting:
+        plan = Plan(rows, None, "nothing fits", capacity_gib, gpus, nodes, tokens)
+        plan.advice = advice(model, params, targets, gpus, nodes, capacity_gib)
+        return plan
+    chosen = max(fitting, key=lambda r: (r.speed, -r.train_peak))
+    faster = [r for r in rows if r.speed > chosen.speed]
+    why = f"fastest that fits: {chosen.train_peak:.1f} of {budget:.1f} GiB usable per GPU"
+    if faster:
+        best = max(faster, key=lambda r: r.speed)
+        why += f"; {best.setting.label} would be {best.speed / chosen.speed:.2f}x but needs {best.train_peak:.1f} GiB"
+    t = params.train
+    if "auto" not in (t.deepspeed, t.gradient_checkpointing):  # the params' own setting, for comparison
+        own = Setting(t.deepspeed or "none", t.gradient_checkpointing, 1 if not t.deepspeed else gpus * nodes)
+        if own != chosen.setting:
+            mine = estimate(model, params, own, targets, tokens)
+            why += f"; {chosen.speed / mine.speed:.2f}x the speed of the params' {own.label} ({mine.train_peak:.1f} GiB)"
+    return Plan(rows, chosen, why, capacity_gib, gpus, nodes, tokens)
+
+
+def advice(model, params: Params, targets, gpus: int, nodes: int, capacity_gib: float) -> list[str]:
+    """The cheapest changes that make some setting fit: fewer tokens per micro-batch, or more GPUs under ZeRO-3."""
+    budget = HEADROOM * capacity_gib
+    tips = []
+    tokens = tokens_per_gpu(params)
+    cheapest = min((estimate(model, params, s, targets, tokens) for s in candidates(gpus, nodes)),
+                   key=lambda r: max(r.train_peak, r.load_peak))  # fmt: skip
+    floor = params.tokenize.max_length if params.train.packing else 8
+    for fewer in (tokens // 2**k for k in range(1, 12)):
+        if fewer < floor:
+            break
+        row = estimate(model, params, cheapest.setting, targets, fewer)
+        if max(row.train_peak, row.load_peak) <= budget:
+            key = "train.packed_length" if params.train.packing and params.train.batch_size == 1 else "train.batch_size"
+            tips.append(f"{fewer} tokens per micro-batch instead of {tokens} ({key}), {cheapest.setting.label}: "
+                        f"{row.train_peak:.1f} GiB")  # fmt: skip
+            break
+    for more in range(gpus * nodes + 1, 4097):
+        rows = [estimate(model, params, Setting(ds, True, more), targets, tokens) for ds in ("zero3", "zero3-offload")]
+        ok = [r for r in rows if max(r.train_peak, r.load_peak) <= budget]
+        if ok:
+            tips.append(f"{more} GPUs with train.deepspeed: {ok[0].setting.deepspeed} and checkpointing: "
+                        f"{ok[0].train_peak:.1f} GiB each")  # fmt: skip
+            break
+    return tips or ["a smaller model: not even offload over 4,096 GPUs fits"]
+
+
+def table(plan: Plan) -> str:
+    """The plan as text: one row per candidate (GiB per GPU by part, load and training peaks, fits, relative
+    speed), then the choice and why."""
+    where = (f"{plan.nodes} x {plan.gpus_per_node} GPUs of {plan.capacity_gib:.1f} GiB" if plan.capacity_gib
+             else f"{plan.nodes} x {plan.gpus_per_node} GPUs")  # fmt: skip
+    lines = [f"plan: {where}, {plan.tokens_per_gpu} tokens per GPU per micro-batch; GiB per GPU",
+             f"  {'setting':<36}{'GPUs':>5}{'weights':>9}{'adapter':>9}{'activ.':>8}{'loss':>6}{'gather':>8}"
+             f"{'load':>7}{'train':>7}  {'fits':<5}{'speed':>6}"]  # fmt: skip
+    for r in plan.rows:
+        fits = "-" if plan.capacity_gib is None else ("yes" if r.fits else "no")
+        mark = "*" if r is plan.chosen else " "
+        lines.append(f"{mark} {r.setting.label:<36}{r.setting.gpus:>5}{r.weights:>9.2f}{r.adapter:>9.2f}"
+                     f"{r.activations:>8.2f}{r.loss:>6.2f}{r.gathers:>8.2f}{r.load_peak:>7.2f}{r.train_peak:>7.2f}  "
+                     f"{fits:<5}{r.speed:>6.2f}")  # fmt: skip
+    lines.append("  speed: tokens/s relative to one GPU without DeepSpeed (measured on a 7B, bench/RESULTS.md)")
+    if plan.chosen:
+        lines.append(f"choice: {plan.chosen.setting.label} ({plan.reason})")
+    elif plan.capacity_gib is not None:
+        lines.append(f"nothing fits {size(HEADROOM * plan.capacity_gib)} usable per GPU; would fit: "
+                     + "; or ".join(plan.advice))  # fmt: skip
+    else:
+        lines.append(plan.reason)
+    return "\n".join(lines)

@@ -1,0 +1,151 @@
+"""`python -m stages.plan`: predicted GPU memory and speed of each training setting, and the one `auto` picks.
+
+    python -m stages.plan                                   # params.yaml, this machine's GPUs
+    python -m stages.plan --params pipelines/seed-chatglm2-2x4/params.yaml --gpus 4 --nodes 2 --gpu-memory-gib 24
+
+The model is built from its config.json on the meta device (exact parameter counts, no weights): models/base's
+once downloaded, else the recipe's `config` (or the Hub's config.json at the pinned revision). The train stage
+prints the same table at its start and resolves `train.deepspeed: auto` and `train.gradient_checkpointing: auto`
+with it (stages/lib/train/plan.py says how each number is predicted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from stages.lib.core.errors import UserError, run_stage
+from stages.lib.core.params import Params, load_params
+
+BASE_DIR = Path("models/base")
+PLANNED_ENV = "TRAIN_PLANNED"  # the head process's resolved auto settings, for the ranks it launches
+
+
+def config_dict(params: Params, downloaded: bool = True) -> dict:
+    """config.json of the model to train: models/base's (if `downloaded` and there), else from the recipe (its
+    `config`, or the Hub's config.json at the pinned revision). UserError when none can be had."""
+    from stages.lib.core.recipes import model_recipe
+
+    if downloaded and (BASE_DIR / "config.json").is_file():
+        return json.loads((BASE_DIR / "config.json").read_text(encoding="utf-8"))
+    recipe = model_recipe(params.model.recipe)
+    source = recipe.source
+    if source.kind == "config":
+        return {"model_type": source.model_type, "vocab_size": source.tokenizer_vocab_size} | source.config
+    config = source.config
+    if config is None:
+        try:
+            from huggingface_hub import hf_hub_download
+
+            config = json.loads(Path(hf_hub_download(source.repo, "config.json", revision=source.revision)).read_text())
+        except Exception as exc:  # noqa: BLE001 - offline, gated or missing: one line either way
+            raise UserError(f"no config.json for {source.repo} ({type(exc).__name__}): run `dvc repro download` "
+                            f"first, or add its sizes as `config` to recipes/models/{params.model.recipe}.yaml") from None  # fmt: skip
+    if recipe.converter == "chatglm2":
+        from stages.lib.convert import glm_config
+
+        config = glm_config(config)
+    return config
+
+
+def meta_from_config(config: dict):
+    """The causal LM `config` describes, on the meta device. UserError when transformers cannot build it."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    values = {k: v for k, v in config.items() if k not in ("architectures", "auto_map", "quantization_config")}
+    try:
+        built = AutoConfig.for_model(values.pop("model_type"), **values)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(built)
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(f"cannot build the model from its config.json to plan ({str(exc)[:160]}): set "
+                        "train.deepspeed and train.gradient_checkpointing yourself") from None  # fmt: skip
+
+
+def lora_targets(params: Params):
+    from stages.lib.core.recipes import model_recipe
+
+    return params.train.lora.target_modules or model_recipe(params.model.recipe).lora_targets
+
+
+def resolve(params: Params) -> tuple[Params, dict | None]:
+    """`params` with `auto` replaced by the plan's choice, and the record of that choice (None without auto).
+
+    In the head process: prints the plan (on a GPU, or when a key is auto) and stores the choice in TRAIN_PLANNED
+    so that every rank it launches trains the same setting. UserError when auto is asked and nothing fits, with
+    the numbers and the cheapest change; or when auto cannot plan (a model that needs its Hub code)."""
+    t = params.train
+    auto = {k for k in ("deepspeed", "gradient_checkpointing") if getattr(t, k) == "auto"}
+    if PLANNED_ENV in os.environ and auto:
+        record = json.loads(os.environ[PLANNED_ENV])
+        return _apply(params, record), record
+    import torch
+
+    from stages.lib.train.fit import gpu_capacity_gib
+    from stages.lib.train.plan import make_plan, table
+
+    capacity = gpu_capacity_gib()
+    if not auto and capacity is None:
+        return params, None
+    config = config_dict(params)
+    if config.get("auto_map"):
+        if auto:
+            raise UserError("train.deepspeed / gradient_checkpointing auto cannot plan a model that needs its Hub "
+                            "code (auto_map in config.json): set both yourself")  # fmt: skip
+        return params, None
+    launch = params.train.launch
+    gpus = launch.gpus_per_node or max(torch.cuda.device_count(), 1)
+    plan = make_plan(meta_from_config(config), params, lora_targets(params), gpus, launch.nodes, capacity)
+    print(table(plan), flush=True)
+    if not auto:
+        return params, None
+    if capacity is None:
+        record = {"deepspeed": None, "gradient_checkpointing": False, "reason": "no GPU: no DeepSpeed, no checkpointing"}
+    elif plan.chosen is None:
+        raise UserError(f"train: nothing fits {plan.gpus_per_node * plan.nodes} GPU(s) of {capacity:.1f} GiB (the "
+                        f"plan above); would fit: {'; or '.join(plan.advice)}")  # fmt: skip
+    else:
+        c = plan.chosen
+        record = {"deepspeed": None if c.setting.deepspeed == "none" else c.setting.deepspeed,
+                  "gradient_checkpointing": c.setting.checkpointing, "reason": plan.reason,
+                  "predicted_train_gib": round(c.train_peak, 2), "predicted_load_gib": round(c.load_peak, 2)}  # fmt: skip
+    record = {k: v for k, v in record.items() if k in auto or k not in ("deepspeed", "gradient_checkpointing")}
+    print(f"train: auto -> {', '.join(f'{k}: {record[k]}' for k in sorted(auto))} ({record['reason']})", flush=True)
+    os.environ[PLANNED_ENV] = json.dumps(record)
+    return _apply(params, record), record
+
+
+def _apply(params: Params, record: dict) -> Params:
+    changes = {k: record[k] for k in ("deepspeed", "gradient_checkpointing") if k in record}
+    return params.model_copy(update={"train": params.train.model_copy(update=changes)})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", type=Path, default=Path("params.yaml"))
+    ap.add_argument("--gpus", type=int, help="GPUs per node (default: train.launch.gpus_per_node, else those here)")
+    ap.add_argument("--nodes", type=int, help="nodes (default: train.launch.nodes)")
+    ap.add_argument("--gpu-memory-gib", type=float, help="memory of one GPU (default: this machine's)")
+    args = ap.parse_args()
+    params = load_params(args.params)
+    for key, value in (("--gpus", args.gpus), ("--nodes", args.nodes), ("--gpu-memory-gib", args.gpu_memory_gib)):
+        if value is not None and value <= 0:
+            raise UserError(f"{key} must be above 0, got {value}")
+    import torch
+
+    from stages.lib.train.fit import gpu_capacity_gib
+    from stages.lib.train.plan import make_plan, table
+
+    launch = params.train.launch
+    gpus = args.gpus or launch.gpus_per_node or max(torch.cuda.device_count(), 1)
+    capacity = args.gpu_memory_gib or gpu_capacity_gib()
+    own = args.params.resolve() == Path("params.yaml").resolve()  # models/base is this params file's model
+    model = meta_from_config(config_dict(params, downloaded=own))
+    print(table(make_plan(model, params, lora_targets(params), gpus, args.nodes or launch.nodes, capacity)))
+
+
+if __name__ == "__main__":
+    run_stage(main)
