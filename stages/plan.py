@@ -71,8 +71,10 @@ def lora_targets(params: Params):
     return params.train.lora.target_modules or model_recipe(params.model.recipe).lora_targets
 
 
-def resolve(params: Params) -> tuple[Params, dict | None]:
+def resolve(params: Params, capacity_gib: float | None = None,
+            visible_gpus: int | None = None) -> tuple[Params, dict | None]:
     """`params` with `auto` replaced by the plan's choice, and the record of that choice (None without auto).
+    `capacity_gib` and `visible_gpus` default to this machine's GPUs (TRAIN_GPU_MEMORY_GIB caps the first).
 
     In the head process: prints the plan (on a GPU, or when a key is auto) and stores the choice in TRAIN_PLANNED
     so that every rank it launches trains the same setting. UserError when auto is asked and nothing fits, with
@@ -87,7 +89,7 @@ def resolve(params: Params) -> tuple[Params, dict | None]:
     from stages.lib.train.fit import gpu_capacity_gib
     from stages.lib.train.plan import make_plan, table
 
-    capacity = gpu_capacity_gib()
+    capacity = capacity_gib or gpu_capacity_gib()
     if not auto and capacity is None:
         return params, None
     config = config_dict(params)
@@ -97,7 +99,7 @@ def resolve(params: Params) -> tuple[Params, dict | None]:
                             "code (auto_map in config.json): set both yourself")  # fmt: skip
         return params, None
     launch = params.train.launch
-    gpus = launch.gpus_per_node or max(torch.cuda.device_count(), 1)
+    gpus = launch.gpus_per_node or max(torch.cuda.device_count() if visible_gpus is None else visible_gpus, 1)
     plan = make_plan(meta_from_config(config), params, lora_targets(params), gpus, launch.nodes, capacity)
     print(table(plan), flush=True)
     if not auto:

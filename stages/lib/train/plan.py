@@ -268,14 +268,19 @@ def advice(model, params: Params, targets, gpus: int, nodes: int, capacity_gib: 
             tips.append(f"{fewer} tokens per micro-batch instead of {tokens} ({key}), {cheapest.setting.label}: "
                         f"{row.train_peak:.1f} GiB")  # fmt: skip
             break
-    for more in range(gpus * nodes + 1, 4097):
-        rows = [estimate(model, params, Setting(ds, True, more), targets, tokens) for ds in ("zero3", "zero3-offload")]
-        ok = [r for r in rows if max(r.train_peak, r.load_peak) <= budget]
-        if ok:
-            tips.append(f"{more} GPUs with train.deepspeed: {ok[0].setting.deepspeed} and checkpointing: "
-                        f"{ok[0].train_peak:.1f} GiB each")  # fmt: skip
-            break
-    return tips or ["a smaller model: not even offload over 4,096 GPUs fits"]
+    for ds in ("zero3", "zero3-offload"):  # the peak falls as GPUs are added: bisect for the fewest that fit
+        fits = lambda n: max((r := estimate(model, params, Setting(ds, True, n), targets, tokens)).train_peak,  # noqa: E731
+                             r.load_peak) <= budget  # fmt: skip
+        low, high = gpus * nodes, 4096
+        if not fits(high):
+            continue
+        while high - low > 1:
+            mid = (low + high) // 2
+            low, high = (low, mid) if fits(mid) else (mid, high)
+        row = estimate(model, params, Setting(ds, True, high), targets, tokens)
+        tips.append(f"{high} GPUs with train.deepspeed: {ds} and checkpointing: {row.train_peak:.1f} GiB each")
+        break
+    return tips or ["a smaller model, or fewer tokens per micro-batch than tokenize.max_length allows"]
 
 
 def table(plan: Plan) -> str:

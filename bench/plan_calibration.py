@@ -1,0 +1,75 @@
+"""The planner's predicted peak GPU memory against every measured configuration in bench/RESULTS.md.
+
+Builds each benchmark's model on the meta device (bench/topologies.py shapes), asks stages/lib/train/plan.py for
+the load and training peaks per GPU of the setting that ran, and prints them next to the measured peaks
+(`max_memory_allocated`, GiB per rank) with the relative error. No GPU needed.
+
+    python bench/plan_calibration.py
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+
+QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
+ALL7 = QKVO + ["gate_proj", "up_proj", "down_proj"]
+# (what, RESULTS section, size, row tokens, train changes, DeepSpeed, GPUs, LoRA targets, load GiB, train GiB)
+MEASURED = [
+    ("7B QLoRA, 1 GPU, no DeepSpeed", "1c", "7b", 8192, {}, "none", 1, QKVO, 5.29, 9.09),
+    ("7B QLoRA, 1 GPU, zero3", "1c", "7b", 8192, {}, "zero3", 1, QKVO, 5.25, 9.22),
+    ("7B QLoRA, 2 GPUs, zero3", "1c", "7b", 8192, {}, "zero3", 2, QKVO, 2.72, 6.90),
+    ("7B QLoRA, 2 GPUs, zero3-offload", "1c", "7b", 8192, {}, "zero3-offload", 2, QKVO, 0.27, 4.32),
+    ("7B QLoRA, 2 GPUs, zero2", "1c", "7b", 8192, {}, "zero2", 2, QKVO, 5.22, 9.11),
+    ("7B QLoRA, 1 GPU, no checkpointing", "2", "7b", 8192, {"gradient_checkpointing": False}, "none", 1,
+     ["q_proj", "k_proj", "v_proj"], None, 44.18),
+    ("7B QLoRA, 1 GPU (throughput bench)", "2", "7b", 8192, {}, "none", 1, ["q_proj", "k_proj", "v_proj"], None, 9.08),
+    ("7B 16-bit LoRA, 1 GPU, zero3", "1b", "7b", 8192, {"method": "lora"}, "zero3", 1, QKVO, 15.23, 18.31),
+    ("7B 16-bit LoRA, 2 GPUs, zero3", "1b", "7b", 8192, {"method": "lora"}, "zero3", 2, QKVO, 8.11, 11.59),
+    ("1.5B QLoRA (tied), 2 GPUs, zero3", "1b", "1.5b", 8192, {}, "zero3", 2, QKVO, None, 2.57),
+    ("14B QLoRA, 2 GPUs, zero3 (cap 9)", "1c", "14b", 1024, {}, "zero3", 2, QKVO, 4.82, 7.17),
+    ("14B QLoRA, 2 GPUs, zero3-offload (cap 8)", "1c", "14b", 1024, {}, "zero3-offload", 2, QKVO, 0.37, 3.21),
+]  # fmt: skip
+
+
+def meta(size: str):
+    import torch
+    from topologies import SIZES
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.for_model("qwen2", **SIZES[size]))
+
+
+def rows() -> list[dict]:
+    """One dict per measured configuration: what, section, predicted and measured load/train GiB per rank."""
+    from topologies import base_params
+
+    from stages.lib.core.params import Params
+    from stages.lib.train.plan import Setting, estimate
+
+    models, out = {}, []
+    for what, section, size, row, changes, ds, gpus, targets, load, train in MEASURED:
+        raw = base_params(8, None if ds == "none" else ds, row)
+        raw["train"] |= {"packed_length": row, "attn_implementation": "varlen", "token_metrics": False} | changes
+        params = Params.model_validate(raw)
+        model = models.setdefault(size, meta(size))
+        e = estimate(model, params, Setting(ds, params.train.gradient_checkpointing, gpus), targets)
+        out.append({"what": what, "section": section, "load": (e.load_peak, load), "train": (e.train_peak, train)})
+    return out
+
+
+def main() -> None:
+    print("| configuration | RESULTS | load GiB predicted / measured | train GiB predicted / measured | train error |")
+    print("|---|---|---|---|---|")
+    for r in rows():
+        (pl, ml), (pt, mt) = r["load"], r["train"]
+        load = f"{pl:.2f} / {ml:.2f}" if ml is not None else f"{pl:.2f} / —"
+        print(f"| {r['what']} | §{r['section']} | {load} | {pt:.2f} / {mt:.2f} | {(pt - mt) / mt:+.1%} |")
+
+
+if __name__ == "__main__":
+    main()
