@@ -75,6 +75,8 @@ def sft_config(params: Params, output_dir: Path, **overrides):
     checkpointing = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
     ds_config = deepspeed_config(t.deepspeed) if t.deepspeed else None
     zero3 = bool(ds_config) and ds_config.get("zero_optimization", {}).get("stage") == 3
+    if zero3 and not torch.cuda.is_available():  # DeepSpeed 0.19.8's leaf-module path calls CUDA-only
+        ds_config["zero_optimization"].pop("stage3_module_granularity_threshold", None)  # record_stream on CPU grads
     reentrant = zero3 if t.reentrant_checkpointing is None else t.reentrant_checkpointing
     if "tensorboard" in t.report_to:  # not under output_dir: the checkpoint folder is emptied at the end
         os.environ.setdefault("TENSORBOARD_LOGGING_DIR", TRACKER_LOGS)  # transformers >= 5.2x reads only this
