@@ -20,7 +20,9 @@ of each setting against one GPU without DeepSpeed, measured on the same 7B (EFFI
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..core.params import Params
 from .fit import GIB, size, weight_bytes
@@ -112,15 +114,21 @@ def shape(model) -> Shape:
                  model.get_output_embeddings().weight.shape[0], layers[0], list(embeddings.values()))  # fmt: skip
 
 
-def deepspeed_kind(name: str) -> tuple[int, bool, bool]:
-    """(ZeRO stage, parameters offloaded, optimizer offloaded) of a DeepSpeed setting; (0, False, False) for none."""
+def deepspeed_kind(name: str) -> tuple[int, bool, bool, bool]:
+    """(ZeRO stage, parameters offloaded, optimizer offloaded, small modules gathered whole) of a DeepSpeed
+    setting; all zero / False for none."""
     if name == "none":
-        return 0, False, False
+        return 0, False, False, False
     from ..core.recipes import deepspeed_config
 
-    zero = deepspeed_config(name).get("zero_optimization", {})
+    if name.endswith(".json") and Path(name).is_file():  # any file (a benchmark's probe); the stage takes recipes only
+        config = json.loads(Path(name).read_text(encoding="utf-8"))
+    else:
+        config = deepspeed_config(name)
+    zero = config.get("zero_optimization", {})
     offloaded = lambda key: (zero.get(key) or {}).get("device", "none") not in ("none", None)  # noqa: E731
-    return int(zero.get("stage", 0)), offloaded("offload_param"), offloaded("offload_optimizer")
+    leaves = float(zero.get("stage3_module_granularity_threshold") or 0) > 0
+    return int(zero.get("stage", 0)), offloaded("offload_param"), offloaded("offload_optimizer"), leaves
 
 
 def trainable_params(model, params: Params, targets: list[str] | str) -> int:
@@ -167,7 +175,7 @@ def estimate(model, params: Params, setting: Setting, targets: list[str] | str, 
     s = shape(model)
     d = torch.finfo(getattr(torch, t.dtype)).bits // 8
     tokens = tokens or tokens_per_gpu(params)
-    stage, param_offload, optimizer_offload = deepspeed_kind(setting.deepspeed)
+    stage, param_offload, optimizer_offload, leaves = deepspeed_kind(setting.deepspeed)
     zero3 = stage == 3
     four_bit = t.method == "qlora"
     whole = weight_bytes(model, four_bit, d, t.quant.double_quant)
@@ -193,7 +201,9 @@ def estimate(model, params: Params, setting: Setting, targets: list[str] | str, 
         embeddings = sum(w.numel() for w in s.embeddings) * d
         if not param_offload:  # fitted to the 14B runs: less the rank's own shard, resident already
             embeddings *= 1 - 1 / setting.gpus
-        gathers = max(2 * layer_bytes, embeddings - working)
+        head_bytes = model.get_output_embeddings().weight.numel() * d
+        # measured (7B, 2 GPUs): with leaf modules the 16-bit head stays gathered at the layer peak too (+1.03 GiB)
+        gathers = max(2 * layer_bytes + head_bytes * leaves, embeddings - working)
     largest = max(p.numel() for p in model.parameters()) * d  # the one tensor being read or quantized
     head = model.get_output_embeddings()
     largest_quantized = max((m.weight.numel() for m in model.modules()
