@@ -197,6 +197,11 @@ def benchmark_tasks(params: Params, scratch: Path) -> list[dict]:
         key = f"eval.benchmarks[{i}] ({b.name})"
         if b.builtin:
             test, dev = benchmarks.write_builtin(b.builtin, params.seed, scratch / b.name)
+        elif b.hub:
+            try:
+                test, dev = benchmarks.fetch_hub(b.hub, scratch / b.name, params.network)
+            except benchmarks.BenchmarkError as exc:
+                raise UserError(f"{key}: {exc}") from None
         else:  # params keep them under data/benchmarks; a link there may still lead out
             test, dev = (tracked_path(f, key, Path(BENCHMARKS_DIR)) if f else None for f in (b.test, b.dev))
         try:

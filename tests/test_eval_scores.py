@@ -112,7 +112,9 @@ def test_benchmark_params_are_checked_before_models_load(tmp_path: Path, monkeyp
     for entry, message in [
         ({"name": "x", "test": "elsewhere/t.csv"}, "must be a file under data/benchmarks/"),
         ({"name": "x", "test": "data/benchmarks/t.csv", "shots": 3}, "shots: 3 needs dev"),
-        ({"name": "x"}, "give either builtin or test"),
+        ({"name": "x"}, "give one of builtin, test .* or hub"),
+        ({"name": "x", "hub": {"repo": "org/set", "revision": "main", "test": "t.csv"}}, "40 hex digits"),
+        ({"name": "x", "hub": {"repo": "org/set", "revision": "a" * 40, "test": "t.json"}}, "hub.test"),
     ]:
         with pytest.raises(ParamsError, match=message):
             params_with(entry)
@@ -158,3 +160,42 @@ def test_bleu_chrf_and_the_generation_cap():
     assert sacrebleu_scores(["狗"], ["红色的猫"])["bleu"] < 1
     rows = [{"assistant_masks": [0, 0, 1, 1, 1]}, {"assistant_masks": [0] + [1] * 12}]
     assert generation_cap(rows, None) == 24 and generation_cap(rows[:1], None) == 16 and generation_cap(rows, 7) == 7
+
+
+def test_hub_benchmark_files_come_from_the_pinned_revision(tmp_path: Path, monkeypatch):
+    """The real hf_hub_download, offline, against a Hub cache laid out as huggingface_hub lays it out: MMLU's
+    Parquet layout (question, choices, answer index) becomes the MMLU CSV layout; CSV files are read as they are."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from stages.eval import benchmark_tasks
+    from stages.lib.core.errors import UserError
+    from stages.lib.core.params import load_params
+
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = tmp_path / "hub" / "datasets--org--mmlu" / "snapshots" / revision
+    (snapshot / "astronomy").mkdir(parents=True)
+    rows = {"question": ["q1", "q2", "q3"], "subject": ["astronomy"] * 3,
+            "choices": [["a", "b", "c", "d"]] * 3, "answer": [0, 3, 1]}  # fmt: skip
+    pq.write_table(pa.table(rows), snapshot / "astronomy" / "test-00000-of-00001.parquet")
+    write_csv(snapshot / "astronomy" / "dev.csv", [["q", "1", "2", "3", "4", "B"]] * 2)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.chdir(tmp_path)
+    raw = default_params()
+    hub = {"repo": "org/mmlu", "revision": revision, "test": "astronomy/test-00000-of-00001.parquet",
+           "dev": "astronomy/dev.csv"}  # fmt: skip
+    raw["eval"]["benchmarks"] = [{"name": "astronomy", "hub": hub, "shots": 2}]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    scratch = tmp_path / "scratch"
+    (task,) = benchmark_tasks(load_params(), scratch)
+    test_csv = Path(task["dataset_kwargs"]["data_files"]["test"])
+    assert test_csv.read_text().splitlines() == ["q1,a,b,c,d,A", "q2,a,b,c,d,D", "q3,a,b,c,d,B"]
+    assert task["dataset_kwargs"]["column_names"] == ["question", "A", "B", "C", "D", "answer"]  # the MMLU layout
+    assert Path(task["dataset_kwargs"]["data_files"]["dev"]).parent.name == "astronomy"  # the cached CSV itself
+    raw["eval"]["benchmarks"] = [{"name": "astronomy", "hub": hub | {"test": "astronomy/missing.parquet"}}]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(UserError, match=r"hub benchmark org/mmlu@0123.* file astronomy/missing.parquet could not "
+                                        r"be loaded: .*HF_HUB_OFFLINE is set"):  # fmt: skip
+        benchmark_tasks(load_params(), scratch)

@@ -283,6 +283,16 @@ def _benchmark_file(value: str) -> str:
 BenchmarkFile = Annotated[str, AfterValidator(_benchmark_file)]
 
 
+class BenchmarkHub(Strict):
+    """Benchmark files in a Hub dataset repo at a pinned commit: CSV (CMMLU, C-Eval, MMLU layouts) or Parquet
+    (those columns, or MMLU's question / choices / answer index)."""
+
+    repo: Annotated[str, Field(pattern=r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")]  # org/name of a dataset repo
+    revision: Annotated[str, _hex_digest(40, "a full commit hash, 40 hex digits (a branch or tag can move)")]
+    test: Annotated[str, Field(pattern=r"^[^/].*\.(csv|parquet)$")]  # a file's path in the repo
+    dev: Annotated[str, Field(pattern=r"^[^/].*\.(csv|parquet)$")] | None = None
+
+
 class BenchmarkParams(Strict):
     """One multiple-choice benchmark (one subject): a test file, and a dev file for k-shot examples."""
 
@@ -290,17 +300,19 @@ class BenchmarkParams(Strict):
     builtin: Literal["toy-choice"] | None = None  # generated: no files
     test: BenchmarkFile | None = None
     dev: BenchmarkFile | None = None
+    hub: BenchmarkHub | None = None  # files of a Hub dataset instead of test/dev
     shots: Annotated[int, Field(ge=0, le=10)] = 0  # worked examples from dev before each question
     max_questions: Annotated[int, Field(ge=1)] | None = None  # the first N test questions
 
     @model_validator(mode="after")
     def _one_source(self):
-        if (self.builtin is None) == (self.test is None):
-            raise ValueError("give either builtin or test (a CSV under data/benchmarks/), not both or neither")
-        if self.builtin and self.dev:
-            raise ValueError(f"builtin: {self.builtin} brings its own worked examples: leave dev out")
-        if self.shots and self.builtin is None and self.dev is None:
-            raise ValueError(f"shots: {self.shots} needs dev (a CSV of worked examples) or shots: 0")
+        if sum(x is not None for x in (self.builtin, self.test, self.hub)) != 1:
+            raise ValueError("give one of builtin, test (a CSV under data/benchmarks/) or hub (files of a Hub dataset)")
+        if (self.builtin or self.hub) and self.dev:
+            where = f"builtin: {self.builtin} brings its own worked examples" if self.builtin else "give hub.dev"
+            raise ValueError(f"{where}: leave dev out")
+        if self.shots and self.builtin is None and self.dev is None and (self.hub is None or self.hub.dev is None):
+            raise ValueError(f"shots: {self.shots} needs dev (a CSV of worked examples; hub.dev for hub) or shots: 0")
         return self
 
 

@@ -192,3 +192,45 @@ def write_builtin(name: str, seed: int, folder: Path | None = None) -> tuple[Pat
             writer.writerows([i, r["question"], *r["options"], r["answer"]] for i, r in enumerate(rows))
         paths.append(path)
     return paths[0], paths[1]
+
+
+def fetch_hub(hub, folder: Path, network) -> tuple[Path, Path | None]:
+    """The test and dev files of params `hub` (repo, revision, test, dev) as benchmark CSVs: downloaded into the
+    Hub cache at the pinned commit (or found there offline), Parquet written to `folder` as CSV. SourceError (one
+    line, naming the repo and file) when a file cannot be had."""
+    from stages.lib.data.sources import hub_errors, hub_limits
+
+    hub_limits(network)
+    from huggingface_hub import hf_hub_download
+
+    files = []
+    for split, name in (("test", hub.test), ("dev", hub.dev)):
+        if name is None:
+            files.append(None)
+            continue
+        with hub_errors(f"hub benchmark {hub.repo}@{hub.revision} file {name}"):
+            local = Path(hf_hub_download(hub.repo, name, repo_type="dataset", revision=hub.revision))
+        files.append(local if local.suffix == ".csv" else parquet_as_csv(local, folder / f"{split}.csv"))
+    return files[0], files[1]
+
+
+def parquet_as_csv(path: Path, out: Path) -> Path:
+    """A Parquet benchmark file as CSV: MMLU's Hub layout (question, choices list, answer index 0-3) becomes the
+    MMLU CSV layout; any other table keeps its columns under a header (CMMLU and C-Eval layouts)."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        if {"question", "choices", "answer"} <= set(table.column_names):
+            for i, row in enumerate(table.select(["question", "choices", "answer"]).to_pylist()):
+                choices, answer = row["choices"], row["answer"]
+                if len(choices) != 4 or not isinstance(answer, int) or not 0 <= answer < 4:
+                    raise BenchmarkError(f"{path} row {i}: {len(choices)} choices and answer {answer!r}; "
+                                         "four choices and an answer index 0-3 are needed")  # fmt: skip
+                writer.writerow([row["question"], *choices, LETTERS[answer]])
+        else:
+            writer.writerow(table.column_names)
+            writer.writerows([row[c] for c in table.column_names] for row in table.to_pylist())
+    return out
