@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
-OLD_ZERO3 = str(ROOT / "bench" / "configs" / "zero3-session9.json")  # the zero3 recipe until session 10
+OLD_ZERO3 = str(ROOT / "bench" / "configs" / "zero3-session9.json")  # the zero3 recipes until session 10
+OLD_OFFLOAD = str(ROOT / "bench" / "configs" / "zero3-offload-session9.json")
 R16 = {"lora": {"r": 16, "alpha": 32, "dropout": 0.0}, "liger": True}  # pipelines/qwen2.5-7b-1gpu's LoRA
 ALL7 = QKVO + ["gate_proj", "up_proj", "down_proj"]
 # (what, RESULTS section, size, row tokens, train changes, DeepSpeed, GPUs, LoRA targets, load GiB, train GiB)
@@ -24,7 +25,7 @@ MEASURED = [
     ("7B QLoRA, 1 GPU, no DeepSpeed", "1c", "7b", 8192, {}, "none", 1, QKVO, 5.29, 9.09),
     ("7B QLoRA, 1 GPU, zero3", "1c", "7b", 8192, {}, OLD_ZERO3, 1, QKVO, 5.25, 9.22),
     ("7B QLoRA, 2 GPUs, zero3", "1c", "7b", 8192, {}, OLD_ZERO3, 2, QKVO, 2.72, 6.90),
-    ("7B QLoRA, 2 GPUs, zero3-offload", "1c", "7b", 8192, {}, "zero3-offload", 2, QKVO, 0.27, 4.32),
+    ("7B QLoRA, 2 GPUs, zero3-offload", "1c", "7b", 8192, {}, OLD_OFFLOAD, 2, QKVO, 0.27, 4.32),
     ("7B QLoRA, 2 GPUs, zero2", "1c", "7b", 8192, {}, "zero2", 2, QKVO, 5.22, 9.11),
     ("7B QLoRA, 1 GPU, no checkpointing", "2", "7b", 8192, {"gradient_checkpointing": False}, "none", 1,
      ["q_proj", "k_proj", "v_proj"], None, 44.18),
@@ -33,9 +34,12 @@ MEASURED = [
     ("7B 16-bit LoRA, 2 GPUs, zero3", "1b", "7b", 8192, {"method": "lora"}, OLD_ZERO3, 2, QKVO, 8.11, 11.59),
     ("1.5B QLoRA (tied), 2 GPUs, zero3", "1b", "1.5b", 8192, {}, OLD_ZERO3, 2, QKVO, None, 2.57),
     ("14B QLoRA, 2 GPUs, zero3 (cap 9)", "1c", "14b", 1024, {}, OLD_ZERO3, 2, QKVO, 4.82, 7.17),
-    ("14B QLoRA, 2 GPUs, zero3-offload (cap 8)", "1c", "14b", 1024, {}, "zero3-offload", 2, QKVO, 0.37, 3.21),
+    ("14B QLoRA, 2 GPUs, zero3-offload (cap 8)", "1c", "14b", 1024, {}, OLD_OFFLOAD, 2, QKVO, 0.37, 3.21),
     # session 10, one lease (§5): the zero3 recipe with leaf modules, auto's choices, the 7B pipeline's settings
     ("7B QLoRA, 2 GPUs, zero3 (recipe since session 10)", "5", "7b", 8192, {}, "zero3", 2, QKVO, 2.73, 7.93),
+    ("7B QLoRA, 1 GPU, zero3 (recipe since session 10)", "5", "7b", 8192, {}, "zero3", 1, QKVO, 5.27, 9.25),
+    ("7B QLoRA, 2 GPUs, zero3-offload (recipe since session 10)", "5", "7b", 8192, {}, "zero3-offload", 2, QKVO,
+     0.27, 5.30),
     ("7B QLoRA, 2 GPUs, zero2, no checkpointing (auto)", "5", "7b", 8192, {"gradient_checkpointing": False}, "zero2",
      2, QKVO, 5.22, 44.21),
     ("7B pipeline (r16, all 7, Liger), 1 GPU", "5", "7b", 8192, R16, "none", 1, ALL7, 5.33, 8.96),

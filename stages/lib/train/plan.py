@@ -33,8 +33,9 @@ BACKWARD_LAYERS = 0.34  # layers' worth of activation gradients alive at once in
 TILE_TOKENS, TILE_VOCAB = 4096, 32768  # TRL 1.16's chunked log-prob: tokens x vocab per logits tile
 HEADROOM = 0.9  # of a GPU's memory: allocator fragmentation and the CUDA context need the rest
 # tokens/s per GPU against one GPU without DeepSpeed, 7B QLoRA, 8,192-token rows, 2 x H200 (bench/RESULTS.md §1c)
-EFFICIENCY = {"none": 1.0, "zero2": 0.88, "zero3": 0.36, "zero3-offload": 0.32}
-ZERO3_ONE_GPU = 0.47  # ZeRO-3 on a single GPU (nothing to overlap the gathers with)
+# (zero3 recipes with leaf modules, session 10: 16,832 and 12,828 tokens/s on 2 GPUs against 10,478 on one)
+EFFICIENCY = {"none": 1.0, "zero2": 0.88, "zero3": 0.80, "zero3-offload": 0.61}
+ZERO3_ONE_GPU = 0.90  # ZeRO-3 on a single GPU: 9,407 tokens/s
 NO_CHECKPOINTING = 1.34  # tokens/s without recomputation against with it (RESULTS.md §2: 12,705 vs 9,512)
 CANDIDATES = ("none", "zero2", "zero3", "zero3-offload")
 
@@ -202,8 +203,9 @@ def estimate(model, params: Params, setting: Setting, targets: list[str] | str, 
         if not param_offload:  # fitted to the 14B runs: less the rank's own shard, resident already
             embeddings *= 1 - 1 / setting.gpus
         head_bytes = model.get_output_embeddings().weight.numel() * d
-        # measured (7B, 2 GPUs): with leaf modules the 16-bit head stays gathered at the layer peak too (+1.03 GiB)
-        gathers = max(2 * layer_bytes + head_bytes * leaves, embeddings - working)
+        # measured (7B): with leaf modules the 16-bit head stays gathered at the layer peak too on 2 GPUs (+1.03
+        # GiB, also with offload), not on 1
+        gathers = max(2 * layer_bytes + head_bytes * (leaves and setting.gpus > 1), embeddings - working)
     largest = max(p.numel() for p in model.parameters()) * d  # the one tensor being read or quantized
     head = model.get_output_embeddings()
     largest_quantized = max((m.weight.numel() for m in model.modules()
