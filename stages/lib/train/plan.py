@@ -65,6 +65,7 @@ class Estimate:
     gathers: float
     load_peak: float
     speed: float
+    traffic: float = 0.0  # GiB each GPU sends and receives per micro-batch (ZeRO gathers and gradient reductions)
     fits: bool = False
 
     @property
@@ -218,8 +219,11 @@ def estimate(model, params: Params, setting: Setting, targets: list[str] | str, 
     if zero3 and setting.gpus == 1:
         speed = ZERO3_ONE_GPU * (speed / EFFICIENCY["zero3"])
     speed *= setting.gpus * (1 if setting.checkpointing else NO_CHECKPOINTING)
+    traffic = 0.0
+    if stage and setting.gpus > 1:  # gradients of the trainable parameters are reduced; ZeRO-3 also gathers weights
+        traffic = 2 * trainable * d + (whole.sharded * (2 if not setting.checkpointing else 3) if zero3 else 0)
     return Estimate(setting, resident / GIB, adapter / GIB, activations / GIB, loss / GIB, gathers / GIB,
-                    load / GIB, speed)  # fmt: skip
+                    load / GIB, speed, traffic / GIB)  # fmt: skip
 
 
 def candidates(gpus: int, nodes: int) -> list[Setting]:
@@ -248,9 +252,16 @@ def make_plan(model, params: Params, targets: list[str] | str, gpus: int, nodes:
         plan = Plan(rows, None, "nothing fits", capacity_gib, gpus, nodes, tokens)
         plan.advice = advice(model, params, targets, gpus, nodes, capacity_gib)
         return plan
-    chosen = max(fitting, key=lambda r: (r.speed, -r.train_peak))
+    local = [r for r in fitting if r.traffic < 1]  # across nodes: ZeRO-3's weight gathers cross the network
+    pool = local if nodes > 1 and local else fitting
+    chosen = max(pool, key=lambda r: (r.speed, -r.train_peak))
     faster = [r for r in rows if r.speed > chosen.speed]
     why = f"fastest that fits: {chosen.train_peak:.1f} of {budget:.1f} GiB usable per GPU"
+    if pool is local and len(local) < len(fitting):
+        heavy = max(fitting, key=lambda r: r.speed)
+        why += (f"; across {nodes} nodes not {heavy.setting.label}, which moves {heavy.traffic:.1f} GiB per GPU per "
+                f"micro-batch over the network (its speed was measured on one host only)")  # fmt: skip
+        faster = []
     if faster:
         best = max(faster, key=lambda r: r.speed)
         why += f"; {best.setting.label} would be {best.speed / chosen.speed:.2f}x but needs {best.train_peak:.1f} GiB"
@@ -302,14 +313,15 @@ def table(plan: Plan) -> str:
              else f"{plan.nodes} x {plan.gpus_per_node} GPUs")  # fmt: skip
     lines = [f"plan: {where}, {plan.tokens_per_gpu} tokens per GPU per micro-batch; GiB per GPU",
              f"  {'setting':<36}{'GPUs':>5}{'weights':>9}{'adapter':>9}{'activ.':>8}{'loss':>6}{'gather':>8}"
-             f"{'load':>7}{'train':>7}  {'fits':<5}{'speed':>6}"]  # fmt: skip
+             f"{'load':>7}{'train':>7}  {'fits':<5}{'speed':>6}{'comm':>7}"]  # fmt: skip
     for r in plan.rows:
         fits = "-" if plan.capacity_gib is None else ("yes" if r.fits else "no")
         mark = "*" if r is plan.chosen else " "
         lines.append(f"{mark} {r.setting.label:<36}{r.setting.gpus:>5}{r.weights:>9.2f}{r.adapter:>9.2f}"
                      f"{r.activations:>8.2f}{r.loss:>6.2f}{r.gathers:>8.2f}{r.load_peak:>7.2f}{r.train_peak:>7.2f}  "
-                     f"{fits:<5}{r.speed:>6.2f}")  # fmt: skip
-    lines.append("  speed: tokens/s relative to one GPU without DeepSpeed (measured on a 7B, bench/RESULTS.md)")
+                     f"{fits:<5}{r.speed:>6.2f}{r.traffic:>7.2f}")  # fmt: skip
+    lines.append("  speed: tokens/s relative to one GPU without DeepSpeed (measured on a 7B, bench/RESULTS.md); comm: GiB "
+                 "each GPU moves per micro-batch")
     if plan.chosen:
         lines.append(f"choice: {plan.chosen.setting.label} ({plan.reason})")
     elif plan.capacity_gib is not None:
