@@ -90,7 +90,8 @@ def resolve(params: Params, capacity_gib: float | None = None,
     from stages.lib.train.plan import make_plan, table
 
     capacity = capacity_gib or gpu_capacity_gib()
-    if not auto and capacity is None:
+    head = "LOCAL_RANK" not in os.environ  # ranks of a node the head's environment did not reach plan quietly
+    if not auto and (capacity is None or not head):
         return params, None
     config = config_dict(params)
     if config.get("auto_map"):
@@ -100,8 +101,17 @@ def resolve(params: Params, capacity_gib: float | None = None,
         return params, None
     launch = params.train.launch
     gpus = launch.gpus_per_node or max(torch.cuda.device_count() if visible_gpus is None else visible_gpus, 1)
-    plan = make_plan(meta_from_config(config), params, lora_targets(params), gpus, launch.nodes, capacity)
-    print(table(plan), flush=True)
+    try:
+        plan = make_plan(meta_from_config(config), params, lora_targets(params), gpus, launch.nodes, capacity)
+    except Exception as exc:  # noqa: BLE001 - a model the estimator does not know must not stop a set setting
+        why = f"{type(exc).__name__}: {str(exc)[:160]}"
+        if auto:
+            raise UserError(f"train: cannot plan this model ({why}): set train.deepspeed and "
+                            "train.gradient_checkpointing yourself") from None  # fmt: skip
+        print(f"train: no plan for this model ({why})", flush=True)
+        return params, None
+    if head:
+        print(table(plan), flush=True)
     if not auto:
         return params, None
     if capacity is None:
@@ -115,7 +125,8 @@ def resolve(params: Params, capacity_gib: float | None = None,
                   "gradient_checkpointing": c.setting.checkpointing, "reason": plan.reason,
                   "predicted_train_gib": round(c.train_peak, 2), "predicted_load_gib": round(c.load_peak, 2)}  # fmt: skip
     record = {k: v for k, v in record.items() if k in auto or k not in ("deepspeed", "gradient_checkpointing")}
-    print(f"train: auto -> {', '.join(f'{k}: {record[k]}' for k in sorted(auto))} ({record['reason']})", flush=True)
+    if head:
+        print(f"train: auto -> {', '.join(f'{k}: {record[k]}' for k in sorted(auto))} ({record['reason']})", flush=True)
     os.environ[PLANNED_ENV] = json.dumps(record)
     return _apply(params, record), record
 

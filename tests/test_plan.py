@@ -142,3 +142,10 @@ def test_committed_params_plan(tmp_path):
     out = subprocess.run([sys.executable, "-m", "stages.plan", "--gpu-memory-gib", "16"], cwd=ROOT,
                          capture_output=True, text=True, check=True).stdout  # fmt: skip
     assert "choice: none, no checkpointing" in out
+
+
+def test_a_key_that_is_not_auto_keeps_its_value(elsewhere):
+    params = with_train(ONE_GPU_7B, deepspeed="zero3", gradient_checkpointing="auto")
+    resolved, record = resolve(params, capacity_gib=139.8, visible_gpus=2)
+    assert resolved.train.deepspeed == "zero3" and resolved.train.gradient_checkpointing is False
+    assert "deepspeed" not in record and record["predicted_train_gib"] > 40  # zero3 without checkpointing

@@ -112,7 +112,9 @@ def shape(model) -> Shape:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     kv = (getattr(config, "num_key_value_heads", None) or heads) * head_dim
     embeddings = {id(w): w for w in (model.get_input_embeddings().weight, model.get_output_embeddings().weight)}
-    return Shape(len(layers), config.hidden_size, config.intermediate_size, kv,
+    intermediate = (getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
+                    or 4 * config.hidden_size)  # GPT-2 style configs: n_inner, null for 4 x hidden
+    return Shape(len(layers), config.hidden_size, intermediate, kv,
                  model.get_output_embeddings().weight.shape[0], layers[0], list(embeddings.values()))  # fmt: skip
 
 
@@ -226,13 +228,18 @@ def estimate(model, params: Params, setting: Setting, targets: list[str] | str, 
                     load / GIB, speed, traffic / GIB)  # fmt: skip
 
 
-def candidates(gpus: int, nodes: int) -> list[Setting]:
+def candidates(gpus: int, nodes: int, params: Params | None = None) -> list[Setting]:
     """Every DeepSpeed recipe over all `gpus` x `nodes` GPUs, each with checkpointing on and off; no DeepSpeed only
-    for a single GPU (without DeepSpeed the stage runs one process, and refuses several visible GPUs)."""
+    for a single GPU (without DeepSpeed the stage runs one process, and refuses several visible GPUs). With
+    `params`, a key that is not `auto` (train.deepspeed, train.gradient_checkpointing) keeps its value."""
     world = gpus * nodes
     kinds = ("none", "zero3", "zero3-offload") if world == 1 else CANDIDATES[1:]  # zero2 on one GPU: no gain
-    settings = [Setting(ds, c, world) for ds in kinds for c in (False, True)]
-    return settings
+    checkpointing = (False, True)
+    if params is not None and params.train.deepspeed != "auto":
+        kinds = (params.train.deepspeed or "none",)
+    if params is not None and params.train.gradient_checkpointing != "auto":
+        checkpointing = (params.train.gradient_checkpointing,)
+    return [Setting(ds, c, 1 if ds == "none" else world) for ds in kinds for c in checkpointing]
 
 
 def make_plan(model, params: Params, targets: list[str] | str, gpus: int, nodes: int,
@@ -240,7 +247,8 @@ def make_plan(model, params: Params, targets: list[str] | str, gpus: int, nodes:
     """Estimate every candidate and pick the fastest that fits in HEADROOM x `capacity_gib`; with nothing that
     fits, `advice` lists the cheapest changes that would (shorter rows, offload, more GPUs)."""
     tokens = tokens_per_gpu(params)
-    rows = [estimate(model, params, s, targets, tokens) for s in candidates(gpus, nodes)]
+    auto = "auto" in (params.train.deepspeed, params.train.gradient_checkpointing)
+    rows = [estimate(model, params, s, targets, tokens) for s in candidates(gpus, nodes, params if auto else None)]
     if capacity_gib is None:
         return Plan(rows, None, "no GPU here: nothing to fit (give --gpu-memory-gib to plan for one)", None, gpus,
                     nodes, tokens)  # fmt: skip
@@ -279,7 +287,7 @@ def advice(model, params: Params, targets, gpus: int, nodes: int, capacity_gib: 
     budget = HEADROOM * capacity_gib
     tips = []
     tokens = tokens_per_gpu(params)
-    cheapest = min((estimate(model, params, s, targets, tokens) for s in candidates(gpus, nodes)),
+    cheapest = min((estimate(model, params, s, targets, tokens) for s in candidates(gpus, nodes, params)),
                    key=lambda r: max(r.train_peak, r.load_peak))  # fmt: skip
     floor = params.tokenize.max_length if params.train.packing else 8
     for fewer in (tokens // 2**k for k in range(1, 12)):
