@@ -15,6 +15,7 @@ pipe, a file), its lines are the turns and standard output gets each answer on a
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
@@ -53,7 +54,7 @@ def raw_lines(interactive: bool):
             yield line.rstrip("\r\n")
         return
     try:
-        import readline  # noqa: F401  (line editing and history for input())
+        importlib.import_module("readline")  # input() gets line editing and history
     except ImportError:
         pass
     prompt = "you> "
