@@ -20,8 +20,6 @@ from pathlib import Path
 import pytest
 from conftest import env_with_project
 
-pytest.importorskip("openai")  # the serve extra (pip install -e '.[test]' brings it)
-
 MAX_NEW = 24  # new tokens per answer: the toy answers are shorter, so every one ends at its stop token
 ERROR_KEYS = {"message", "type", "param", "code"}
 
