@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
+AUDIT = Path(__file__).parent / "file_audit"  # a sitecustomize that records the files each process reads
 
 
 def env_with_venv() -> dict:
@@ -61,6 +64,35 @@ def edit_params(repo: Path, **changes) -> None:
             node = node.setdefault(key, {})
         node[last] = value
     path.write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False))
+
+
+@dataclass(frozen=True)
+class DefaultRun:
+    repo: Path  # the clone `dvc repro` ran in, committed; tests may edit it and must put it back
+    outputs: Path  # a copy of its models/, data/tokenized and eval/generations.jsonl, as the run left them
+
+
+DEFAULT_RUN_OUTPUTS = ("models/base", "models/adapter", "models/merged", "data/tokenized", "eval/generations.jsonl")
+
+
+@pytest.fixture(scope="session")
+def default_run(tmp_path_factory) -> DefaultRun:
+    """The default pipeline, run once per test session: `dvc repro` in a fresh clone, with the file audit hook
+    (repo/.audit/ lists the files each stage process read), committed. `outputs` is a copy of its outputs taken
+    at once, which later edits of the clone (experiments, bad params) cannot change: a project folder from which
+    `python -m stages.chat` and `python -m stages.serve` run as a user runs them."""
+    repo = clone(tmp_path_factory.mktemp("pipeline") / "repo")
+    (repo / ".audit").mkdir()
+    audit = {"PYTHONPATH": str(AUDIT), "FILE_AUDIT_DIR": str(repo / ".audit")}
+    dvc("repro", cwd=repo, env=audit)
+    (repo / ".git" / "info" / "exclude").write_text(".audit/\n")
+    run(["git", "add", "-A"], cwd=repo)
+    run(["git", "commit", "-qm", "first run"], cwd=repo)
+    outputs = tmp_path_factory.mktemp("default-run-outputs")
+    for name in DEFAULT_RUN_OUTPUTS:
+        (outputs / name).parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if (repo / name).is_dir() else shutil.copyfile)(repo / name, outputs / name)
+    return DefaultRun(repo, outputs)
 
 
 @pytest.fixture

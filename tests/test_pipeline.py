@@ -21,19 +21,10 @@ def out_hash(repo: Path, stage: str, path: str) -> str:
     return next(o["md5"] for o in lock(repo)[stage]["outs"] if o["path"] == path)
 
 
-AUDIT = Path(__file__).parent / "file_audit"  # a sitecustomize that records the files each process reads
-
-
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    repo = clone(tmp_path_factory.mktemp("pipeline") / "repo")
-    (repo / ".audit").mkdir()
-    audit = {"PYTHONPATH": str(AUDIT), "FILE_AUDIT_DIR": str(repo / ".audit")}
-    dvc("repro", cwd=repo, env=audit)
-    (repo / ".git" / "info" / "exclude").write_text(".audit/\n")
-    run(["git", "add", "-A"], cwd=repo)
-    run(["git", "commit", "-qm", "first run"], cwd=repo)
-    return repo
+def repo(default_run) -> Path:
+    """The clone the default run was made in (conftest's session fixture; its .audit/ lists what each stage read)."""
+    return default_run.repo
 
 
 def test_fresh_clone_repro_trains_a_model_that_beats_the_base(repo):

@@ -1,0 +1,88 @@
+"""`python -m stages.serve`: models/merged behind an OpenAI-compatible HTTP API, on http://127.0.0.1:8000/v1.
+
+transformers' own server (`transformers serve`, FastAPI + uvicorn) pinned to the model folder, with a check in
+front (stages/lib/serve): only POST /v1/chat/completions (streaming or not), GET /v1/models and GET /health; a
+request naming another model gets a 404 `model_not_found`, empty messages, a role the chat template refuses, a
+field of the wrong type or a max_tokens beyond the context a 400, all as OpenAI's error JSON. The prompt is the
+model's chat template, the one it was trained with; answers end at its stop tokens. Any OpenAI client works:
+
+    from openai import OpenAI
+    client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="none")
+    client.chat.completions.create(model="models/merged", messages=[{"role": "user", "content": "..."}])
+
+It listens on 127.0.0.1 only unless `--host` says otherwise (it has no authentication). For GPU clusters and many
+users at once, vLLM serves the same folder (docs/guide.md). Needs the `serve` extra: pip install -e '.[serve]'.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import socket
+import sys
+from pathlib import Path
+
+from stages.lib.core.errors import UserError
+from stages.lib.serve.model import MERGED, check_model_folder
+
+NEEDED = ("fastapi", "uvicorn", "openai")  # transformers[serving]; the rest of it is in the main dependencies
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m stages.serve", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=MERGED, help="the model folder to serve, with the training "
+                        "tokenizer; requests name it by this path or its folder name (default: %(default)s)")  # fmt: skip
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s; 0.0.0.0 "
+                        "for every interface: anyone who reaches it can use it)")  # fmt: skip
+    parser.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
+    parser.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda:0, ... "
+                        "(default: %(default)s)")  # fmt: skip
+    args = parser.parse_args(argv)
+    if not 0 < args.port < 65536:
+        parser.error(f"--port must be 1-65535, not {args.port}")
+    return args
+
+
+def check_port(host: str, port: int) -> None:
+    """UserError unless `host`:`port` can be listened on now (uvicorn would print a traceback-free but late
+    error, after the model has loaded)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise UserError(f"--host {host}: not an address of this machine ({exc.strerror})") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise UserError(f"cannot listen on {host}:{port}: {exc.strerror}; choose another --port") from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    from stages.lib.core.quiet import quiet
+
+    quiet()
+    args = parse_args(argv)
+    check_model_folder(args.model, "merge", "--model")
+    missing = [name for name in NEEDED if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UserError(f"the server needs {', '.join(missing)}: pip install -e '.[serve]'")
+    check_port(args.host, args.port)
+    from stages.lib.serve.server import Pinned
+
+    print(f"serve: loading {args.model}", flush=True)
+    server = Pinned(args.model, args.host, args.port, args.device)
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"serve: {args.model} at http://{host}:{args.port}/v1 (POST /v1/chat/completions, model "
+          f"{str(args.model)!r}); Ctrl-C stops", flush=True)  # fmt: skip
+    server.run()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as exc:
+        sys.exit(f"error: {exc}")
+    except KeyboardInterrupt:
+        sys.exit(130)
