@@ -24,30 +24,44 @@ PLANNED_ENV = "TRAIN_PLANNED"  # the head process's resolved auto settings, for 
 
 
 def config_dict(params: Params, downloaded: bool = True) -> dict:
-    """config.json of the model to train: models/base's (if `downloaded` and there), else from the recipe (its
-    `config`, or the Hub's config.json at the pinned revision). UserError when none can be had."""
+    """config.json of the model to train: models/base's when `downloaded` (the train stage: what download made),
+    else from params (the plan command: models/base may be an earlier model): model.path's config.json, or the
+    recipe's `config`, or the Hub's config.json at the pinned revision. UserError when none can be had."""
     from stages.lib.core.recipes import model_recipe
 
     if downloaded and (BASE_DIR / "config.json").is_file():
         return json.loads((BASE_DIR / "config.json").read_text(encoding="utf-8"))
     recipe = model_recipe(params.model.recipe)
     source = recipe.source
-    if source.kind == "config":
+    if params.model.path:
+        local = Path(params.model.path) / "config.json"
+        if not local.is_file():
+            raise UserError(f"model.path {params.model.path} has no config.json: give the model directory")
+        config = json.loads(local.read_text(encoding="utf-8"))
+    elif source.kind == "config":
         return {"model_type": source.model_type, "vocab_size": source.tokenizer_vocab_size} | source.config
-    config = source.config
-    if config is None:
-        try:
-            from huggingface_hub import hf_hub_download
-
-            config = json.loads(Path(hf_hub_download(source.repo, "config.json", revision=source.revision)).read_text())
-        except Exception as exc:  # noqa: BLE001 - offline, gated or missing: one line either way
-            raise UserError(f"no config.json for {source.repo} ({type(exc).__name__}): run `dvc repro download` "
-                            f"first, or add its sizes as `config` to recipes/models/{params.model.recipe}.yaml") from None  # fmt: skip
-    if recipe.converter == "chatglm2":
+    else:
+        config = source.config or hub_config(source, params)
+    if recipe.converter == "chatglm2" and params.model.convert and config.get("model_type") == "chatglm":
         from stages.lib.convert import glm_config
 
         config = glm_config(config)
     return config
+
+
+def hub_config(source, params: Params) -> dict:
+    """config.json of a Hub model at the pinned revision (the Hub cache, or a download). UserError when offline
+    without it, gated or missing."""
+    from stages.lib.data.sources import hub_limits
+
+    hub_limits(params.network)
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return json.loads(Path(hf_hub_download(source.repo, "config.json", revision=source.revision)).read_text())
+    except Exception as exc:  # noqa: BLE001 - offline, gated or missing: one line either way
+        raise UserError(f"no config.json for {source.repo} ({type(exc).__name__}): run `dvc repro download` "
+                        f"first, or add its sizes as `config` to recipes/models/{params.model.recipe}.yaml") from None  # fmt: skip
 
 
 def meta_from_config(config: dict):
@@ -99,10 +113,11 @@ def resolve(params: Params, capacity_gib: float | None = None,
             raise UserError("train.deepspeed / gradient_checkpointing auto cannot plan a model that needs its Hub "
                             "code (auto_map in config.json): set both yourself")  # fmt: skip
         return params, None
-    launch = params.train.launch
-    gpus = launch.gpus_per_node or max(torch.cuda.device_count() if visible_gpus is None else visible_gpus, 1)
+    visible = torch.cuda.device_count() if visible_gpus is None else visible_gpus
+    gpus, nodes = launch_shape(params, visible)
     try:
-        plan = make_plan(meta_from_config(config), params, lora_targets(params), gpus, launch.nodes, capacity)
+        plan = make_plan(meta_from_config(config), params, lora_targets(params), gpus, nodes, capacity,
+                         single_process=visible <= 1)  # fmt: skip
     except Exception as exc:  # noqa: BLE001 - a model the estimator does not know must not stop a set setting
         why = f"{type(exc).__name__}: {str(exc)[:160]}"
         if auto:
@@ -126,9 +141,24 @@ def resolve(params: Params, capacity_gib: float | None = None,
                   "predicted_train_gib": round(c.train_peak, 2), "predicted_load_gib": round(c.load_peak, 2)}  # fmt: skip
     record = {k: v for k, v in record.items() if k in auto or k not in ("deepspeed", "gradient_checkpointing")}
     if head:
-        print(f"train: auto -> {', '.join(f'{k}: {record[k]}' for k in sorted(auto))} ({record['reason']})", flush=True)
+        print(f"train: auto -> {', '.join(f'{k}: {_shown(record[k])}' for k in sorted(auto))} ({record['reason']})", flush=True)
     os.environ[PLANNED_ENV] = json.dumps(record)
     return _apply(params, record), record
+
+
+def launch_shape(params: Params, visible: int) -> tuple[int, int]:
+    """(GPUs per node, nodes) of the launch: train.launch.include's hosts and GPUs, else gpus_per_node (or the
+    `visible` GPUs) on train.launch.nodes nodes."""
+    launch = params.train.launch
+    if launch.include:
+        hosts = launch.include.split("@")
+        slots = [len(h.partition(":")[2].split(",")) if ":" in h else max(visible, 1) for h in hosts]
+        return max(max(slots), 1), len(hosts)
+    return launch.gpus_per_node or max(visible, 1), launch.nodes
+
+
+def _shown(value) -> str:
+    return "none" if value is None else str(value).lower()
 
 
 def _apply(params: Params, record: dict) -> Params:
@@ -145,19 +175,17 @@ def main() -> None:
     args = ap.parse_args()
     params = load_params(args.params)
     for key, value in (("--gpus", args.gpus), ("--nodes", args.nodes), ("--gpu-memory-gib", args.gpu_memory_gib)):
-        if value is not None and value <= 0:
-            raise UserError(f"{key} must be above 0, got {value}")
+        if value is not None and not 0 < value < float("inf"):
+            raise UserError(f"{key} must be a number above 0, got {value}")
     import torch
 
     from stages.lib.train.fit import gpu_capacity_gib
     from stages.lib.train.plan import make_plan, table
 
-    launch = params.train.launch
-    gpus = args.gpus or launch.gpus_per_node or max(torch.cuda.device_count(), 1)
+    gpus, nodes = launch_shape(params, torch.cuda.device_count())
     capacity = args.gpu_memory_gib or gpu_capacity_gib()
-    own = args.params.resolve() == Path("params.yaml").resolve()  # models/base is this params file's model
-    model = meta_from_config(config_dict(params, downloaded=own))
-    print(table(make_plan(model, params, lora_targets(params), gpus, args.nodes or launch.nodes, capacity)))
+    model = meta_from_config(config_dict(params, downloaded=False))  # params' model, not an earlier download
+    print(table(make_plan(model, params, lora_targets(params), args.gpus or gpus, args.nodes or nodes, capacity)))
 
 
 if __name__ == "__main__":

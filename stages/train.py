@@ -429,8 +429,10 @@ def main() -> None:
     require(TOKENIZER, made_by="tokenize")
     require(BASE_DIR / "config.json", made_by="download")
     check_model_output(BASE_DIR, "download")
+    from stages.lib.train.launch import take_planned_arg
     from stages.plan import resolve
 
+    take_planned_arg(sys.argv)  # a rank on another node: the head's choice came as an argument
     params, planned = resolve(params)  # prints the plan on a GPU; `auto` becomes its choice, before any rank starts
     if params.train.deepspeed:
         deepspeed_config(params.train.deepspeed)  # a missing or broken file fails here, in a second

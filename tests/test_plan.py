@@ -35,7 +35,8 @@ def elsewhere(tmp_path, monkeypatch):
     """A project folder with the recipes and no models/base: the planner reads the recipe's config sizes."""
     (tmp_path / "recipes").symlink_to(ROOT / "recipes")
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv(PLANNED_ENV, raising=False)
+    monkeypatch.setenv(PLANNED_ENV, "")  # so that teardown removes what resolve() sets
+    monkeypatch.delenv(PLANNED_ENV)
     return tmp_path
 
 
@@ -48,7 +49,7 @@ def with_train(path: Path, **changes) -> Params:
 @pytest.mark.parametrize("recipe", sorted(PUBLISHED))
 def test_recipe_config_builds_the_published_parameter_count(elsewhere, recipe):
     params = with_train(ONE_GPU_7B)
-    params = params.model_copy(update={"model": params.model.model_copy(update={"recipe": recipe})})
+    params = params.model_copy(update={"model": params.model.model_copy(update={"recipe": recipe, "convert": True})})
     model = meta_from_config(config_dict(params))
     assert sum(p.numel() for p in model.parameters()) == PUBLISHED[recipe]
 
@@ -133,7 +134,7 @@ def test_plan_command_for_the_seed_on_eight_24gib_gpus():
     assert "choice: zero2, checkpointing" in out and "the speed of the params' zero3-offload, checkpointing" in out
     assert "across 2 nodes not zero3, no checkpointing, which moves 7.3 GiB per GPU" in out  # fits, but off-host
     bad = subprocess.run([sys.executable, "-m", "stages.plan", "--gpus", "0"], cwd=ROOT, capture_output=True, text=True)
-    assert bad.returncode != 0 and "--gpus must be above 0" in bad.stderr
+    assert bad.returncode != 0 and "--gpus must be a number above 0" in bad.stderr
 
 
 def test_committed_params_plan(tmp_path):
@@ -149,3 +150,38 @@ def test_a_key_that_is_not_auto_keeps_its_value(elsewhere):
     resolved, record = resolve(params, capacity_gib=139.8, visible_gpus=2)
     assert resolved.train.deepspeed == "zero3" and resolved.train.gradient_checkpointing is False
     assert "deepspeed" not in record and record["predicted_train_gib"] > 40  # zero3 without checkpointing
+
+
+def test_ranks_on_other_nodes_get_the_choice_as_an_argument(elsewhere):
+    from stages.lib.train.launch import launcher_command, take_planned_arg
+
+    params = with_train(SEED, deepspeed="auto")
+    _, record = resolve(params, capacity_gib=24, visible_gpus=4)
+    command = launcher_command(params)
+    encoded = command[command.index("--planned") + 1]
+    assert encoded.replace("-", "").replace("_", "").replace("=", "").isalnum()  # nothing a remote shell splits
+    os.environ.pop(PLANNED_ENV)
+    take_planned_arg(["-m", "stages.train", "--local_rank=3", "--planned", encoded])
+    assert json.loads(os.environ[PLANNED_ENV]) == record and record["deepspeed"] == "zero2"
+
+
+def test_full_fine_tuning_counts_the_weights_once(elsewhere):
+    params = with_train(ONE_GPU_7B, method="full", lora={"r": 8, "alpha": 16, "dropout": 0.0})
+    model = meta_from_config(config_dict(params))
+    n = sum(p.numel() for p in model.parameters())
+    zero3 = estimate(model, params, Setting("zero3", True, 8), "all-linear")
+    assert zero3.weights == pytest.approx(2 * n / 8 / 2**30, rel=0.01)  # bf16 weights, split 8 ways
+    assert zero3.adapter == pytest.approx(n * (2 + 12) / 8 / 2**30, rel=0.01)  # grads + fp32 master + Adam, split
+    alone = estimate(model, params, Setting("none", True, 1), "all-linear")
+    assert alone.adapter == pytest.approx(n * (2 + 4) / 2**30, rel=0.01)  # bf16 grads and Adam moments
+
+
+def test_the_plan_command_plans_the_params_model_not_an_earlier_download(tmp_path):
+    (tmp_path / "recipes").symlink_to(ROOT / "recipes")
+    (tmp_path / "models" / "base").mkdir(parents=True)
+    (tmp_path / "models" / "base" / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8,
+        "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 1, "vocab_size": 10}))  # fmt: skip
+    out = subprocess.run([sys.executable, "-m", "stages.plan", "--params", str(ONE_GPU_7B), "--gpu-memory-gib", "80"],
+                         cwd=tmp_path, capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout  # fmt: skip
+    assert "   5.17 " in out  # the 7B's 4-bit weights, not the tiny model in models/base

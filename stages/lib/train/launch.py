@@ -40,7 +40,29 @@ def launcher_command(params: Params) -> list[str]:
         cmd += ["--no_ssh", "--node_rank", str(launch.node_rank)]
     elif launch.nodes > 1:
         cmd += ["--launcher", launch.runner]
-    return [*cmd, "--module", STAGE_MODULE]
+    return [*cmd, "--module", STAGE_MODULE, *planned_args()]
+
+
+def planned_args() -> list[str]:
+    """The head's `auto` choice (TRAIN_PLANNED) as arguments of every rank's command: DeepSpeed's multi-node
+    runners pass on only some environment variables, but always the script's arguments. Base64 JSON, so that no
+    remote shell splits or unquotes it."""
+    import base64
+
+    from stages.plan import PLANNED_ENV
+
+    value = os.environ.get(PLANNED_ENV)
+    return ["--planned", base64.urlsafe_b64encode(value.encode()).decode()] if value else []
+
+
+def take_planned_arg(argv: list[str]) -> None:
+    """In a rank: put the head's choice from `--planned` back into TRAIN_PLANNED (no-op without the argument)."""
+    import base64
+
+    from stages.plan import PLANNED_ENV
+
+    if "--planned" in argv[:-1]:
+        os.environ[PLANNED_ENV] = base64.urlsafe_b64decode(argv[argv.index("--planned") + 1]).decode()
 
 
 def _quiet_deepspeed_logger():

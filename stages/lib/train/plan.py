@@ -32,7 +32,7 @@ ACTIVATION_SCALE = 0.78  # share of the counted per-layer tensors autograd reall
 BACKWARD_LAYERS = 0.34  # layers' worth of activation gradients alive at once in the backward pass
 TILE_TOKENS, TILE_VOCAB = 4096, 32768  # TRL 1.16's chunked log-prob: tokens x vocab per logits tile
 HEADROOM = 0.9  # of a GPU's memory: allocator fragmentation and the CUDA context need the rest
-# tokens/s per GPU against one GPU without DeepSpeed, 7B QLoRA, 8,192-token rows, 2 x H200 (bench/RESULTS.md §1c)
+# tokens/s per GPU against one GPU without DeepSpeed, 7B QLoRA, 8,192-token rows, 2 x H200 (bench/RESULTS.md §1c, §1d)
 # (zero3 recipes with leaf modules, session 10: 16,832 and 12,828 tokens/s on 2 GPUs against 10,478 on one)
 EFFICIENCY = {"none": 1.0, "zero2": 0.88, "zero3": 0.80, "zero3-offload": 0.61}
 ZERO3_ONE_GPU = 0.90  # ZeRO-3 on a single GPU: 9,407 tokens/s
@@ -154,6 +154,18 @@ def trainable_params(model, params: Params, targets: list[str] | str) -> int:
     return total
 
 
+def optimizer_bytes(trainable: int, full: bool, dtype_bytes: int, stage: int, gpus: int, offload: bool) -> float:
+    """Bytes per GPU for training `trainable` parameters besides the weights themselves: LoRA's float32 copy,
+    gradients and two Adam moments (PEFT keeps adapters in float32); for full fine-tuning the weights are counted
+    already, and DeepSpeed adds a float32 master copy to the moments. ZeRO splits the optimizer states (stage 1+)
+    and the gradients (stage 2+) over the GPUs; optimizer offload moves the states to the CPU."""
+    param = 0 if full else 4
+    grad = dtype_bytes if full else 4
+    states = (12 if stage else 2 * dtype_bytes) if full else 8  # DeepSpeed: fp32 master + moments
+    split = gpus if stage else 1
+    return trainable * (param + grad / (split if stage >= 2 else 1) + (0 if offload else states / split))
+
+
 def tokens_per_gpu(params: Params) -> int:
     """Tokens in one micro-batch: batch_size packed rows, or batch_size samples padded up to max_length."""
     t = params.train
@@ -188,8 +200,7 @@ def estimate(model, params: Params, setting: Setting, targets: list[str] | str, 
     layer_bytes = layer.sharded + layer.whole
 
     trainable = trainable_params(model, params, targets)
-    states = 12 * trainable  # float32 gradient and two Adam moments
-    adapter = 4 * trainable + (0 if optimizer_offload else states / (setting.gpus if stage else 1))
+    adapter = optimizer_bytes(trainable, t.method == "full", d, stage, setting.gpus, optimizer_offload)
 
     dropout_inputs = 0
     if t.lora.dropout > 0 and t.method != "full":
@@ -228,12 +239,14 @@ def estimate(model, params: Params, setting: Setting, targets: list[str] | str, 
                     load / GIB, speed, traffic / GIB)  # fmt: skip
 
 
-def candidates(gpus: int, nodes: int, params: Params | None = None) -> list[Setting]:
+def candidates(gpus: int, nodes: int, params: Params | None = None, single_process: bool = True) -> list[Setting]:
     """Every DeepSpeed recipe over all `gpus` x `nodes` GPUs, each with checkpointing on and off; no DeepSpeed only
     for a single GPU (without DeepSpeed the stage runs one process, and refuses several visible GPUs). With
-    `params`, a key that is not `auto` (train.deepspeed, train.gradient_checkpointing) keeps its value."""
+    `params`, a key that is not `auto` (train.deepspeed, train.gradient_checkpointing) keeps its value.
+    `single_process` False: no DeepSpeed is no candidate (the stage refuses it where several GPUs are visible)."""
     world = gpus * nodes
     kinds = ("none", "zero3", "zero3-offload") if world == 1 else CANDIDATES[1:]  # zero2 on one GPU: no gain
+    kinds = kinds if single_process else tuple(k for k in kinds if k != "none")
     checkpointing = (False, True)
     if params is not None and params.train.deepspeed != "auto":
         kinds = (params.train.deepspeed or "none",)
@@ -243,12 +256,13 @@ def candidates(gpus: int, nodes: int, params: Params | None = None) -> list[Sett
 
 
 def make_plan(model, params: Params, targets: list[str] | str, gpus: int, nodes: int,
-              capacity_gib: float | None) -> Plan:
+              capacity_gib: float | None, single_process: bool = True) -> Plan:
     """Estimate every candidate and pick the fastest that fits in HEADROOM x `capacity_gib`; with nothing that
     fits, `advice` lists the cheapest changes that would (shorter rows, offload, more GPUs)."""
     tokens = tokens_per_gpu(params)
     auto = "auto" in (params.train.deepspeed, params.train.gradient_checkpointing)
-    rows = [estimate(model, params, s, targets, tokens) for s in candidates(gpus, nodes, params if auto else None)]
+    settings = candidates(gpus, nodes, params if auto else None, single_process)
+    rows = [estimate(model, params, s, targets, tokens) for s in settings]
     if capacity_gib is None:
         return Plan(rows, None, "no GPU here: nothing to fit (give --gpu-memory-gib to plan for one)", None, gpus,
                     nodes, tokens)  # fmt: skip
@@ -258,7 +272,7 @@ def make_plan(model, params: Params, targets: list[str] | str, gpus: int, nodes:
     fitting = [r for r in rows if r.fits]
     if not fitting:
         plan = Plan(rows, None, "nothing fits", capacity_gib, gpus, nodes, tokens)
-        plan.advice = advice(model, params, targets, gpus, nodes, capacity_gib)
+        plan.advice = advice(model, params, targets, gpus, nodes, capacity_gib, single_process)
         return plan
     local = [r for r in fitting if r.traffic < 1]  # across nodes: ZeRO-3's weight gathers cross the network
     pool = local if nodes > 1 and local else fitting
@@ -282,12 +296,15 @@ def make_plan(model, params: Params, targets: list[str] | str, gpus: int, nodes:
     return Plan(rows, chosen, why, capacity_gib, gpus, nodes, tokens)
 
 
-def advice(model, params: Params, targets, gpus: int, nodes: int, capacity_gib: float) -> list[str]:
+def advice(model, params: Params, targets, gpus: int, nodes: int, capacity_gib: float,
+           single_process: bool = True) -> list[str]:
     """The cheapest changes that make some setting fit: fewer tokens per micro-batch, or more GPUs under ZeRO-3."""
     budget = HEADROOM * capacity_gib
     tips = []
     tokens = tokens_per_gpu(params)
-    cheapest = min((estimate(model, params, s, targets, tokens) for s in candidates(gpus, nodes, params)),
+    auto = "auto" in (params.train.deepspeed, params.train.gradient_checkpointing)
+    cheapest = min((estimate(model, params, s, targets, tokens)
+                    for s in candidates(gpus, nodes, params if auto else None, single_process)),
                    key=lambda r: max(r.train_peak, r.load_peak))  # fmt: skip
     floor = params.tokenize.max_length if params.train.packing else 8
     for fewer in (tokens // 2**k for k in range(1, 12)):
@@ -295,7 +312,8 @@ def advice(model, params: Params, targets, gpus: int, nodes: int, capacity_gib: 
             break
         row = estimate(model, params, cheapest.setting, targets, fewer)
         if max(row.train_peak, row.load_peak) <= budget:
-            key = "train.packed_length" if params.train.packing and params.train.batch_size == 1 else "train.batch_size"
+            knob = "train.packed_length" if params.train.packing else "tokenize.max_length"
+            key = knob if params.train.batch_size == 1 else f"train.batch_size x {knob}"
             tips.append(f"{fewer} tokens per micro-batch instead of {tokens} ({key}), {cheapest.setting.label}: "
                         f"{row.train_peak:.1f} GiB")  # fmt: skip
             break
@@ -318,7 +336,7 @@ def table(plan: Plan) -> str:
     """The plan as text: one row per candidate (GiB per GPU by part, load and training peaks, fits, relative
     speed), then the choice and why."""
     where = (f"{plan.nodes} x {plan.gpus_per_node} GPUs of {plan.capacity_gib:.1f} GiB" if plan.capacity_gib
-             else f"{plan.nodes} x {plan.gpus_per_node} GPUs")  # fmt: skip
+             else f"{plan.nodes} x {plan.gpus_per_node} GPUs of unknown size (no GPU here)")  # fmt: skip
     lines = [f"plan: {where}, {plan.tokens_per_gpu} tokens per GPU per micro-batch; GiB per GPU",
              f"  {'setting':<36}{'GPUs':>5}{'weights':>9}{'adapter':>9}{'activ.':>8}{'loss':>6}{'gather':>8}"
              f"{'load':>7}{'train':>7}  {'fits':<5}{'speed':>6}{'comm':>7}"]  # fmt: skip
