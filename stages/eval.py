@@ -207,7 +207,11 @@ def benchmark_tasks(params: Params, scratch: Path) -> list[dict]:
         try:
             tasks.append(benchmarks.task_config(b.name, test, dev, b.shots, b.max_questions))
         except benchmarks.BenchmarkError as exc:
-            raise UserError(f"{key}: {exc}") from None
+            message = str(exc)
+            if b.hub:  # name the Hub file, not its copy in the Hub cache or the CSV written from its Parquet
+                for path, name in ((test, b.hub.test), (dev, b.hub.dev)):
+                    message = message.replace(str(path), f"{b.hub.repo}/{name}") if path else message
+            raise UserError(f"{key}: {message}") from None
     return tasks
 
 

@@ -199,3 +199,19 @@ def test_hub_benchmark_files_come_from_the_pinned_revision(tmp_path: Path, monke
     with pytest.raises(UserError, match=r"hub benchmark org/mmlu@0123.* file astronomy/missing.parquet could not "
                                         r"be loaded: .*HF_HUB_OFFLINE is set"):  # fmt: skip
         benchmark_tasks(load_params(), scratch)
+    # CMMLU as the Hub's Parquet conversion has it: no index column, and pandas' index kept at the end
+    cmmlu = {"Question": ["q1", "q2"], "A": ["1", "2"], "B": ["3", "4"], "C": ["5", "6"], "D": ["7", "8"],
+             "Answer": ["B", "x"], "__index_level_0__": [0, 1]}  # fmt: skip
+    pq.write_table(pa.table(cmmlu), snapshot / "cmmlu.parquet")
+    (snapshot / "broken.parquet").write_text("not parquet")
+    bad_cells = rows | {"answer": [True, False, True]}
+    pq.write_table(pa.table(bad_cells), snapshot / "bool.parquet")
+    for test, message in [
+        ("cmmlu.parquet", r"org/mmlu/cmmlu.parquet line 3: answer 'x' is not one of A, B, C, D$"),
+        ("broken.parquet", r"org/mmlu/broken.parquet is not a readable Parquet file"),
+        ("bool.parquet", r"org/mmlu/bool.parquet row 0: answer True is not an index 0-3"),
+    ]:
+        raw["eval"]["benchmarks"] = [{"name": "x", "hub": {"repo": "org/mmlu", "revision": revision, "test": test}}]
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+        with pytest.raises(UserError, match=r"eval.benchmarks\[0\] \(x\): " + message):
+            benchmark_tasks(load_params(), scratch)

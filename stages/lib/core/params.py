@@ -283,14 +283,21 @@ def _benchmark_file(value: str) -> str:
 BenchmarkFile = Annotated[str, AfterValidator(_benchmark_file)]
 
 
+def _repo_file(value: str) -> str:
+    if value.startswith("/") or not value.endswith((".csv", ".parquet")):
+        raise PydanticCustomError("repo_file", "must be the path of a .csv or .parquet file in the dataset repo, "
+                                  "e.g. astronomy/test-00000-of-00001.parquet")  # fmt: skip
+    return value
+
+
 class BenchmarkHub(Strict):
     """Benchmark files in a Hub dataset repo at a pinned commit: CSV (CMMLU, C-Eval, MMLU layouts) or Parquet
     (those columns, or MMLU's question / choices / answer index)."""
 
     repo: Annotated[str, Field(pattern=r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")]  # org/name of a dataset repo
     revision: Annotated[str, _hex_digest(40, "a full commit hash, 40 hex digits (a branch or tag can move)")]
-    test: Annotated[str, Field(pattern=r"^[^/].*\.(csv|parquet)$")]  # a file's path in the repo
-    dev: Annotated[str, Field(pattern=r"^[^/].*\.(csv|parquet)$")] | None = None
+    test: Annotated[str, AfterValidator(_repo_file)]  # a file's path in the repo
+    dev: Annotated[str, AfterValidator(_repo_file)] | None = None
 
 
 class BenchmarkParams(Strict):
@@ -309,8 +316,9 @@ class BenchmarkParams(Strict):
         if sum(x is not None for x in (self.builtin, self.test, self.hub)) != 1:
             raise ValueError("give one of builtin, test (a CSV under data/benchmarks/) or hub (files of a Hub dataset)")
         if (self.builtin or self.hub) and self.dev:
-            where = f"builtin: {self.builtin} brings its own worked examples" if self.builtin else "give hub.dev"
-            raise ValueError(f"{where}: leave dev out")
+            if self.builtin:
+                raise ValueError(f"builtin: {self.builtin} brings its own worked examples: leave dev out")
+            raise ValueError("with hub, the worked examples are hub.dev (a file in the repo): leave dev out")
         if self.shots and self.builtin is None and self.dev is None and (self.hub is None or self.hub.dev is None):
             raise ValueError(f"shots: {self.shots} needs dev (a CSV of worked examples; hub.dev for hub) or shots: 0")
         return self

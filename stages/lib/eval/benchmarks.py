@@ -47,13 +47,16 @@ def detect_layout(path: Path) -> Layout:
     if not first:
         raise BenchmarkError(f"{path} is empty: a benchmark CSV needs a question, options A-D and an answer per row")
     cells = [c.strip() for c in first]
-    if cells[1:7] == ["Question", "A", "B", "C", "D", "Answer"]:
-        return LAYOUTS["cmmlu"]
-    if cells[:7] == ["id", "question", "A", "B", "C", "D", "answer"]:
+    if cells[1:7] == ["Question", *LETTERS, "Answer"] or cells[:6] == ["Question", *LETTERS, "Answer"]:
+        return LAYOUTS["cmmlu"]  # with or without the leading index column (the Hub's Parquet has none)
+    if cells[:7] == ["id", "question", *LETTERS, "answer"]:
         return LAYOUTS["ceval"]
-    if "A" in cells and cells[cells.index("A"):cells.index("A") + 4] == list(LETTERS):  # a header without answers
-        raise BenchmarkError(f"{path}: header {cells[:8]} has no answer column (C-Eval's test split has no answers: "
-                             "use its val split)")  # fmt: skip
+    if "A" in cells and cells[cells.index("A"):cells.index("A") + 4] == list(LETTERS):
+        if not {"answer", "Answer"} & set(cells):  # C-Eval's test split
+            raise BenchmarkError(f"{path}: header {cells[:8]} has no answer column (C-Eval's test split has no "
+                                 "answers: use its val split)")  # fmt: skip
+        raise BenchmarkError(f"{path}: header {cells[:8]} is none of the layouts: CMMLU ('[,]Question,A,B,C,D,Answer') "
+                             "or C-Eval ('id,question,A,B,C,D,answer'); rename or reorder its columns")  # fmt: skip
     if len(cells) == 6 and cells[5].upper() in LETTERS:
         return LAYOUTS["mmlu"]
     raise BenchmarkError(f"{path}: first row {cells[:8]} is none of the layouts: CMMLU (',Question,A,B,C,D,Answer'), "
@@ -210,27 +213,47 @@ def fetch_hub(hub, folder: Path, network) -> tuple[Path, Path | None]:
             continue
         with hub_errors(f"hub benchmark {hub.repo}@{hub.revision} file {name}"):
             local = Path(hf_hub_download(hub.repo, name, repo_type="dataset", revision=hub.revision))
-        files.append(local if local.suffix == ".csv" else parquet_as_csv(local, folder / f"{split}.csv"))
+        converted = folder / split / Path(name).with_suffix(".csv").name
+        files.append(local if local.suffix == ".csv" else parquet_as_csv(local, converted, f"{hub.repo}/{name}"))
     return files[0], files[1]
 
 
-def parquet_as_csv(path: Path, out: Path) -> Path:
+def parquet_as_csv(path: Path, out: Path, origin: str) -> Path:
     """A Parquet benchmark file as CSV: MMLU's Hub layout (question, choices list, answer index 0-3) becomes the
-    MMLU CSV layout; any other table keeps its columns under a header (CMMLU and C-Eval layouts)."""
+    MMLU CSV layout; any other table keeps its columns under a header (CMMLU and C-Eval layouts), without
+    pandas' index columns. BenchmarkError naming `origin` (repo and file) and the row for a file that is not
+    Parquet or a question, option or answer that is missing or of the wrong kind."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise BenchmarkError(f"{origin} is not a readable Parquet file ({str(exc)[:120]})") from None
+    columns = [c for c in table.column_names if not c.startswith("__index_level_")]
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
-        if {"question", "choices", "answer"} <= set(table.column_names):
+        if {"question", "choices", "answer"} <= set(columns):
             for i, row in enumerate(table.select(["question", "choices", "answer"]).to_pylist()):
-                choices, answer = row["choices"], row["answer"]
-                if len(choices) != 4 or not isinstance(answer, int) or not 0 <= answer < 4:
-                    raise BenchmarkError(f"{path} row {i}: {len(choices)} choices and answer {answer!r}; "
-                                         "four choices and an answer index 0-3 are needed")  # fmt: skip
-                writer.writerow([row["question"], *choices, LETTERS[answer]])
-        else:
-            writer.writerow(table.column_names)
-            writer.writerows([row[c] for c in table.column_names] for row in table.to_pylist())
+                writer.writerow(mmlu_row(row, f"{origin} row {i}"))
+            return out
+        writer.writerow(columns)
+        for i, row in enumerate(table.select(columns).to_pylist()):
+            missing = [c for c in columns if row[c] is None and c not in ("id", "explanation")]
+            if missing:
+                raise BenchmarkError(f"{origin} row {i}: no value in {', '.join(missing)}")
+            writer.writerow(["" if row[c] is None else row[c] for c in columns])
     return out
+
+
+def mmlu_row(row: dict, where: str) -> list:
+    """[question, A, B, C, D, letter] of one MMLU-Hub record; BenchmarkError naming `where` otherwise."""
+    question, choices, answer = row["question"], row["choices"], row["answer"]
+    if not isinstance(question, str) or not isinstance(choices, list) or len(choices) != 4 or \
+            not all(isinstance(c, str) for c in choices):
+        raise BenchmarkError(f"{where}: needs a question and a list of four text choices, got {question!r}, "
+                             f"{choices!r}")  # fmt: skip
+    if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < 4:
+        raise BenchmarkError(f"{where}: answer {answer!r} is not an index 0-3 into the choices")
+    return [question, *choices, LETTERS[answer]]
