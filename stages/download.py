@@ -11,6 +11,7 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
+from stages.lib.chat.format import save_tokenizer
 from stages.lib.convert import CONVERTERS
 from stages.lib.data.mix import summary_line
 from stages.lib.core.model_files import check_model_dir, check_tokenizer
@@ -105,7 +106,7 @@ def build_from_config(source: ConfigModel, recipe: ModelRecipe, params: Params, 
         model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, recipe.dtype))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    save_tokenizer(tokenizer, out)
     return {"kind": "config", "model_type": source.model_type, "seed": seed, "device": device, "config": source.config}
 
 

@@ -175,8 +175,23 @@ def reload(tokenizer, folder: Path):
     """
     from transformers import AutoTokenizer
 
-    tokenizer.save_pretrained(folder)
+    save_tokenizer(tokenizer, folder)
     return AutoTokenizer.from_pretrained(folder)
+
+
+RUN_KEYS = ("local_files_only",)  # how a tokenizer was loaded (HF_HUB_OFFLINE), not what it is
+
+
+def save_tokenizer(tokenizer, folder: Path) -> None:
+    """`save_pretrained`, less tokenizer_config.json's keys that record how it was loaded: otherwise the same
+    tokenizer saved with and without HF_HUB_OFFLINE hashes differently, and DVC re-runs every later stage."""
+    tokenizer.save_pretrained(folder)
+    path = Path(folder) / "tokenizer_config.json"
+    if path.is_file():
+        config = json.loads(path.read_text(encoding="utf-8"))
+        if any(k in config for k in RUN_KEYS):
+            kept = {k: v for k, v in config.items() if k not in RUN_KEYS}
+            path.write_text(json.dumps(kept, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def apply(tokenizer, fmt: ChatFormat) -> None:
@@ -188,7 +203,7 @@ def apply(tokenizer, fmt: ChatFormat) -> None:
 def save(tokenizer, fmt: ChatFormat, out: Path) -> None:
     """The tokenizer with the format applied, plus chat_format.json (stop ids and the decisions), into `out`."""
     apply(tokenizer, fmt)
-    tokenizer.save_pretrained(out)
+    save_tokenizer(tokenizer, out)
     (out / FORMAT_FILE).write_text(json.dumps(asdict(fmt), ensure_ascii=False, indent=2, sort_keys=True) + "\n")
 
 
