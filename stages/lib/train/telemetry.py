@@ -9,6 +9,8 @@ from transformers import TrainerCallback
 
 GIB = 1024**3
 SNAPSHOT_ENV = "TRAIN_MEMORY_SNAPSHOT"  # a directory: each rank writes a CUDA memory snapshot of its training there
+PROFILE_ENV = "TRAIN_PROFILE"  # a directory: rank 0 writes torch.profiler's tables of optimizer steps 3-4 there
+PROFILED_STEPS = (2, 4)  # global_step before the first profiled step, after the last
 
 
 class Telemetry(TrainerCallback):
@@ -50,8 +52,22 @@ class Telemetry(TrainerCallback):
             self.last = point
             self.paused = 0.0
 
+    def on_step_begin(self, args, state, control, **kwargs):
+        if os.environ.get(PROFILE_ENV) and args.process_index == 0 and state.global_step == PROFILED_STEPS[0]:
+            import torch
+
+            kinds = [torch.profiler.ProfilerActivity.CPU]
+            kinds += [torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else []
+            self.profiler = torch.profiler.profile(activities=kinds)
+            self.profiler.__enter__()
+            self.profile_start = time.perf_counter()
+
     def on_step_end(self, args, state, control, **kwargs):
         self.mark = time.perf_counter()
+        if getattr(self, "profiler", None) is not None and state.global_step == PROFILED_STEPS[1]:
+            self.profiler.__exit__(None, None, None)
+            write_profile(self.profiler, os.environ[PROFILE_ENV], self.mark - self.profile_start)
+            self.profiler = None
 
     def on_evaluate(self, args, state, control, **kwargs):
         self._pause()
@@ -96,6 +112,24 @@ class Telemetry(TrainerCallback):
                 "step_time_s": seconds / (self.last[2] - self.first[2]),
             }
         return speed
+
+
+def write_profile(profiler, folder: str, seconds: float) -> None:
+    """rank0.txt in `folder`: wall seconds of the profiled steps, the ops by CPU time and by GPU time, and the
+    number of calls of each collective (how often ZeRO gathers, not only how long)."""
+    averages = profiler.key_averages()
+    collectives = sorted(((e.key, e.count) for e in averages if "all_gather" in e.key or "reduce_scatter" in e.key
+                          or "all_reduce" in e.key), key=lambda kv: -kv[1])  # fmt: skip
+    lines = [f"profiled optimizer steps {PROFILED_STEPS[0] + 1}-{PROFILED_STEPS[1]}: {seconds:.3f} s wall",
+             "collective calls: " + ", ".join(f"{k} x{n}" for k, n in collectives), "",
+             averages.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60)]  # fmt: skip
+    try:
+        lines.append(averages.table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=60))
+    except Exception:  # noqa: BLE001 - no CUDA events on a CPU run
+        pass
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "rank0.txt"), "w") as f:
+        f.write("\n".join(lines) + "\n")
 
 
 def weight_census(model) -> dict:
