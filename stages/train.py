@@ -65,6 +65,19 @@ def quantization_config(params: Params):
     )
 
 
+def leaf_modules_safe(zero: dict) -> bool:
+    """Whether ZeRO-3's `stage3_module_granularity_threshold` stays on: on a GPU (DeepSpeed 0.19.8's leaf path
+    calls `record_stream` on CPU gradients), for a model whose decoder layers are all larger than it
+    (plan.leaf_modules_apply says why). Otherwise DeepSpeed gathers per parameter, as before the threshold."""
+    import torch
+
+    from stages.lib.train.plan import leaf_modules_apply
+
+    threshold = float(zero.get("stage3_module_granularity_threshold") or 0)
+    model = meta_model(BASE_DIR, "models/base") if threshold and torch.cuda.is_available() else None
+    return not threshold or (model is not None and leaf_modules_apply(threshold, model))
+
+
 def sft_config(params: Params, output_dir: Path, **overrides):
     import torch
     from trl import SFTConfig
@@ -75,8 +88,8 @@ def sft_config(params: Params, output_dir: Path, **overrides):
     checkpointing = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
     ds_config = deepspeed_config(t.deepspeed) if t.deepspeed else None
     zero3 = bool(ds_config) and ds_config.get("zero_optimization", {}).get("stage") == 3
-    if zero3 and not torch.cuda.is_available():  # DeepSpeed 0.19.8's leaf-module path calls CUDA-only
-        ds_config["zero_optimization"].pop("stage3_module_granularity_threshold", None)  # record_stream on CPU grads
+    if zero3 and not leaf_modules_safe(ds_config["zero_optimization"]):
+        ds_config["zero_optimization"].pop("stage3_module_granularity_threshold", None)
     reentrant = zero3 if t.reentrant_checkpointing is None else t.reentrant_checkpointing
     if "tensorboard" in t.report_to:  # not under output_dir: the checkpoint folder is emptied at the end
         os.environ.setdefault("TENSORBOARD_LOGGING_DIR", TRACKER_LOGS)  # transformers >= 5.2x reads only this

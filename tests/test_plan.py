@@ -185,3 +185,13 @@ def test_the_plan_command_plans_the_params_model_not_an_earlier_download(tmp_pat
                          cwd=tmp_path, capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout  # fmt: skip
     assert "   5.17 " in out  # the 7B's 4-bit weights, not the tiny model in models/base
+
+
+def test_leaf_modules_only_where_every_decoder_layer_is_larger(elsewhere):
+    from stages.lib.train.plan import leaf_modules_apply
+
+    seven_b = meta_from_config(config_dict(with_train(ONE_GPU_7B)))
+    assert leaf_modules_apply(1e8, seven_b)  # 233M-parameter layers: the measured 1.61x setting
+    assert not leaf_modules_apply(3e8, seven_b) and not leaf_modules_apply(0, seven_b)
+    small = plan_calibration.meta("1.5b")  # 47M-parameter layers would be leaves whole (failed on the GPUs)
+    assert not leaf_modules_apply(1e8, small)

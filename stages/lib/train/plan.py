@@ -104,10 +104,8 @@ class Shape:
 def shape(model) -> Shape:
     """Widths of a meta-device causal LM built by transformers (any architecture with `num_hidden_layers`
     decoder layers in a ModuleList)."""
-    import torch
-
     config = model.config.get_text_config()
-    layers = max((m for m in model.modules() if isinstance(m, torch.nn.ModuleList)), key=len)
+    layers = decoder_layers(model)
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     kv = (getattr(config, "num_key_value_heads", None) or heads) * head_dim
@@ -118,11 +116,11 @@ def shape(model) -> Shape:
                  model.get_output_embeddings().weight.shape[0], layers[0], list(embeddings.values()))  # fmt: skip
 
 
-def deepspeed_kind(name: str) -> tuple[int, bool, bool, bool]:
-    """(ZeRO stage, parameters offloaded, optimizer offloaded, small modules gathered whole) of a DeepSpeed
+def deepspeed_kind(name: str) -> tuple[int, bool, bool, float]:
+    """(ZeRO stage, parameters offloaded, optimizer offloaded, stage3_module_granularity_threshold) of a DeepSpeed
     setting; all zero / False for none."""
     if name == "none":
-        return 0, False, False, False
+        return 0, False, False, 0.0
     from ..core.recipes import deepspeed_config
 
     if name.endswith(".json") and Path(name).is_file():  # any file (a benchmark's probe); the stage takes recipes only
@@ -131,8 +129,26 @@ def deepspeed_kind(name: str) -> tuple[int, bool, bool, bool]:
         config = deepspeed_config(name)
     zero = config.get("zero_optimization", {})
     offloaded = lambda key: (zero.get(key) or {}).get("device", "none") not in ("none", None)  # noqa: E731
-    leaves = float(zero.get("stage3_module_granularity_threshold") or 0) > 0
-    return int(zero.get("stage", 0)), offloaded("offload_param"), offloaded("offload_optimizer"), leaves
+    threshold = float(zero.get("stage3_module_granularity_threshold") or 0)
+    return int(zero.get("stage", 0)), offloaded("offload_param"), offloaded("offload_optimizer"), threshold
+
+
+def leaf_modules_apply(threshold: float, model) -> bool:
+    """Whether the train stage keeps ZeRO-3's `stage3_module_granularity_threshold` for `model` (meta device): only
+    when every decoder layer is larger, so that no whole layer becomes a leaf module (measured: a 7B, whose
+    233M-parameter layers keep their attention block and MLP projections as leaves, trains 1.61x one GPU; a 1.5B,
+    whose 47M-parameter layers would be leaves whole, failed in DeepSpeed). Otherwise DeepSpeed gathers per
+    parameter, as without the threshold."""
+    if not threshold:
+        return False
+    return min(sum(p.numel() for p in layer.parameters()) for layer in decoder_layers(model)) > threshold
+
+
+def decoder_layers(model):
+    """The model's decoder layers: its longest ModuleList."""
+    import torch
+
+    return max((m for m in model.modules() if isinstance(m, torch.nn.ModuleList)), key=len)
 
 
 def trainable_params(model, params: Params, targets: list[str] | str) -> int:
@@ -191,13 +207,14 @@ def estimate(model, params: Params, setting: Setting, targets: list[str] | str, 
     s = shape(model)
     d = torch.finfo(getattr(torch, t.dtype)).bits // 8
     tokens = tokens or tokens_per_gpu(params)
-    stage, param_offload, optimizer_offload, leaves = deepspeed_kind(setting.deepspeed)
+    stage, param_offload, optimizer_offload, threshold = deepspeed_kind(setting.deepspeed)
     zero3 = stage == 3
     four_bit = t.method == "qlora"
     whole = weight_bytes(model, four_bit, d, t.quant.double_quant)
     resident = 0 if param_offload else whole.per_gpu(setting.gpus, zero3)
     layer = weight_bytes(model, four_bit, d, t.quant.double_quant, part=s.layer)
     layer_bytes = layer.sharded + layer.whole
+    leaves = leaf_modules_apply(threshold, model)
 
     trainable = trainable_params(model, params, targets)
     adapter = optimizer_bytes(trainable, t.method == "full", d, stage, setting.gpus, optimizer_offload)
