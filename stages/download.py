@@ -11,10 +11,9 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
-from stages.lib.chat.format import save_tokenizer
 from stages.lib.convert import CONVERTERS
 from stages.lib.data.mix import summary_line
-from stages.lib.core.model_files import check_model_dir, check_tokenizer
+from stages.lib.core.model_files import check_model_dir, check_tokenizer, save_tokenizer
 from stages.lib.data.read import data_files
 from stages.lib.data.sources import DATA_SOURCES, MODEL_SOURCES, hub_errors, hub_limits
 from stages.lib.core.errors import run_stage

@@ -3,167 +3,21 @@
     python -m stages.plan                                   # params.yaml, this machine's GPUs
     python -m stages.plan --params pipelines/seed-chatglm2-2x4/params.yaml --gpus 4 --nodes 2 --gpu-memory-gib 24
 
-The model is built from its config.json on the meta device (exact parameter counts, no weights): models/base's
-once downloaded, else the recipe's `config` (or the Hub's config.json at the pinned revision). The train stage
-prints the same table at its start and resolves `train.deepspeed: auto` and `train.gradient_checkpointing: auto`
-with it (stages/lib/train/plan.py says how each number is predicted).
+The model is built from its config.json on the meta device (exact parameter counts, no weights): model.path's,
+else the recipe's `config` (or the Hub's config.json at the pinned revision); models/base is not read, since it
+may hold an earlier model. The train stage prints the same table for models/base at its start and resolves
+`train.deepspeed: auto` and `train.gradient_checkpointing: auto` with it (stages/lib/train/auto.py); how each
+number is predicted: stages/lib/train/plan.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 from pathlib import Path
 
 from stages.lib.core.errors import UserError, run_stage
-from stages.lib.core.params import Params, load_params
-
-BASE_DIR = Path("models/base")
-PLANNED_ENV = "TRAIN_PLANNED"  # the head process's resolved auto settings, for the ranks it launches
-
-
-def config_dict(params: Params, downloaded: bool = True) -> dict:
-    """config.json of the model to train: models/base's when `downloaded` (the train stage: what download made),
-    else from params (the plan command: models/base may be an earlier model): model.path's config.json, or the
-    recipe's `config`, or the Hub's config.json at the pinned revision. UserError when none can be had."""
-    from stages.lib.core.recipes import model_recipe
-
-    if downloaded and (BASE_DIR / "config.json").is_file():
-        return json.loads((BASE_DIR / "config.json").read_text(encoding="utf-8"))
-    recipe = model_recipe(params.model.recipe)
-    source = recipe.source
-    if params.model.path:
-        local = Path(params.model.path) / "config.json"
-        if not local.is_file():
-            raise UserError(f"model.path {params.model.path} has no config.json: give the model directory")
-        config = json.loads(local.read_text(encoding="utf-8"))
-    elif source.kind == "config":
-        return {"model_type": source.model_type, "vocab_size": source.tokenizer_vocab_size} | source.config
-    else:
-        config = source.config or hub_config(source, params)
-    if recipe.converter == "chatglm2" and params.model.convert and config.get("model_type") == "chatglm":
-        from stages.lib.convert import glm_config
-
-        config = glm_config(config)
-    return config
-
-
-def hub_config(source, params: Params) -> dict:
-    """config.json of a Hub model at the pinned revision (the Hub cache, or a download). UserError when offline
-    without it, gated or missing."""
-    from stages.lib.data.sources import hub_limits
-
-    hub_limits(params.network)
-    try:
-        from huggingface_hub import hf_hub_download
-
-        return json.loads(Path(hf_hub_download(source.repo, "config.json", revision=source.revision)).read_text())
-    except Exception as exc:  # noqa: BLE001 - offline, gated or missing: one line either way
-        raise UserError(f"no config.json for {source.repo} ({type(exc).__name__}): run `dvc repro download` "
-                        f"first, or add its sizes as `config` to recipes/models/{params.model.recipe}.yaml") from None  # fmt: skip
-
-
-def meta_from_config(config: dict):
-    """The causal LM `config` describes, on the meta device. UserError when transformers cannot build it."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    values = {k: v for k, v in config.items() if k not in ("architectures", "auto_map", "quantization_config")}
-    try:
-        built = AutoConfig.for_model(values.pop("model_type"), **values)
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(built)
-    except Exception as exc:  # noqa: BLE001
-        raise UserError(f"cannot build the model from its config.json to plan ({str(exc)[:160]}): set "
-                        "train.deepspeed and train.gradient_checkpointing yourself") from None  # fmt: skip
-
-
-def lora_targets(params: Params):
-    from stages.lib.core.recipes import model_recipe
-
-    return params.train.lora.target_modules or model_recipe(params.model.recipe).lora_targets
-
-
-def resolve(params: Params, capacity_gib: float | None = None,
-            visible_gpus: int | None = None) -> tuple[Params, dict | None]:
-    """`params` with `auto` replaced by the plan's choice, and the record of that choice (None without auto).
-    `capacity_gib` and `visible_gpus` default to this machine's GPUs (TRAIN_GPU_MEMORY_GIB caps the first).
-
-    In the head process: prints the plan (on a GPU, or when a key is auto) and stores the choice in TRAIN_PLANNED
-    so that every rank it launches trains the same setting. UserError when auto is asked and nothing fits, with
-    the numbers and the cheapest change; or when auto cannot plan (a model that needs its Hub code)."""
-    t = params.train
-    auto = {k for k in ("deepspeed", "gradient_checkpointing") if getattr(t, k) == "auto"}
-    if PLANNED_ENV in os.environ and auto:
-        record = json.loads(os.environ[PLANNED_ENV])
-        return _apply(params, record), record
-    import torch
-
-    from stages.lib.train.fit import gpu_capacity_gib
-    from stages.lib.train.plan import make_plan, table
-
-    capacity = capacity_gib or gpu_capacity_gib()
-    head = "LOCAL_RANK" not in os.environ  # ranks of a node the head's environment did not reach plan quietly
-    if not auto and (capacity is None or not head):
-        return params, None
-    config = config_dict(params)
-    if config.get("auto_map"):
-        if auto:
-            raise UserError("train.deepspeed / gradient_checkpointing auto cannot plan a model that needs its Hub "
-                            "code (auto_map in config.json): set both yourself")  # fmt: skip
-        return params, None
-    visible = torch.cuda.device_count() if visible_gpus is None else visible_gpus
-    gpus, nodes = launch_shape(params, visible)
-    try:
-        plan = make_plan(meta_from_config(config), params, lora_targets(params), gpus, nodes, capacity,
-                         single_process=visible <= 1)  # fmt: skip
-    except Exception as exc:  # noqa: BLE001 - a model the estimator does not know must not stop a set setting
-        why = f"{type(exc).__name__}: {str(exc)[:160]}"
-        if auto:
-            raise UserError(f"train: cannot plan this model ({why}): set train.deepspeed and "
-                            "train.gradient_checkpointing yourself") from None  # fmt: skip
-        print(f"train: no plan for this model ({why})", flush=True)
-        return params, None
-    if head:
-        print(table(plan), flush=True)
-    if not auto:
-        return params, None
-    if capacity is None:
-        record = {"deepspeed": None, "gradient_checkpointing": False, "reason": "no GPU: no DeepSpeed, no checkpointing"}
-    elif plan.chosen is None:
-        raise UserError(f"train: nothing fits {plan.gpus_per_node * plan.nodes} GPU(s) of {capacity:.1f} GiB (the "
-                        f"plan above); would fit: {'; or '.join(plan.advice)}")  # fmt: skip
-    else:
-        c = plan.chosen
-        record = {"deepspeed": None if c.setting.deepspeed == "none" else c.setting.deepspeed,
-                  "gradient_checkpointing": c.setting.checkpointing, "reason": plan.reason,
-                  "predicted_train_gib": round(c.train_peak, 2), "predicted_load_gib": round(c.load_peak, 2)}  # fmt: skip
-    record = {k: v for k, v in record.items() if k in auto or k not in ("deepspeed", "gradient_checkpointing")}
-    if head:
-        print(f"train: auto -> {', '.join(f'{k}: {_shown(record[k])}' for k in sorted(auto))} ({record['reason']})", flush=True)
-    os.environ[PLANNED_ENV] = json.dumps(record)
-    return _apply(params, record), record
-
-
-def launch_shape(params: Params, visible: int) -> tuple[int, int]:
-    """(GPUs per node, nodes) of the launch: train.launch.include's hosts and GPUs, else gpus_per_node (or the
-    `visible` GPUs) on train.launch.nodes nodes."""
-    launch = params.train.launch
-    if launch.include:
-        hosts = launch.include.split("@")
-        slots = [len(h.partition(":")[2].split(",")) if ":" in h else max(visible, 1) for h in hosts]
-        return max(max(slots), 1), len(hosts)
-    return launch.gpus_per_node or max(visible, 1), launch.nodes
-
-
-def _shown(value) -> str:
-    return "none" if value is None else str(value).lower()
-
-
-def _apply(params: Params, record: dict) -> Params:
-    changes = {k: record[k] for k in ("deepspeed", "gradient_checkpointing") if k in record}
-    return params.model_copy(update={"train": params.train.model_copy(update=changes)})
+from stages.lib.core.params import load_params
+from stages.lib.train.auto import config_dict, launch_shape, lora_targets, meta_from_config
 
 
 def main() -> None:

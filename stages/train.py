@@ -443,7 +443,7 @@ def main() -> None:
     require(BASE_DIR / "config.json", made_by="download")
     check_model_output(BASE_DIR, "download")
     from stages.lib.train.launch import take_planned_arg
-    from stages.plan import resolve
+    from stages.lib.train.auto import resolve
 
     take_planned_arg(sys.argv)  # a rank on another node: the head's choice came as an argument
     params, planned = resolve(params)  # prints the plan on a GPU; `auto` becomes its choice, before any rank starts

@@ -16,7 +16,7 @@ import yaml
 from stages.lib.core.errors import UserError
 from stages.lib.core.params import Params, load_params
 from stages.lib.train.plan import Setting, estimate, trainable_params
-from stages.plan import PLANNED_ENV, config_dict, meta_from_config, resolve
+from stages.lib.train.auto import PLANNED_ENV, config_dict, meta_from_config, resolve
 from stages.train import quality_metrics
 
 ROOT = Path(__file__).resolve().parents[1]

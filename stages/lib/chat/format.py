@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..core.errors import UserError
+from ..core.model_files import save_tokenizer
 from ..core.recipes import TemplateRecipe
 
 PROBE = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]
@@ -177,21 +178,6 @@ def reload(tokenizer, folder: Path):
 
     save_tokenizer(tokenizer, folder)
     return AutoTokenizer.from_pretrained(folder)
-
-
-RUN_KEYS = ("local_files_only",)  # how a tokenizer was loaded (HF_HUB_OFFLINE), not what it is
-
-
-def save_tokenizer(tokenizer, folder: Path) -> None:
-    """`save_pretrained`, less tokenizer_config.json's keys that record how it was loaded: otherwise the same
-    tokenizer saved with and without HF_HUB_OFFLINE hashes differently, and DVC re-runs every later stage."""
-    tokenizer.save_pretrained(folder)
-    path = Path(folder) / "tokenizer_config.json"
-    if path.is_file():
-        config = json.loads(path.read_text(encoding="utf-8"))
-        if any(k in config for k in RUN_KEYS):
-            kept = {k: v for k, v in config.items() if k not in RUN_KEYS}
-            path.write_text(json.dumps(kept, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def apply(tokenizer, fmt: ChatFormat) -> None:

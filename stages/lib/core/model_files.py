@@ -224,3 +224,18 @@ def check_model_dir(folder: Path, what: str) -> None:
     check_config(folder, what)
     check_shapes(folder, what, check_weights(folder, what))
     check_vocab(folder, what, check_tokenizer(folder, what))
+
+
+RUN_KEYS = ("local_files_only",)  # how a tokenizer was loaded (HF_HUB_OFFLINE), not what it is
+
+
+def save_tokenizer(tokenizer, folder: Path) -> None:
+    """`save_pretrained`, less tokenizer_config.json's keys that record how it was loaded: otherwise the same
+    tokenizer saved with and without HF_HUB_OFFLINE hashes differently, and DVC re-runs every later stage."""
+    tokenizer.save_pretrained(folder)
+    path = Path(folder) / "tokenizer_config.json"
+    if path.is_file():
+        config = json.loads(path.read_text(encoding="utf-8"))
+        if any(k in config for k in RUN_KEYS):
+            kept = {k: v for k, v in config.items() if k not in RUN_KEYS}
+            path.write_text(json.dumps(kept, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -49,7 +49,7 @@ def planned_args() -> list[str]:
     remote shell splits or unquotes it."""
     import base64
 
-    from stages.plan import PLANNED_ENV
+    from .auto import PLANNED_ENV
 
     value = os.environ.get(PLANNED_ENV)
     return ["--planned", base64.urlsafe_b64encode(value.encode()).decode()] if value else []
@@ -59,7 +59,7 @@ def take_planned_arg(argv: list[str]) -> None:
     """In a rank: put the head's choice from `--planned` back into TRAIN_PLANNED (no-op without the argument)."""
     import base64
 
-    from stages.plan import PLANNED_ENV
+    from .auto import PLANNED_ENV
 
     if "--planned" in argv[:-1]:
         os.environ[PLANNED_ENV] = base64.urlsafe_b64decode(argv[argv.index("--planned") + 1]).decode()
