@@ -175,6 +175,9 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server, reference
         ({"max_tokens": room + 1}, "max_tokens", "invalid_value"),
         ({"max_tokens": 0}, "max_tokens", None),
         ({"temperature": "hot"}, "temperature", None),
+        ({"frequency_penalty": -1}, "frequency_penalty", "unsupported_parameter"),
+        ({"logit_bias": {"5": 1}}, "logit_bias", "unsupported_parameter"),
+        ({"tools": "nope"}, "messages", None),  # the chat template cannot render it: not a 500
         ({"messages": [{"role": "user", "content": "词 " * context}]}, "messages", "context_length_exceeded"),
     ]:
         error = error_of(httpx.post(chat, json=good | change, timeout=60), 400)
@@ -187,6 +190,10 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server, reference
     assert error_of(httpx.post(chat, json=good | {"frobnicate": 1}, timeout=60), 400)["type"] == "invalid_request_error"
     assert error_of(httpx.post(f"{url}/load_model", json={"model": "gpt2"}, timeout=60), 404)["code"] == "not_found"
     assert error_of(httpx.get(chat, timeout=60), 405)["code"] == "method_not_allowed"
+    # temperature above 0 samples (transformers serve alone decoded greedily whenever generation_config.json is silent)
+    sampled = {openai.chat.completions.create(**good | {"temperature": 2.0, "seed": seed}).choices[0].message.content
+               for seed in range(6)}  # fmt: skip
+    assert len(sampled) > 1, sampled
     # the whole room the context leaves is accepted; with no max_tokens the server stops at the context too
     expected = generated(reference, training_prompt(row))
     for change in ({"max_tokens": room}, {"max_tokens": None}):

@@ -12,6 +12,8 @@ template refuses is named with the template's message.
 
 from __future__ import annotations
 
+import json
+
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -77,6 +79,12 @@ class Served:
     tokenizer: object
     context: int | None
     aliases: set[str] = field(default_factory=set)
+    generation: dict = field(default_factory=dict)  # the model's generation_config.json (stop ids), non-defaults
+
+
+# OpenAI fields transformers serve cannot honour: refused rather than ignored (penalties it maps onto
+# repetition_penalty, which a negative value breaks; logit bias, log-probabilities and JSON mode it does not do)
+UNSUPPORTED = ("frequency_penalty", "presence_penalty", "logit_bias", "logprobs", "top_logprobs", "response_format")
 
 
 def _param(loc: tuple) -> str:
@@ -116,6 +124,9 @@ def prompt_ids(tokenizer, messages: list[dict], tools: list | None = None) -> li
                                         return_dict=True)  # fmt: skip
     except TemplateError as exc:
         raise RequestError(400, f"messages: the model's chat template refuses them: {exc}", "messages") from None
+    except Exception as exc:  # noqa: BLE001 - malformed tools or tool_calls, unencodable text: the client's input
+        raise RequestError(400, f"messages: cannot be rendered with the chat template ({type(exc).__name__}: "
+                           f"{str(exc)[:200]})", "messages") from None  # fmt: skip
     return list(out["input_ids"])
 
 
@@ -138,12 +149,20 @@ def check_chat(body, served: Served) -> dict:
         if key in body:
             raise RequestError(400, f"{key}: not accepted by this server (it would change the prompt or the "
                                "length limits); use max_tokens, temperature, top_p, stop", key)  # fmt: skip
+    for key in UNSUPPORTED:
+        if body.get(key) not in (None, 0, False, {}, {"type": "text"}):
+            raise RequestError(400, f"{key}: not supported by this server (transformers serve); leave it out",
+                               key, "unsupported_parameter")  # fmt: skip
     try:
         request = ChatRequest.model_validate(body)
     except ValidationError as exc:
         raise _validation_error(exc) from None
     ids = prompt_ids(served.tokenizer, body["messages"], body.get("tools"))
-    body = dict(body, model=served.name)
+    # sampling as OpenAI's API: temperature 1 when not given, greedy only at 0 (transformers serve would decode
+    # greedily whenever the model's generation_config.json says nothing, whatever the temperature)
+    sample = request.temperature is None or request.temperature > 0
+    body = {k: v for k, v in body.items() if k not in UNSUPPORTED}
+    body = dict(body, model=served.name, generation_config=json.dumps(served.generation | {"do_sample": sample}))
     if served.context is None:
         return body
     room = served.context - len(ids)

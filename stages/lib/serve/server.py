@@ -47,7 +47,7 @@ class Pinned:
 
     def __init__(self, folder: Path, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
                  log_level: str = "warning"):  # fmt: skip
-        from transformers import AutoConfig, AutoTokenizer
+        from transformers import AutoConfig, AutoTokenizer, GenerationConfig
         from transformers.cli.serve import Serve
 
         from .model import context_length
@@ -59,8 +59,15 @@ class Pinned:
         name = str(folder)
         self.serve = _Built(force_model=name, host=host, port=port, device=device, log_level=log_level,
                             non_blocking=True)  # fmt: skip
-        self.served = Served(name, AutoTokenizer.from_pretrained(folder), context_length(AutoConfig.from_pretrained(folder)),
-                             {folder.name, str(folder.resolve())})  # fmt: skip
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        if not tokenizer.chat_template:
+            from ..core.errors import UserError
+
+            raise UserError(f"{folder} has no chat template: serve models/merged (merge writes the training one)")
+        generation = GenerationConfig.from_pretrained(folder).to_diff_dict()
+        generation.pop("transformers_version", None)
+        self.served = Served(name, tokenizer, context_length(AutoConfig.from_pretrained(folder)),
+                             {folder.name, str(folder.resolve())}, generation)  # fmt: skip
         config = self.serve.server.config
         _openai_errors(config.app)
         config.app = Guard(config.app, lambda body: check_chat(body, self.served))
