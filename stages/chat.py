@@ -19,7 +19,7 @@ import importlib
 import sys
 from pathlib import Path
 
-from stages.lib.core.errors import UserError
+from stages.lib.core.errors import UserError, run_command
 from stages.lib.serve import model as talk
 
 HELP = "/reset forgets the conversation, /exit or Ctrl-D ends, Ctrl-C stops an answer"
@@ -138,9 +138,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as exc:
-        sys.exit(f"error: {exc}")
-    except KeyboardInterrupt:
-        sys.exit(130)
+    run_command(main)

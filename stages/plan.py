@@ -38,7 +38,7 @@ def main() -> None:
 
     gpus, nodes = launch_shape(params, torch.cuda.device_count())
     capacity = args.gpu_memory_gib or gpu_capacity_gib()
-    model = meta_from_config(config_dict(params, downloaded=False))  # params' model, not an earlier download
+    model = meta_from_config(config_dict(params))  # params' model, not an earlier download
     print(table(make_plan(model, params, lora_targets(params), args.gpus or gpus, args.nodes or nodes, capacity)))
 
 

@@ -19,10 +19,9 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import socket
-import sys
 from pathlib import Path
 
-from stages.lib.core.errors import UserError
+from stages.lib.core.errors import UserError, run_command
 from stages.lib.serve.model import MERGED, check_model_folder
 
 NEEDED = ("fastapi", "uvicorn", "openai")  # transformers[serving]; the rest of it is in the main dependencies
@@ -80,9 +79,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as exc:
-        sys.exit(f"error: {exc}")
-    except KeyboardInterrupt:
-        sys.exit(130)
+    run_command(main)

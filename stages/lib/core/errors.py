@@ -32,10 +32,23 @@ def run_stage(main: Callable[[], None]) -> None:
     if "LOCAL_RANK" not in os.environ:
         for line in recover():
             print(f"note: {line}", flush=True)
+
+    def stage() -> None:
+        try:
+            main()
+        except KeyboardInterrupt:
+            print("interrupted: every earlier output is as it was", file=sys.stderr, flush=True)
+            raise
+
+    run_command(stage)
+
+
+def run_command(main: Callable[[], None]) -> None:
+    """Run a command's `main` (a stage's, or chat's and serve's): a UserError becomes one `error:` line (exit 1)
+    and Ctrl-C exit 130, both without a traceback."""
     try:
         main()
     except UserError as exc:
         sys.exit(f"error: {exc}")
     except KeyboardInterrupt:
-        print("interrupted: every earlier output is as it was", file=sys.stderr, flush=True)
         sys.exit(130)

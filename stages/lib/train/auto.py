@@ -8,20 +8,20 @@ import os
 from pathlib import Path
 
 from ..core.errors import UserError
+from ..core.model_files import meta_model
 from ..core.params import Params
+from .fit import include_slots
 
 BASE_DIR = Path("models/base")
 PLANNED_ENV = "TRAIN_PLANNED"  # the head process's resolved auto settings, for the ranks it launches
 
 
-def config_dict(params: Params, downloaded: bool = True) -> dict:
-    """config.json of the model to train: models/base's when `downloaded` (the train stage: what download made),
-    else from params (the plan command: models/base may be an earlier model): model.path's config.json, or the
-    recipe's `config`, or the Hub's config.json at the pinned revision. UserError when none can be had."""
+def config_dict(params: Params) -> dict:
+    """config.json of params' model without models/base (the plan command: models/base may be an earlier model):
+    model.path's config.json, or the recipe's `config`, or the Hub's config.json at the pinned revision. UserError
+    when none can be had."""
     from ..core.recipes import model_recipe
 
-    if downloaded and (BASE_DIR / "config.json").is_file():
-        return json.loads((BASE_DIR / "config.json").read_text(encoding="utf-8"))
     recipe = model_recipe(params.model.recipe)
     source = recipe.source
     if params.model.path:
@@ -98,8 +98,10 @@ def resolve(params: Params, capacity_gib: float | None = None,
     head = "LOCAL_RANK" not in os.environ  # ranks of a node the head's environment did not reach plan quietly
     if not auto and (capacity is None or not head):
         return params, None
-    config = config_dict(params)
-    if config.get("auto_map"):
+    # models/base once downloaded (the meta build the stage's other checks share), else params' model
+    downloaded = (BASE_DIR / "config.json").is_file()
+    model = meta_model(BASE_DIR, "models/base") if downloaded else meta_from_config(config_dict(params))
+    if model is None:  # meta_model: a model that needs its Hub code (auto_map)
         if auto:
             raise UserError("train.deepspeed / gradient_checkpointing auto cannot plan a model that needs its Hub "
                             "code (auto_map in config.json): set both yourself")  # fmt: skip
@@ -107,8 +109,7 @@ def resolve(params: Params, capacity_gib: float | None = None,
     visible = torch.cuda.device_count() if visible_gpus is None else visible_gpus
     gpus, nodes = launch_shape(params, visible)
     try:
-        plan = make_plan(meta_from_config(config), params, lora_targets(params), gpus, nodes, capacity,
-                         single_process=visible <= 1)  # fmt: skip
+        plan = make_plan(model, params, lora_targets(params), gpus, nodes, capacity, single_process=visible <= 1)
     except Exception as exc:  # noqa: BLE001 - a model the estimator does not know must not stop a set setting
         why = f"{type(exc).__name__}: {str(exc)[:160]}"
         if auto:
@@ -142,9 +143,8 @@ def launch_shape(params: Params, visible: int) -> tuple[int, int]:
     `visible` GPUs) on train.launch.nodes nodes."""
     launch = params.train.launch
     if launch.include:
-        hosts = launch.include.split("@")
-        slots = [len(h.partition(":")[2].split(",")) if ":" in h else max(visible, 1) for h in hosts]
-        return max(max(slots), 1), len(hosts)
+        slots = include_slots(launch.include, max(visible, 1))
+        return max(max(slots), 1), len(slots)
     return launch.gpus_per_node or max(visible, 1), launch.nodes
 
 

@@ -70,12 +70,14 @@ def world_size(params: Params, visible_gpus: int) -> int:
     if not params.train.deepspeed:
         return 1
     if launch.include:
-        count = 0
-        for host in launch.include.split("@"):
-            _, _, slots = host.partition(":")
-            count += len(slots.split(",")) if slots else visible_gpus
-        return max(count, 1)
+        return max(sum(include_slots(launch.include, visible_gpus)), 1)
     return max((launch.gpus_per_node or visible_gpus) * launch.nodes, 1)
+
+
+def include_slots(include: str, visible_gpus: int) -> list[int]:
+    """GPUs per host of DeepSpeed's `--include` ("node0:0,1@node1:2,3"); a host without a list: every visible GPU."""
+    hosts = (host.partition(":")[2] for host in include.split("@"))
+    return [len(slots.split(",")) if slots else visible_gpus for slots in hosts]
 
 
 def gpu_capacity_gib() -> float | None:
