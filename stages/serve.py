@@ -58,6 +58,30 @@ def check_port(host: str, port: int) -> None:
             raise UserError(f"cannot listen on {host}:{port}: {exc.strerror}; choose another --port") from None
 
 
+def check_device(name: str) -> None:
+    """UserError unless `name` (--device) is `auto` or a torch device this machine has: cpu, cuda, cuda:N with N
+    below the GPU count, mps where Apple's backend is built (transformers serve would fail at load, with a
+    traceback)."""
+    if name == "auto":
+        return
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise UserError(f"--device {name}: this machine has no CUDA GPU; use --device cpu (or auto)")
+        if device.index is not None and device.index >= count:
+            raise UserError(f"--device {name}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {name}: Apple's MPS backend is not available here; use --device cpu (or auto)")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device {name}: transformers serve runs on cpu, cuda or mps; use one of them or auto")
+
+
 def main(argv: list[str] | None = None) -> None:
     from stages.lib.core.quiet import quiet
 
@@ -67,6 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     missing = [name for name in NEEDED if importlib.util.find_spec(name) is None]
     if missing:
         raise UserError(f"the server needs {', '.join(missing)}: pip install -e '.[serve]'")
+    check_device(args.device)
     check_port(args.host, args.port)
     from stages.lib.serve.server import Pinned
 

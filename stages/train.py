@@ -185,6 +185,7 @@ def build_trainer(params: Params, output_dir: Path, callbacks: list, **overrides
     train_set = splits["train"]
     eval_set = splits["validation"] if args.eval_strategy != "no" and len(splits["validation"]) else None
     from stages.lib.train.checkpoints import KeepAdapterDtype
+    from stages.lib.train.cpu_4bit import keep_4bit_layout
 
     if t.token_metrics:
         base_class = SFTTrainer
@@ -205,6 +206,7 @@ def build_trainer(params: Params, output_dir: Path, callbacks: list, **overrides
         callbacks=callbacks,
     )
     trainer.load_weights_gib = base_weights_gib(trainer.model)  # before DeepSpeed initialises: what loading left
+    keep_4bit_layout(trainer.model)  # one numeric path on AVX512-BF16 CPUs (evaluation would repack the weights)
     check_labels(trainer.train_dataset, train_set)
     if t.deepspeed:
         from stages.lib.train.zero3_release import Zero3EarlyRelease

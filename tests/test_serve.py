@@ -178,6 +178,8 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server, reference
         ({"frequency_penalty": -1}, "frequency_penalty", "unsupported_parameter"),
         ({"logit_bias": {"5": 1}}, "logit_bias", "unsupported_parameter"),
         ({"tools": "nope"}, "messages", None),  # the chat template cannot render it: not a 500
+        ({"stop": [".", ""]}, "stop", None),  # an empty stop would end every reply at once
+        ({"stop": list("abcde")}, "stop", None),  # OpenAI takes at most 4
         ({"messages": [{"role": "user", "content": "词 " * context}]}, "messages", "context_length_exceeded"),
     ]:
         error = error_of(httpx.post(chat, json=good | change, timeout=60), 400)
@@ -201,6 +203,49 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server, reference
         assert answer.choices[0].message.content == expected
 
 
+def test_a_stop_string_ends_the_reply_before_it_and_a_stream_ends_with_done(server, reference):
+    """OpenAI's `stop`: the reply ends before the stop text (transformers serve alone returns it), streaming or
+    not; a stop the reply never completes leaves it whole; the event stream ends with `data: [DONE]`."""
+    import httpx
+
+    _, url = server
+    openai = client(url)
+    for row in reference["rows"][:3]:
+        expected = generated(reference, training_prompt(row))
+        middle = len(expected) // 2
+        stop = expected[middle : middle + 2]  # two characters inside the answer, maybe inside one token
+        cases = [([stop, "\x00never"], expected[: expected.find(stop)]),
+                 ([expected[-2:] + "\x00"], expected)]  # its start is held back, then given at the finish
+        for stops, want in cases:
+            request = {"model": "merged", "messages": row["messages"][:-1], "max_tokens": MAX_NEW, "temperature": 0,
+                       "stop": stops}  # fmt: skip
+            answer = openai.chat.completions.create(**request)
+            assert (answer.choices[0].message.content, answer.choices[0].finish_reason) == (want, "stop"), stops
+            stream = openai.chat.completions.create(**request, stream=True)
+            assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == want, stops
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=request | {"stream": True}, timeout=60) as response:
+        events = [line for line in response.iter_lines() if line]
+    assert events[-1] == "data: [DONE]" and events.count("data: [DONE]") == 1
+    assert all(e.startswith("data: ") for e in events) and json.loads(events[-2][6:])["choices"][0]["finish_reason"]
+
+
+def test_stop_cutter_gives_the_same_text_however_the_reply_is_split():
+    import random
+
+    from stages.lib.serve.replies import StopCutter, cut
+
+    text = "ab abc abcd 答案是：甲。abcde"
+    rng = random.Random(0)
+    for stops in (["abcd"], ["cde", "：甲"], ["zz"], ["e"], ["abcde", "c a"]):
+        whole = cut(text, stops)
+        assert whole == text[: min([text.find(s) for s in stops if s in text], default=len(text))]
+        for _ in range(50):
+            cuts = sorted(rng.sample(range(1, len(text)), rng.randint(1, 8)))
+            pieces = [text[i:j] for i, j in zip([0, *cuts], [*cuts, len(text)])]
+            cutter = StopCutter(stops)
+            assert "".join(cutter.feed(p) for p in pieces) + cutter.flush() == whole, (stops, pieces)
+
+
 def serve_command(cwd: Path, *args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "stages.serve", *args], cwd=cwd, env=env_with_project(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
@@ -214,6 +259,20 @@ def test_serve_command_serves_models_merged_until_ctrl_c(project, reference, tmp
     assert missing.stdout.read().strip().splitlines() == [
         "error: models/merged holds no model (no config.json): `dvc repro` builds it (the merge stage writes it), "
         "or name another folder with --model"]  # fmt: skip
+
+    # a folder whose weights were deleted, a device that does not exist: one line each, before anything loads
+    weightless = tmp_path / "merged"
+    weightless.mkdir()
+    for f in (project / "models" / "merged").iterdir():
+        if f.suffix != ".safetensors":
+            (weightless / f.name).symlink_to(f)
+    for args, line in [(("--model", str(weightless)), f"error: {weightless} is damaged (config.json but no "
+                        f"*.safetensors weights): restore it with `dvc checkout {weightless}`"),
+                       (("--device", "banana"), "error: --device banana: not a device; use auto, cpu, cuda or cuda:N")]:
+        refused = serve_command(project, *args)
+        assert refused.wait(timeout=120) == 1
+        lines = refused.stdout.read().strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(line), lines
 
     port = free_port()
     proc = serve_command(project, "--port", str(port))

@@ -69,8 +69,9 @@ def check_digests(folder: Path, digests: dict[str, str], record: Path, stage: st
 
 def check_model_output(folder: Path, stage: str) -> None:
     """A model folder `stage` wrote (models/base, models/adapter, models/merged) is whole before its weights load:
-    every JSON file parses, every safetensors file's header and size agree, and a whole model's tensor names and
-    shapes are the ones its config.json builds on the meta device (model_files; no weights read)."""
+    every JSON file parses, a folder with config.json or adapter_config.json has safetensors weights, every
+    safetensors file's header and size agree, and a whole model's tensor names and shapes are the ones its
+    config.json builds on the meta device (model_files; no weights read). DamagedOutput names the file."""
     from .model_files import ModelFilesError, check_safetensors, check_shapes, read_json
 
     shapes: dict = {}
@@ -84,6 +85,9 @@ def check_model_output(folder: Path, stage: str) -> None:
             # model_files' own advice ("copy it again from the model's source") is for a source folder: cut it
             reason = str(exc).removeprefix(f"{path} ").rsplit(": copy", 1)[0].removeprefix("is ")
             raise damaged(path, reason, folder, stage) from None
+    described = [name for name in ("config.json", "adapter_config.json") if (folder / name).is_file()]
+    if described and not shapes:  # a model or adapter whose weights were deleted: from_pretrained's traceback else
+        raise damaged(folder, f"{described[0]} but no *.safetensors weights", folder, stage)
     if shapes and (folder / "config.json").is_file():  # a whole model: tensor names and shapes match its config
         try:
             check_shapes(folder, str(folder), shapes)

@@ -14,6 +14,9 @@ DROPPED_LOGS = [
     ("DeepSpeed", "Setting accelerator to CPU"),
     # tokenize encodes whole records, then cuts them at tokenize.max_length and counts the cuts itself
     ("transformers.tokenization_utils_base", "Token indices sequence length is longer"),
+    # bitsandbytes on an AVX512-BF16 CPU offers a faster CPU kernel fetched from the Hub (the `kernels` package);
+    # without it its own kernel runs: nothing is wrong, and on a GPU neither is used
+    ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward"),
 ]
 # (category, regex at the start of the message): warnings raised inside TRL/PEFT/transformers, not by our calls
 IGNORED_WARNINGS = [

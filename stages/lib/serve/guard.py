@@ -4,14 +4,17 @@ every chat-completions body checked (requests.check_chat) before the app sees it
 Routes: GET /v1/models, GET /health, POST /v1/chat/completions. transformers serve's other routes (loading any
 model or path named in a request, /reset, audio, /v1/responses, plain-text /v1/completions, which skip the chat
 template) answer 404 here: a server of the tuned model answers in its training format only. A refused request gets
-OpenAI's error JSON; nothing reaches the model, so the server goes on serving.
+OpenAI's error JSON; nothing reaches the model, so the server goes on serving. Replies pass through
+replies.Replies (the stop text cut, `data: [DONE]`).
 """
 
 from __future__ import annotations
 
 import json
+import threading
 from typing import Callable
 
+from .replies import Replies
 from .requests import RequestError, error_body
 
 CHAT = "/v1/chat/completions"
@@ -45,6 +48,13 @@ class Guard:
 
     def __init__(self, app, check: Callable[[object], dict]):
         self.app, self.check = app, check
+        self.lock = threading.Lock()
+
+    def _check(self, body) -> dict:
+        # in a worker thread: rendering and tokenizing a long prompt must not stall the event loop (other
+        # requests, streams); one at a time, as a fast tokenizer refuses concurrent use ("Already borrowed")
+        with self.lock:
+            return self.check(body)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":  # lifespan: the app's startup and shutdown
@@ -65,7 +75,10 @@ class Guard:
                 body = json.loads(raw)
             except ValueError as exc:
                 raise RequestError(400, f"the request body is not JSON: {exc}") from None
-            data = json.dumps(self.check(body), ensure_ascii=False).encode()
+            from starlette.concurrency import run_in_threadpool
+
+            passed = await run_in_threadpool(self._check, body)
+            data = json.dumps(passed, ensure_ascii=False).encode()
         except RequestError as exc:
             return await _respond(scope, receive, send, exc.status, exc.body())
         except ConnectionError:
@@ -81,4 +94,4 @@ class Guard:
                 return {"type": "http.request", "body": data, "more_body": False}
             return await receive()  # then whatever the client does next (a disconnect)
 
-        await self.app(scope, replay, send)
+        await self.app(scope, replay, Replies(send, passed))

@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 # transformers serve extensions that would bypass the checks here: a whole GenerationConfig (any max_new_tokens)
 # and template kwargs (another prompt than the training one)
@@ -69,6 +69,14 @@ class ChatRequest(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = None
 
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, stop):
+        stops = [stop] if isinstance(stop, str) else stop or []
+        if len(stops) > 4 or not all(stops):  # OpenAI's limit; an empty stop would end every reply at once
+            raise ValueError("give at most 4 stop strings, none of them empty")
+        return stop
+
 
 @dataclass
 class Served:
@@ -106,7 +114,7 @@ def _validation_error(exc: ValidationError) -> RequestError:
     if param.startswith("messages[") and param.endswith("].content"):
         message = "a message's content must be a string or a list of text parts ({type: text, text: ...})"
     else:
-        message = first["msg"]
+        message = first["msg"].removeprefix("Value error, ")  # a validator's own message
     return RequestError(400, f"{param}: {message}" if param else message, param or None)
 
 
