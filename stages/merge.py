@@ -15,7 +15,7 @@ import json
 import shutil
 from pathlib import Path
 
-from stages.lib.core.earlier import check_model_output, load_saved, load_tokenizer, reading
+from stages.lib.core.earlier import check_adapter, check_model_output, load_saved, load_tokenizer, reading
 from stages.lib.core.errors import UserError, require, run_stage
 from stages.lib.core.outputs import staged_outputs, write_json
 from stages.lib.core.params import Params, load_params
@@ -66,7 +66,7 @@ def merge(params: Params):
     check_unquantized(BASE_DIR)
     ids, mask = check_inputs(params.merge.check_samples)  # before the weights load: a damaged file fails at once
     check_model_output(BASE_DIR, "download")
-    check_model_output(ADAPTER_DIR, "train")
+    check_adapter(ADAPTER_DIR, BASE_DIR)
     phase("merge", f"loading {BASE_DIR} ({params.merge_dtype}) and {ADAPTER_DIR}")
     base = AutoModelForCausalLM.from_pretrained(BASE_DIR, dtype=dtype).eval()
     with_adapter = PeftModel.from_pretrained(base, ADAPTER_DIR).eval()

@@ -138,11 +138,11 @@ def corrupt_header(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-def edit_header(change: Callable[[dict], object]) -> Callable[[Path], None]:
-    """A model_copy change: model.safetensors' JSON header becomes change(header) (the tensor data is kept)."""
+def edit_header(change: Callable[[dict], object], name: str = "model.safetensors") -> Callable[[Path], None]:
+    """A model_copy change: the JSON header of `name` becomes change(header) (the tensor data is kept)."""
 
     def apply(folder: Path) -> None:
-        path = folder / "model.safetensors"
+        path = folder / name
         data = path.read_bytes()
         n = struct.unpack("<Q", data[:8])[0]
         header = json.loads(data[8 : 8 + n])
@@ -161,6 +161,15 @@ def rename_first(header: dict) -> dict:
     name = first_tensor(header)
     header["renamed." + name] = header.pop(name)
     return header
+
+
+def real_adapter(repo: Path, ctx: dict) -> None:
+    """models/adapter becomes a real LoRA adapter of models/base (PEFT's init, r 4 on q_proj and v_proj)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(repo / "models" / "base")
+    get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).save_pretrained(repo / "models" / "adapter")
 
 
 def no_eos(folder: Path) -> None:
@@ -598,6 +607,14 @@ CASES = [
          both(write("models/adapter/adapter_config.json", "{}"),
               lambda repo, ctx: (repo / "models/adapter/adapter_model.safetensors").unlink()),
          "models/adapter is damaged (adapter_config.json but no *.safetensors weights)"),
+    Case("adapter-tensor-renamed", "damaged", "a tensor of models/adapter renamed (PEFT would merge its random init "
+         "there)", "merge",
+         both(real_adapter, lambda repo, ctx: edit_header(rename_first, "adapter_model.safetensors")(repo / "models/adapter")),
+         "models/adapter is damaged (the weights have no tensor"),
+    Case("adapter-rank-edited", "damaged", "adapter_config.json's r edited", "merge",
+         both(real_adapter, lambda repo, ctx: edit_json(repo / "models/adapter/adapter_config.json",
+                                                        lambda c: c.update(r=16))),
+         "where adapter_config.json (LORA, r=16) on models/base makes it"),
     Case("merged-weights-deleted", "damaged", "models/merged/model.safetensors deleted", "eval",
          both(write("models/merged/config.json", "{}"), lambda repo, ctx: (repo / "models/merged/model.safetensors").unlink()),
          "models/merged is damaged (config.json but no *.safetensors weights)"),

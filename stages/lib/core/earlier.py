@@ -67,11 +67,12 @@ def check_digests(folder: Path, digests: dict[str, str], record: Path, stage: st
             raise damaged(path, f"its sha256 is not the one {record} records: truncated or edited since", folder, stage)
 
 
-def check_model_output(folder: Path, stage: str) -> None:
+def check_model_output(folder: Path, stage: str) -> dict[str, tuple[int, ...]]:
     """A model folder `stage` wrote (models/base, models/adapter, models/merged) is whole before its weights load:
     every JSON file parses, a folder with config.json or adapter_config.json has safetensors weights, every
     safetensors file's header and size agree, and a whole model's tensor names and shapes are the ones its
-    config.json builds on the meta device (model_files; no weights read). DamagedOutput names the file."""
+    config.json builds on the meta device (model_files; no weights read). DamagedOutput names the file. Returns
+    the tensors' shapes by name, as the safetensors headers give them."""
     from .model_files import ModelFilesError, check_safetensors, check_shapes, read_json
 
     shapes: dict = {}
@@ -94,6 +95,44 @@ def check_model_output(folder: Path, stage: str) -> None:
         except ModelFilesError as exc:
             reason = str(exc).removeprefix(f"{folder}: ").split(": ")[0]
             raise damaged(folder, reason, folder, stage) from None
+    return shapes
+
+
+def check_adapter(adapter: Path, base: Path) -> None:
+    """A LoRA adapter train wrote (models/adapter) fits the base it goes on, before any weight loads: its tensors
+    are the ones PEFT builds from its adapter_config.json on `base`'s model (built on the meta device), with the
+    same shapes. PEFT itself only warns about a missing tensor and keeps its random (lora_A) or zero (lora_B) init
+    there, so a renamed tensor would be merged as noise; an edited `r` fails deep in loading. DamagedOutput
+    naming the adapter otherwise. A base that needs its own Hub code (auto_map) is not built here: only the
+    files' integrity is checked then."""
+    import torch
+    from peft import PeftConfig, get_peft_model, get_peft_model_state_dict
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    saved = check_model_output(adapter, "train")
+    if read_json(base / "config.json", base, "download").get("auto_map"):
+        return
+    with torch.device("meta"):  # a model of its own: PEFT changes the model it wraps
+        built = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base))
+    with reading(adapter / "adapter_config.json", adapter, "train"):  # an unknown peft_type, targets it lacks
+        config = PEFT_TYPE_TO_CONFIG_MAPPING[PeftConfig._get_peft_type(str(adapter))].from_pretrained(str(adapter))
+        with torch.device("meta"):
+            model = get_peft_model(built, config)
+    expected = {name: tuple(t.shape) for name, t in get_peft_model_state_dict(model).items()}
+    kind = getattr(config.peft_type, "value", config.peft_type)
+    what = f"adapter_config.json ({kind}, r={getattr(config, 'r', '?')}) on {base}"
+    for name, shape in expected.items():
+        if name not in saved:
+            raise damaged(adapter, f"the weights have no tensor {name}, which {what} needs (renamed or missing)",
+                          adapter, "train")  # fmt: skip
+        if saved[name] != shape:
+            raise damaged(adapter, f"tensor {name} has shape {list(saved[name])} where {what} makes it "
+                          f"{list(shape)}", adapter, "train")  # fmt: skip
+    extra = sorted(set(saved) - set(expected))
+    if extra:
+        raise damaged(adapter, f"the weights hold {len(extra)} tensor(s) that {what} does not make, e.g. {extra[0]}",
+                      adapter, "train")  # fmt: skip
 
 
 def load_saved(folder: Path, stage: str, splits: tuple[str, ...] = ("train", "validation")):

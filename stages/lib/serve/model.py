@@ -85,12 +85,13 @@ def load_with_adapter(adapter: Path = ADAPTER, base: Path = BASE, tokenizer_dir:
     from transformers import AutoModelForCausalLM
 
     from ..chat import format as chat_format
-    from ..core.earlier import reading
+    from ..core.earlier import check_adapter, reading
 
     if not (adapter / "adapter_config.json").is_file():
         raise UserError(f"{adapter} holds no LoRA adapter (no adapter_config.json): `dvc repro` trains one; a "
                         "train.method: full run has no adapter, chat with models/merged")  # fmt: skip
     check_model_folder(base, "download", "--base")
+    check_adapter(adapter, base)
     if not (tokenizer_dir / chat_format.FORMAT_FILE).is_file():
         raise UserError(f"{tokenizer_dir} holds no training tokenizer ({chat_format.FORMAT_FILE}): `dvc repro` "
                         "writes it (the tokenize stage), or name it with --tokenizer")  # fmt: skip
