@@ -117,6 +117,7 @@ def check_adapter(adapter: Path, base: Path) -> None:
         built = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base))
     with reading(adapter / "adapter_config.json", adapter, "train"):  # an unknown peft_type, targets it lacks
         config = PEFT_TYPE_TO_CONFIG_MAPPING[PeftConfig._get_peft_type(str(adapter))].from_pretrained(str(adapter))
+        config.base_model_name_or_path = None  # where it was trained from: PEFT warns when it differs from `base`
         with torch.device("meta"):
             model = get_peft_model(built, config)
     expected = {name: tuple(t.shape) for name, t in get_peft_model_state_dict(model).items()}
