@@ -181,6 +181,9 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server, reference
         ({"stop": [".", ""]}, "stop", None),  # an empty stop would end every reply at once
         ({"stop": list("abcde")}, "stop", None),  # OpenAI takes at most 4
         ({"messages": [{"role": "user", "content": "词 " * context}]}, "messages", "context_length_exceeded"),
+        # so long that no tokenizing fits it: refused before the template renders it (megabytes take seconds there)
+        ({"messages": [{"role": "user", "content": "x" * (4 * pinned.served.token_chars * context + 1)}]}, "messages",
+         "context_length_exceeded"),
     ]:
         error = error_of(httpx.post(chat, json=good | change, timeout=60), 400)
         assert (error["param"], error["code"], error["type"]) == (param, code, "invalid_request_error"), change

@@ -88,6 +88,21 @@ class Served:
     context: int | None
     aliases: set[str] = field(default_factory=set)
     generation: dict = field(default_factory=dict)  # the model's generation_config.json (stop ids), non-defaults
+    token_chars: int = 0  # characters of the tokenizer's longest token (0: no bound before tokenizing)
+
+    def __post_init__(self):
+        if not self.token_chars and hasattr(self.tokenizer, "get_vocab"):
+            self.token_chars = max(map(len, self.tokenizer.get_vocab()), default=0)
+
+
+# A token stands for at most `token_chars` characters of the text (of its normalized form, which NFKC can shorten a
+# few times over, hence the margin): a prompt longer than this many times the context cannot fit, and is refused
+# without being rendered and tokenized (seconds for megabytes, during which other requests' checks wait).
+NORMALIZATION_MARGIN = 4
+
+
+def _characters(messages: list) -> int:
+    return sum(len(m.content) if isinstance(m.content, str) else sum(len(p.text) for p in m.content) for m in messages)
 
 
 # OpenAI fields transformers serve cannot honour: refused rather than ignored (penalties it maps onto
@@ -165,6 +180,10 @@ def check_chat(body, served: Served) -> dict:
         request = ChatRequest.model_validate(body)
     except ValidationError as exc:
         raise _validation_error(exc) from None
+    characters = _characters(request.messages)
+    if served.context and served.token_chars and characters > NORMALIZATION_MARGIN * served.token_chars * served.context:
+        raise RequestError(400, f"messages: the prompt has {characters} characters, which no tokenizing fits into the "
+                           f"model's context of {served.context} tokens", "messages", "context_length_exceeded")  # fmt: skip
     ids = prompt_ids(served.tokenizer, body["messages"], body.get("tools"))
     # sampling as OpenAI's API: temperature 1 when not given, greedy only at 0 (transformers serve would decode
     # greedily whenever the model's generation_config.json says nothing, whatever the temperature)
