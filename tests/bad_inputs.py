@@ -172,6 +172,20 @@ def real_adapter(repo: Path, ctx: dict) -> None:
     get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).save_pretrained(repo / "models" / "adapter")
 
 
+def drop_train_column(column: str) -> Callable[[Path, dict], None]:
+    """data/tokenized/train saved again without `column` (a hand-edited set)."""
+
+    def setup(repo: Path, ctx: dict) -> None:
+        from datasets import load_from_disk
+
+        train = repo / "data" / "tokenized" / "train"
+        load_from_disk(str(train)).remove_columns(column).save_to_disk(str(train) + ".new")
+        shutil.rmtree(train)
+        Path(str(train) + ".new").rename(train)
+
+    return setup
+
+
 def no_eos(folder: Path) -> None:
     def drop(config: dict) -> None:
         config["eos_token"] = None
@@ -591,6 +605,9 @@ CASES = [
     Case("tokenized-arrow-cut", "damaged", "an Arrow file of data/tokenized cut short", "train",
          lambda repo, ctx: truncate(repo / ARROW),
          f"{ARROW} is damaged"),
+    Case("tokenized-column-dropped", "damaged", "data/tokenized saved again without its assistant_masks column",
+         "train", drop_train_column("assistant_masks"),
+         "data/tokenized/train is damaged (no column 'assistant_masks'"),
     Case("tokenized-dict-broken", "damaged", "data/tokenized/dataset_dict.json broken", "eval",
          both(write("models/merged/config.json", "{}"), lambda repo, ctx: truncate(repo / "data/tokenized/dataset_dict.json")),
          "data/tokenized/dataset_dict.json is damaged (JSONDecodeError"),

@@ -136,9 +136,15 @@ def check_adapter(adapter: Path, base: Path) -> None:
                       adapter, "train")  # fmt: skip
 
 
+# the columns tokenize writes that later stages read: every split, and the validation split's for eval and serving
+TOKENIZED_COLUMNS = {"train": ("input_ids", "assistant_masks"),
+                     "validation": ("input_ids", "assistant_masks", "prompt_length", "reference", "messages")}  # fmt: skip
+
+
 def load_saved(folder: Path, stage: str, splits: tuple[str, ...] = ("train", "validation")):
-    """`datasets.load_from_disk(folder)`: the DatasetDict `stage` saved, with `splits`. A file that does not read
-    back is named (the DatasetDict's JSON, a split's state or info, an Arrow file cut short)."""
+    """`datasets.load_from_disk(folder)`: the DatasetDict `stage` saved, with `splits` and their TOKENIZED_COLUMNS.
+    A file that does not read back is named (the DatasetDict's JSON, a split's state or info, an Arrow file cut
+    short), and so is a split without a column the later stages read (a hand-edited set would fail minutes in)."""
     from datasets import load_from_disk
 
     with reading(folder, folder, stage, locate=lambda: _first_damaged(folder)):
@@ -146,6 +152,11 @@ def load_saved(folder: Path, stage: str, splits: tuple[str, ...] = ("train", "va
     missing = [s for s in splits if s not in data]
     if missing:
         raise damaged(folder / "dataset_dict.json", f"it lists no split {missing[0]!r}", folder, stage)
+    for split in splits:
+        absent = [c for c in TOKENIZED_COLUMNS.get(split, ()) if c not in data[split].column_names]
+        if absent:
+            raise damaged(folder / split, f"no column {absent[0]!r} (it has {', '.join(data[split].column_names)})",
+                          folder, stage)  # fmt: skip
     return data
 
 
