@@ -163,13 +163,18 @@ def rename_first(header: dict) -> dict:
     return header
 
 
+ADAPTER_LOCK = threading.Lock()  # cases are set up in threads: two first imports of PEFT's model-card code at once fail
+
+
 def real_adapter(repo: Path, ctx: dict) -> None:
     """models/adapter becomes a real LoRA adapter of models/base (PEFT's init, r 4 on q_proj and v_proj)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(repo / "models" / "base")
-    get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).save_pretrained(repo / "models" / "adapter")
+    with ADAPTER_LOCK:
+        model = AutoModelForCausalLM.from_pretrained(repo / "models" / "base")
+        lora = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+        lora.save_pretrained(repo / "models" / "adapter")
 
 
 def drop_train_column(column: str) -> Callable[[Path, dict], None]:
