@@ -443,7 +443,9 @@ def test_damaged_outputs_of_earlier_stages_are_named_with_the_way_back(tmp_path)
         read_json(raw / "manifest.json", raw, "download", keys=("format", "sources"))
 
     saved = tmp_path / "tokenized"
-    DatasetDict(train=Dataset.from_list(RECORDS), validation=Dataset.from_list(RECORDS)).save_to_disk(str(saved))
+    rows = [{"input_ids": [5, 6, 7], "assistant_masks": [0, 1, 1], "prompt_length": 1, "reference": "6 7",
+             "messages": [{"role": "user", "content": "5"}, {"role": "assistant", "content": "6 7"}]}] * 2  # fmt: skip
+    DatasetDict(train=Dataset.from_list(rows), validation=Dataset.from_list(rows)).save_to_disk(str(saved))
     assert len(load_saved(saved, "tokenize")["validation"]) == 2
     arrow = next((saved / "train").glob("*.arrow"))
     whole = arrow.read_bytes()
@@ -459,4 +461,10 @@ def test_damaged_outputs_of_earlier_stages_are_named_with_the_way_back(tmp_path)
         message = rf"{name} is damaged \({reason}.*\): " + way_back.format(saved, "tokenize")
         with pytest.raises(DamagedOutput, match=message):
             load_saved(saved, "tokenize")
-        DatasetDict(train=Dataset.from_list(RECORDS), validation=Dataset.from_list(RECORDS)).save_to_disk(str(saved))
+        DatasetDict(train=Dataset.from_list(rows), validation=Dataset.from_list(rows)).save_to_disk(str(saved))
+    # a split without a column a later stage reads (hand-edited): named with the columns it has
+    DatasetDict(train=Dataset.from_list(rows), validation=Dataset.from_list(rows).remove_columns("reference")).save_to_disk(
+        str(saved))
+    with pytest.raises(DamagedOutput, match=r"validation is damaged \(no column 'reference' \(it has input_ids, "
+                       r"assistant_masks, prompt_length, messages\)\)"):
+        load_saved(saved, "tokenize")

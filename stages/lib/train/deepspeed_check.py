@@ -88,3 +88,38 @@ def check_deepspeed(name: str) -> dict:
         key = ".".join(map(str, ("zero_optimization", *first["loc"])))
         raise UserError(f"{where}: {key}: {first['msg']} (got {first.get('input')!r})") from None
     return config
+
+
+def check_matches_params(name: str, config: dict, params, world_size: int) -> None:
+    """Values `config` fixes (not "auto") that transformers requires to equal the training arguments: micro-batch,
+    accumulation, train_batch_size (= world_size × both), gradient clipping, the optimizer's lr/betas/eps/weight
+    decay, the scheduler's peak lr, fp16/bf16. transformers' own comparison (HfTrainerDeepSpeedConfig) run here, in
+    the head process, with params' values and the world size the launch will have: each rank would otherwise fail
+    with it a minute in. UserError listing every mismatch and what to write instead."""
+    import copy
+    import dataclasses
+    from types import SimpleNamespace
+
+    from transformers import TrainingArguments
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig, unset_hf_deepspeed_config
+
+    t = params.train
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainingArguments)}  # what the stage leaves unset
+    args = SimpleNamespace(
+        world_size=world_size, per_device_train_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum,
+        max_grad_norm=t.max_grad_norm, learning_rate=t.learning_rate, weight_decay=t.weight_decay,
+        adam_beta1=defaults["adam_beta1"], adam_beta2=defaults["adam_beta2"], adam_epsilon=defaults["adam_epsilon"],
+        save_on_each_node=False, fp16=t.dtype == "float16", bf16=t.dtype == "bfloat16", fp16_full_eval=False,
+        bf16_full_eval=False,
+    )  # fmt: skip
+    checked = HfTrainerDeepSpeedConfig(copy.deepcopy(config))
+    try:
+        checked.trainer_config_process(args)
+    finally:
+        unset_hf_deepspeed_config()  # the constructor registers it process-wide; the head process trains nothing
+    if checked.mismatches:
+        found = "; ".join(m.removeprefix("- ").replace("ds ", "", 1).replace(" vs hf ", " but params give ")
+                          for m in checked.mismatches)  # fmt: skip
+        raise UserError(f"train.deepspeed {name}: {found}: write \"auto\" there (filled from params.yaml) or change "
+                        "train.* to match")  # fmt: skip
+

@@ -156,10 +156,12 @@ def relaunch_if_needed(params: Params) -> bool:
         return False
     import torch
 
-    from .deepspeed_check import check_deepspeed
+    from .deepspeed_check import check_deepspeed, check_matches_params
+    from .fit import world_size
 
-    check_deepspeed(params.train.deepspeed)
+    config = check_deepspeed(params.train.deepspeed)
     check_launch(params, torch.cuda.device_count())
+    check_matches_params(params.train.deepspeed, config, params, world_size(params, torch.cuda.device_count()))
     from .interrupt import STOP_CODES, forward_stops  # after the checks: it imports transformers (seconds)
 
     cmd = launcher_command(params)
