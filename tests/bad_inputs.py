@@ -578,7 +578,7 @@ CASES = [
     Case("deepspeed-fixed-batch", "launch", "a DeepSpeed JSON fixing a batch size or dtype params.yaml does not have",
          "train", deepspeed_json('{"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 2, '
                                  '"fp16": {"enabled": true}}'),
-         "train_micro_batch_size_per_gpu=2 but params give per_device_train_batch_size="),
+         "train_micro_batch_size_per_gpu=2 but train.batch_size is 8; fp16.enabled=True but train.dtype is float32"),
     Case("hostfile-directory", "launch", "a directory as the hostfile", "train",
          write("hostdir/a", "x", **DS, train__launch__hostfile="hostdir"), "train.launch.hostfile hostdir is a directory"),
     Case("hostfile-zero-slots", "launch", "slots=0 in the hostfile", "train",

@@ -90,6 +90,23 @@ def check_deepspeed(name: str) -> dict:
     return config
 
 
+# transformers' names in its mismatch lines → where the value comes from here
+OUR_NAMES = {"per_device_train_batch_size": "train.batch_size", "gradient_accumulation_steps": "train.grad_accum",
+             "train_batch_size (calculated)": "train.batch_size × train.grad_accum × GPUs",
+             "max_grad_norm": "train.max_grad_norm", "learning_rate": "train.learning_rate",
+             "weight_decay": "train.weight_decay", "adam_beta1+adam_beta2": "transformers' default betas",
+             "adam_epsilon": "transformers' default epsilon"}  # fmt: skip
+
+
+def _ours(mismatch: str, dtype: str) -> str:
+    """transformers' `- ds KEY=VALUE vs hf NAME=VALUE` as `KEY=VALUE but OUR_NAME is VALUE`."""
+    ds, _, hf = mismatch.removeprefix("- ds ").partition(" vs hf ")
+    name, _, value = hf.rpartition("=")
+    if name in ("fp16|fp16_full_eval", "bf16|bf16_full_eval"):
+        return f"{ds} but train.dtype is {dtype}"
+    return f"{ds} but {OUR_NAMES.get(name, name)} is {value}"
+
+
 def check_matches_params(name: str, config: dict, params, world_size: int) -> None:
     """Values `config` fixes (not "auto") that transformers requires to equal the training arguments: micro-batch,
     accumulation, train_batch_size (= world_size × both), gradient clipping, the optimizer's lr/betas/eps/weight
@@ -118,8 +135,7 @@ def check_matches_params(name: str, config: dict, params, world_size: int) -> No
     finally:
         unset_hf_deepspeed_config()  # the constructor registers it process-wide; the head process trains nothing
     if checked.mismatches:
-        found = "; ".join(m.removeprefix("- ").replace("ds ", "", 1).replace(" vs hf ", " but params give ")
-                          for m in checked.mismatches)  # fmt: skip
+        found = "; ".join(_ours(m, t.dtype) for m in checked.mismatches)
         raise UserError(f"train.deepspeed {name}: {found}: write \"auto\" there (filled from params.yaml) or change "
                         "train.* to match")  # fmt: skip
 
