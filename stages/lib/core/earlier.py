@@ -137,8 +137,10 @@ def check_adapter(adapter: Path, base: Path) -> None:
 
 
 # the columns tokenize writes that later stages read: every split, and the validation split's for eval and serving
-TOKENIZED_COLUMNS = {"train": ("input_ids", "assistant_masks"),
-                     "validation": ("input_ids", "assistant_masks", "prompt_length", "reference", "messages")}  # fmt: skip
+TOKENIZED_COLUMNS = {
+    "train": ("input_ids", "assistant_masks"),
+    "validation": ("input_ids", "assistant_masks", "prompt_length", "reference", "messages"),
+}
 
 
 def load_saved(folder: Path, stage: str, splits: tuple[str, ...] = ("train", "validation")):

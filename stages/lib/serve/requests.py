@@ -181,9 +181,11 @@ def check_chat(body, served: Served) -> dict:
     except ValidationError as exc:
         raise _validation_error(exc) from None
     characters = _characters(request.messages)
-    if served.context and served.token_chars and characters > NORMALIZATION_MARGIN * served.token_chars * served.context:
-        raise RequestError(400, f"messages: the prompt has {characters} characters, which no tokenizing fits into the "
-                           f"model's context of {served.context} tokens", "messages", "context_length_exceeded")  # fmt: skip
+    most = NORMALIZATION_MARGIN * served.token_chars * (served.context or 0)
+    if most and characters > most:
+        raise RequestError(400, f"messages: the prompt has {characters} characters, which no tokenizing fits into "
+                           f"the model's context of {served.context} tokens", "messages",
+                           "context_length_exceeded")  # fmt: skip
     ids = prompt_ids(served.tokenizer, body["messages"], body.get("tools"))
     # sampling as OpenAI's API: temperature 1 when not given, greedy only at 0 (transformers serve would decode
     # greedily whenever the model's generation_config.json says nothing, whatever the temperature)
