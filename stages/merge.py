@@ -74,6 +74,9 @@ def merge(params: Params):
     expected = logits(with_adapter, ids, mask)
     merged = with_adapter.merge_and_unload()
     diff = (logits(merged, ids, mask) - expected).abs().max().item()
+    if diff != diff:  # NaN: the adapter or base holds non-finite values, and NaN > tolerance is False
+        raise UserError("merged logits are not finite (NaN): models/adapter or models/base holds NaN or infinite "
+                        "weights; restore them with `dvc checkout` or train again")  # fmt: skip
     if diff > params.merge.tolerance:
         raise UserError(
             f"merged logits differ from base + adapter by {diff:.3g} > merge.tolerance {params.merge.tolerance}: "

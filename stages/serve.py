@@ -17,6 +17,7 @@ users at once, vLLM serves the same folder (docs/guide.md). Needs the `serve` ex
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib.util
 import socket
 from pathlib import Path
@@ -55,7 +56,9 @@ def check_port(host: str, port: int) -> None:
         try:
             probe.bind(address)
         except OSError as exc:
-            raise UserError(f"cannot listen on {host}:{port}: {exc.strerror}; choose another --port") from None
+            advice = "give an address of this machine with --host" if exc.errno == errno.EADDRNOTAVAIL else \
+                "choose another --port"
+            raise UserError(f"cannot listen on {host}:{port}: {exc.strerror}; {advice}") from None
 
 
 def check_device(name: str) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from stages.lib.core.earlier import check_model_output, load_saved, load_tokenizer
 from stages.lib.core.errors import require, run_stage
-from stages.lib.core.outputs import staged_outputs, write_json, write_text
+from stages.lib.core.outputs import sha256_file, staged_outputs, write_json, write_text
 from stages.lib.core.params import Params, load_params
 from stages.lib.core.recipes import deepspeed_config, model_recipe
 from stages.lib.core.model_files import meta_model
@@ -325,6 +325,8 @@ def train(params: Params, planned: dict | None = None) -> None:
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
         sort_target_modules(partial / "adapter_config.json")
         config = resolved_config(params, trainer, result, resume) | {"load_weights_gib_per_rank": load_gib}
+        if (partial / "adapter_config.json").is_file():  # merge checks them: an edited alpha or weight shows
+            config["files"] = {f.name: sha256_file(f) for f in sorted(partial.iterdir()) if f.is_file()}
         if planned:
             config["plan"] = planned
         write_json(partial / "train_config.json", config)  # no timings: the same run gives the same adapter hash

@@ -177,6 +177,42 @@ def real_adapter(repo: Path, ctx: dict) -> None:
         lora.save_pretrained(repo / "models" / "adapter")
 
 
+def recorded_adapter(repo: Path, ctx: dict) -> None:
+    """A real adapter (real_adapter) with train_config.json's `files` digests, as the train stage writes them."""
+    real_adapter(repo, ctx)
+    folder = repo / "models" / "adapter"
+    files = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(folder.iterdir()) if f.is_file()}
+    (folder / "train_config.json").write_text(json.dumps({"files": files}))
+
+
+def nan_adapter(repo: Path, ctx: dict) -> None:
+    """A real adapter (no train_config.json) whose first lora_B holds NaN."""
+    from safetensors.torch import load_file, save_file
+
+    real_adapter(repo, ctx)
+    path = repo / "models" / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(path)
+    first = sorted(k for k in tensors if "lora_B" in k)[0]
+    tensors[first] = tensors[first].clone().fill_(float("nan"))
+    save_file(tensors, path)
+
+
+def retype_train_column(column: str) -> Callable[[Path, dict], None]:
+    """data/tokenized/train saved again with `column` as text."""
+
+    def setup(repo: Path, ctx: dict) -> None:
+        from datasets import load_from_disk
+
+        train = repo / "data" / "tokenized" / "train"
+        data = load_from_disk(str(train))
+        data = data.remove_columns(column).add_column(column, ["x"] * len(data))
+        data.save_to_disk(str(train) + ".new")
+        shutil.rmtree(train)
+        Path(str(train) + ".new").rename(train)
+
+    return setup
+
+
 def drop_train_column(column: str) -> Callable[[Path, dict], None]:
     """data/tokenized/train saved again without `column` (a hand-edited set)."""
 
@@ -579,6 +615,13 @@ CASES = [
          "train", deepspeed_json('{"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 2, '
                                  '"fp16": {"enabled": true}}'),
          "train_micro_batch_size_per_gpu=2 but train.batch_size is 8; fp16.enabled=True but train.dtype is float32"),
+    Case("deepspeed-section-shape", "launch", 'a DeepSpeed section that is not an object ("bf16": true)', "train",
+         deepspeed_json('{"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto", "bf16": true}'),
+         "bf16 must be a JSON object"),
+    Case("deepspeed-fixed-steps", "launch", "a DeepSpeed scheduler with a fixed total_num_steps", "train",
+         deepspeed_json('{"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto", '
+                        '"scheduler": {"type": "WarmupDecayLR", "params": {"total_num_steps": 1000}}}'),
+         'scheduler.params.total_num_steps must be "auto"'),
     Case("hostfile-directory", "launch", "a directory as the hostfile", "train",
          write("hostdir/a", "x", **DS, train__launch__hostfile="hostdir"), "train.launch.hostfile hostdir is a directory"),
     Case("hostfile-zero-slots", "launch", "slots=0 in the hostfile", "train",
@@ -641,6 +684,13 @@ CASES = [
          both(real_adapter, lambda repo, ctx: edit_json(repo / "models/adapter/adapter_config.json",
                                                         lambda c: c.update(r=16))),
          "where adapter_config.json (LORA, r=16) on models/base makes it"),
+    Case("adapter-alpha-edited", "damaged", "adapter_config.json's lora_alpha edited (same shapes: PEFT would merge it)",
+         "merge", both(recorded_adapter, lambda repo, ctx: edit_json(repo / "models/adapter/adapter_config.json",
+                                                                     lambda c: c.update(lora_alpha=64))),
+         "models/adapter/adapter_config.json is damaged (its sha256 is not the one"),
+    Case("adapter-nan", "damaged", "NaN in an adapter's weights", "merge", nan_adapter, "merged logits are not finite"),
+    Case("tokenized-column-retyped", "damaged", "a column of data/tokenized replaced by text", "train",
+         retype_train_column("assistant_masks"), "column 'assistant_masks' holds"),
     Case("merged-weights-deleted", "damaged", "models/merged/model.safetensors deleted", "eval",
          both(write("models/merged/config.json", "{}"), lambda repo, ctx: (repo / "models/merged/model.safetensors").unlink()),
          "models/merged is damaged (config.json but no *.safetensors weights)"),

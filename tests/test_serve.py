@@ -180,6 +180,7 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server, reference
         ({"tools": "nope"}, "messages", None),  # the chat template cannot render it: not a 500
         ({"stop": [".", ""]}, "stop", None),  # an empty stop would end every reply at once
         ({"stop": list("abcde")}, "stop", None),  # OpenAI takes at most 4
+        ({"stop": "x" * 1001}, "stop", None),  # a reply is searched for it piece by piece
         ({"messages": [{"role": "user", "content": "词 " * context}]}, "messages", "context_length_exceeded"),
         # so long that no tokenizing fits it: refused before the template renders it (megabytes take seconds there)
         ({"messages": [{"role": "user", "content": "x" * (4 * pinned.served.token_chars * context + 1)}]}, "messages",
@@ -192,6 +193,8 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server, reference
         openai.chat.completions.create(**good | {"messages": []})
     assert caught.value.param == "messages"
     assert error_of(httpx.post(chat, content=b"{not json", timeout=60), 400)["param"] is None
+    surrogate = json.dumps(good | {"stop": "\ud800"}).encode()  # JSON's escape of a lone surrogate: not text
+    assert "not valid Unicode" in error_of(httpx.post(chat, content=surrogate, timeout=60), 400)["message"]
     assert error_of(httpx.post(chat, json=good | {"frobnicate": 1}, timeout=60), 400)["type"] == "invalid_request_error"
     assert error_of(httpx.post(f"{url}/load_model", json={"model": "gpt2"}, timeout=60), 404)["code"] == "not_found"
     assert error_of(httpx.get(chat, timeout=60), 405)["code"] == "method_not_allowed"
@@ -201,7 +204,7 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server, reference
     assert len(sampled) > 1, sampled
     # the whole room the context leaves is accepted; with no max_tokens the server stops at the context too
     expected = generated(reference, training_prompt(row))
-    for change in ({"max_tokens": room}, {"max_tokens": None}):
+    for change in ({"max_tokens": room}, {"max_tokens": None}, {"stop": []}, {"temperature": 1e-40}):
         answer = openai.chat.completions.create(**good | change)
         assert answer.choices[0].message.content == expected
 

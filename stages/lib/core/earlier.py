@@ -101,7 +101,7 @@ def check_model_output(folder: Path, stage: str) -> dict[str, tuple[int, ...]]:
 def check_adapter(adapter: Path, base: Path) -> None:
     """A LoRA adapter train wrote (models/adapter) fits the base it goes on, before any weight loads: its tensors
     are the ones PEFT builds from its adapter_config.json on `base`'s model (built on the meta device), with the
-    same shapes. PEFT itself only warns about a missing tensor and keeps its random (lora_A) or zero (lora_B) init
+    same shapes, and every file is the one train_config.json's `files` digests name. PEFT only warns about a missing tensor and keeps its random (lora_A) or zero (lora_B) init
     there, so a renamed tensor would be merged as noise; an edited `r` fails deep in loading. DamagedOutput
     naming the adapter otherwise. A base that needs its own Hub code (auto_map) is not built here: only the
     files' integrity is checked then."""
@@ -111,6 +111,9 @@ def check_adapter(adapter: Path, base: Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     saved = check_model_output(adapter, "train")
+    record = adapter / "train_config.json"
+    if record.is_file():  # what train wrote, byte for byte: an edited lora_alpha or weight value shows here
+        check_digests(adapter, read_json(record, adapter, "train").get("files") or {}, record, "train")
     if read_json(base / "config.json", base, "download").get("auto_map"):
         return
     with torch.device("meta"):  # a model of its own: PEFT changes the model it wraps
@@ -159,7 +162,26 @@ def load_saved(folder: Path, stage: str, splits: tuple[str, ...] = ("train", "va
         if absent:
             raise damaged(folder / split, f"no column {absent[0]!r} (it has {', '.join(data[split].column_names)})",
                           folder, stage)  # fmt: skip
+        features = data[split].features
+        for column, want in COLUMN_TYPES.items():
+            if column in features and _kind(features[column]) != want:
+                raise damaged(folder / split, f"column {column!r} holds {features[column]}, not {want}", folder, stage)
     return data
+
+
+COLUMN_TYPES = {"input_ids": "a list of integers", "assistant_masks": "a list of integers",
+                "prompt_length": "an integer", "reference": "text"}  # fmt: skip
+
+
+def _kind(feature) -> str:
+    """COLUMN_TYPES' words for a datasets feature (List(Value('int32')) is "a list of integers")."""
+    dtype = getattr(feature, "dtype", None)
+    inner = getattr(getattr(feature, "feature", None), "dtype", None)
+    if isinstance(inner, str) and inner.startswith(("int", "uint")):
+        return "a list of integers"
+    if isinstance(dtype, str) and dtype.startswith(("int", "uint")):
+        return "an integer"
+    return "text" if dtype in ("string", "large_string") else str(feature)
 
 
 def load_tokenizer(folder: Path, output: Path, stage: str):

@@ -78,7 +78,11 @@ class Guard:
             from starlette.concurrency import run_in_threadpool
 
             passed = await run_in_threadpool(self._check, body)
-            data = json.dumps(passed, ensure_ascii=False).encode()
+            try:
+                data = json.dumps(passed, ensure_ascii=False).encode()
+            except UnicodeEncodeError:  # JSON's \ud800 escapes decode to lone surrogates, which no model can read
+                raise RequestError(400, "the request holds text that is not valid Unicode (a lone surrogate such "
+                                   "as \\ud800)") from None  # fmt: skip
         except RequestError as exc:
             return await _respond(scope, receive, send, exc.status, exc.body())
         except ConnectionError:

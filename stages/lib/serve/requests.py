@@ -53,6 +53,10 @@ class Message(BaseModel):
     content: str | list[TextPart]
 
 
+MAX_STOP = 1000  # characters per stop string
+GREEDY_BELOW = 1e-5  # a temperature this small is greedy decoding (dividing logits by it overflows to NaN)
+
+
 class ChatRequest(BaseModel):
     """The fields of a chat-completions request that are checked; others pass on to transformers serve, which
     refuses the ones it does not know (HTTP 422)."""
@@ -75,6 +79,8 @@ class ChatRequest(BaseModel):
         stops = [stop] if isinstance(stop, str) else stop or []
         if len(stops) > 4 or not all(stops):  # OpenAI's limit; an empty stop would end every reply at once
             raise ValueError("give at most 4 stop strings, none of them empty")
+        if any(len(s) > MAX_STOP for s in stops):  # the reply is searched for each stop, piece by piece
+            raise ValueError(f"a stop string has at most {MAX_STOP} characters")
         return stop
 
 
@@ -189,8 +195,12 @@ def check_chat(body, served: Served) -> dict:
     ids = prompt_ids(served.tokenizer, body["messages"], body.get("tools"))
     # sampling as OpenAI's API: temperature 1 when not given, greedy only at 0 (transformers serve would decode
     # greedily whenever the model's generation_config.json says nothing, whatever the temperature)
-    sample = request.temperature is None or request.temperature > 0
+    sample = request.temperature is None or request.temperature >= GREEDY_BELOW
     body = {k: v for k, v in body.items() if k not in UNSUPPORTED}
+    if not sample and request.temperature is not None:
+        body["temperature"] = 0.0
+    if body.get("stop") == []:  # OpenAI: no stop; transformers serve fails on an empty list of stop strings
+        del body["stop"]
     body = dict(body, model=served.name, generation_config=json.dumps(served.generation | {"do_sample": sample}))
     if served.context is None:
         return body

@@ -22,6 +22,11 @@ SECTIONS = {"zero_optimization", "optimizer", "scheduler", "fp16", "bf16", "amp"
             "quantize_training", "data_types", "torch_autocast"}  # fmt: skip
 
 
+# sections (and their params) that transformers and DeepSpeed read as JSON objects
+OBJECT_SECTIONS = ("fp16", "bf16", "amp", "optimizer", "optimizer.params", "scheduler", "scheduler.params",
+                   "zero_optimization")  # fmt: skip
+
+
 def _known_top_keys() -> set[str]:
     import deepspeed.runtime.constants as constants
 
@@ -73,6 +78,13 @@ def check_deepspeed(name: str) -> dict:
         close = difflib.get_close_matches(key, known, n=1, cutoff=0.8)
         if key not in known and close:
             raise UserError(f"{where}: unknown top-level key '{key}'; did you mean '{close[0]}'?")
+    for section in OBJECT_SECTIONS:  # transformers reads these as objects: `"bf16": true` fails in every rank
+        node = config
+        for part in section.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None and not isinstance(node, dict):
+            raise UserError(f"{where}: {section} must be a JSON object (like {{\"enabled\": true}} or "
+                            f"{{\"params\": {{...}}}}), not {json.dumps(node)[:40]}")  # fmt: skip
     zero = config.get("zero_optimization", {})
     if not isinstance(zero, dict):
         raise UserError(f"{where}: zero_optimization must be a JSON object")
@@ -87,6 +99,16 @@ def check_deepspeed(name: str) -> dict:
         first = exc.errors()[0]
         key = ".".join(map(str, ("zero_optimization", *first["loc"])))
         raise UserError(f"{where}: {key}: {first['msg']} (got {first.get('input')!r})") from None
+    if "train_batch_size" not in config and "train_micro_batch_size_per_gpu" not in config:
+        raise UserError(f'{where}: give "train_micro_batch_size_per_gpu": "auto" (DeepSpeed needs a batch size; '
+                        "auto takes train.batch_size)")  # fmt: skip
+    if (config.get("amp") or {}).get("enabled"):
+        raise UserError(f"{where}: amp (NVIDIA Apex) is gone from DeepSpeed: remove it; train.dtype picks bf16 or fp16")
+    schedule = (config.get("scheduler") or {}).get("params") or {}
+    fixed = [k for k in ("total_num_steps", "warmup_num_steps") if schedule.get(k) not in (None, "auto")]
+    if fixed:  # transformers compares them with the run's steps once the model has loaded, in every rank
+        raise UserError(f'{where}: scheduler.params.{fixed[0]} must be "auto" (filled from train.max_steps, '
+                        "train.epochs and train.warmup_ratio)")  # fmt: skip
     return config
 
 
@@ -132,6 +154,8 @@ def check_matches_params(name: str, config: dict, params, world_size: int) -> No
     checked = HfTrainerDeepSpeedConfig(copy.deepcopy(config))
     try:
         checked.trainer_config_process(args)
+    except (AttributeError, TypeError, ValueError) as exc:  # a shape check_deepspeed does not know
+        raise UserError(f"train.deepspeed {name}: transformers cannot read it ({type(exc).__name__}: {exc})") from None
     finally:
         unset_hf_deepspeed_config()  # the constructor registers it process-wide; the head process trains nothing
     if checked.mismatches:
