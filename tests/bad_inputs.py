@@ -688,7 +688,9 @@ CASES = [
          "merge", both(recorded_adapter, lambda repo, ctx: edit_json(repo / "models/adapter/adapter_config.json",
                                                                      lambda c: c.update(lora_alpha=64))),
          "models/adapter/adapter_config.json is damaged (its sha256 is not the one"),
-    Case("adapter-nan", "damaged", "NaN in an adapter's weights", "merge", nan_adapter, "merged logits are not finite"),
+    Case("adapter-nan", "damaged", "NaN in an adapter's weights", "merge", nan_adapter,
+         "models/adapter/adapter_model.safetensors is damaged (tensor base_model.model.model.layers.0.self_attn.q_proj."
+         "lora_B.weight holds NaN"),
     Case("tokenized-column-retyped", "damaged", "a column of data/tokenized replaced by text", "train",
          retype_train_column("assistant_masks"), "column 'assistant_masks' holds"),
     Case("merged-weights-deleted", "damaged", "models/merged/model.safetensors deleted", "eval",

@@ -137,6 +137,20 @@ def check_adapter(adapter: Path, base: Path) -> None:
     if extra:
         raise damaged(adapter, f"the weights hold {len(extra)} tensor(s) that {what} does not make, e.g. {extra[0]}",
                       adapter, "train")  # fmt: skip
+    _check_finite(adapter)
+
+
+def _check_finite(adapter: Path) -> None:
+    """Every adapter tensor is finite: a NaN would spread through the whole merged model (adapters are megabytes,
+    read here in full)."""
+    import torch
+    from safetensors import safe_open
+
+    for path in sorted(adapter.glob("*.safetensors")):
+        with reading(path, adapter, "train"), safe_open(str(path), "pt") as f:
+            for name in f.keys():
+                if not torch.isfinite(f.get_tensor(name)).all():
+                    raise damaged(path, f"tensor {name} holds NaN or infinite values", adapter, "train")
 
 
 # the columns tokenize writes that later stages read: every split, and the validation split's for eval and serving
