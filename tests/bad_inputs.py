@@ -197,30 +197,14 @@ def nan_adapter(repo: Path, ctx: dict) -> None:
     save_file(tensors, path)
 
 
-def retype_train_column(column: str) -> Callable[[Path, dict], None]:
-    """data/tokenized/train saved again with `column` as text."""
+def edit_train_split(change: Callable) -> Callable[[Path, dict], None]:
+    """data/tokenized/train saved again as change(train) (a hand-edited set)."""
 
     def setup(repo: Path, ctx: dict) -> None:
         from datasets import load_from_disk
 
         train = repo / "data" / "tokenized" / "train"
-        data = load_from_disk(str(train))
-        data = data.remove_columns(column).add_column(column, ["x"] * len(data))
-        data.save_to_disk(str(train) + ".new")
-        shutil.rmtree(train)
-        Path(str(train) + ".new").rename(train)
-
-    return setup
-
-
-def drop_train_column(column: str) -> Callable[[Path, dict], None]:
-    """data/tokenized/train saved again without `column` (a hand-edited set)."""
-
-    def setup(repo: Path, ctx: dict) -> None:
-        from datasets import load_from_disk
-
-        train = repo / "data" / "tokenized" / "train"
-        load_from_disk(str(train)).remove_columns(column).save_to_disk(str(train) + ".new")
+        change(load_from_disk(str(train))).save_to_disk(str(train) + ".new")
         shutil.rmtree(train)
         Path(str(train) + ".new").rename(train)
 
@@ -658,7 +642,7 @@ CASES = [
          lambda repo, ctx: truncate(repo / ARROW),
          f"{ARROW} is damaged"),
     Case("tokenized-column-dropped", "damaged", "data/tokenized saved again without its assistant_masks column",
-         "train", drop_train_column("assistant_masks"),
+         "train", edit_train_split(lambda d: d.remove_columns("assistant_masks")),
          "data/tokenized/train is damaged (no column 'assistant_masks'"),
     Case("tokenized-dict-broken", "damaged", "data/tokenized/dataset_dict.json broken", "eval",
          both(write("models/merged/config.json", "{}"), lambda repo, ctx: truncate(repo / "data/tokenized/dataset_dict.json")),
@@ -692,7 +676,8 @@ CASES = [
          "models/adapter/adapter_model.safetensors is damaged (tensor base_model.model.model.layers.0.self_attn.q_proj."
          "lora_B.weight holds NaN"),
     Case("tokenized-column-retyped", "damaged", "a column of data/tokenized replaced by text", "train",
-         retype_train_column("assistant_masks"), "column 'assistant_masks' holds"),
+         edit_train_split(lambda d: d.remove_columns("assistant_masks").add_column("assistant_masks", ["x"] * len(d))),
+         "column 'assistant_masks' holds"),
     Case("merged-weights-deleted", "damaged", "models/merged/model.safetensors deleted", "eval",
          both(write("models/merged/config.json", "{}"), lambda repo, ctx: (repo / "models/merged/model.safetensors").unlink()),
          "models/merged is damaged (config.json but no *.safetensors weights)"),

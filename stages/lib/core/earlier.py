@@ -105,19 +105,22 @@ def check_adapter(adapter: Path, base: Path) -> None:
     there, so a renamed tensor would be merged as noise; an edited `r` fails deep in loading. DamagedOutput
     naming the adapter otherwise. A base that needs its own Hub code (auto_map) is not built here: only the
     files' integrity is checked then."""
+    import copy
+
     import torch
     from peft import PeftConfig, get_peft_model, get_peft_model_state_dict
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
-    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .model_files import meta_model
 
     saved = check_model_output(adapter, "train")
     record = adapter / "train_config.json"
     if record.is_file():  # what train wrote, byte for byte: an edited lora_alpha or weight value shows here
         check_digests(adapter, read_json(record, adapter, "train").get("files") or {}, record, "train")
-    if read_json(base / "config.json", base, "download").get("auto_map"):
+    shared = meta_model(base, str(base))  # the cached build the base's own check used; None: Hub code (auto_map)
+    if shared is None:
         return
-    with torch.device("meta"):  # a model of its own: PEFT changes the model it wraps
-        built = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base))
+    built = copy.deepcopy(shared)  # a model of its own: PEFT changes the model it wraps
     with reading(adapter / "adapter_config.json", adapter, "train"):  # an unknown peft_type, targets it lacks
         config = PEFT_TYPE_TO_CONFIG_MAPPING[PeftConfig._get_peft_type(str(adapter))].from_pretrained(str(adapter))
         config.base_model_name_or_path = None  # where it was trained from: PEFT warns when it differs from `base`

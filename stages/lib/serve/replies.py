@@ -11,15 +11,9 @@ from __future__ import annotations
 
 import json
 
-from .requests import error_body
+from .requests import error_body, stop_strings
 
 DONE = b"data: [DONE]\n\n"
-
-
-def stop_strings(body: dict) -> list[str]:
-    """The request's `stop` as a list (a string, a list of strings, or absent)."""
-    stop = body.get("stop")
-    return [stop] if isinstance(stop, str) else list(stop or [])
 
 
 class StopCutter:

@@ -53,6 +53,12 @@ class Message(BaseModel):
     content: str | list[TextPart]
 
 
+def stop_strings(body: dict) -> list[str]:
+    """A request's `stop` as a list (a string, a list of strings, or absent)."""
+    stop = body.get("stop")
+    return [stop] if isinstance(stop, str) else list(stop or [])
+
+
 MAX_STOP = 1000  # characters per stop string
 GREEDY_BELOW = 1e-5  # a temperature this small is greedy decoding (dividing logits by it overflows to NaN)
 
@@ -76,7 +82,7 @@ class ChatRequest(BaseModel):
     @field_validator("stop")
     @classmethod
     def _stops(cls, stop):
-        stops = [stop] if isinstance(stop, str) else stop or []
+        stops = stop_strings({"stop": stop})
         if len(stops) > 4 or not all(stops):  # OpenAI's limit; an empty stop would end every reply at once
             raise ValueError("give at most 4 stop strings, none of them empty")
         if any(len(s) > MAX_STOP for s in stops):  # the reply is searched for each stop, piece by piece

@@ -85,9 +85,7 @@ def check_deepspeed(name: str) -> dict:
         if node is not None and not isinstance(node, dict):
             raise UserError(f"{where}: {section} must be a JSON object (like {{\"enabled\": true}} or "
                             f"{{\"params\": {{...}}}}), not {json.dumps(node)[:40]}")  # fmt: skip
-    zero = config.get("zero_optimization", {})
-    if not isinstance(zero, dict):
-        raise UserError(f"{where}: zero_optimization must be a JSON object")
+    zero = config.get("zero_optimization", {})  # an object: OBJECT_SECTIONS above
     strings = [(k, v) for k, v in zero.items() if isinstance(v, str) and v != "auto"]
     if strings:  # every value on this level is a number, a flag or an object (offload_param: {"device": "cpu"})
         key, value = strings[0]
