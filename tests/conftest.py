@@ -132,12 +132,15 @@ def data_source(fmt: str = "alpaca", **options):
 
 
 def normalized(records: list[dict], fmt: str = "alpaca", **options) -> dict:
-    """The download stage's normalizer over `records` (messages, drop, key, record, source per record)."""
+    """The download stage's normalizer over `records` (messages, tools, drop, key, record, source per record);
+    messages as data/raw holds them (keys that do not apply left out)."""
     from stages.lib.data.normalize import Normalizer
 
     columns = sorted({k for r in records for k in r})
     batch = {c: [r.get(c) for r in records] for c in columns}
-    return Normalizer(data_source(fmt, **options), "x", columns)(batch, list(range(len(records))))
+    out = Normalizer(data_source(fmt, **options), "x", columns)(batch, list(range(len(records))))
+    out["messages"] = [[{k: v for k, v in t.items() if v is not None} for t in m] for m in out["messages"]]
+    return out
 
 
 def conversations(records: list[dict], fmt: str = "alpaca", **options) -> list[list[dict]]:

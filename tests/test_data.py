@@ -231,23 +231,23 @@ def test_belle_columns_and_custom_message_keys_and_roles_map_by_params():
 
 
 def test_records_with_nothing_to_train_are_dropped_with_a_reason():
-    call = {"role": "assistant", "content": "", "tool_calls": [{"id": "1", "type": "function"}]}
+    call = {"role": "assistant", "content": None, "tool_calls": [{"id": "1", "type": "function",
+            "function": {"name": "f", "arguments": "{}"}}]}  # fmt: skip
     out = normalize([
         {"messages": [{"role": "user", "content": "q"}, call, {"role": "tool", "content": "{}"}]},
         {"messages": [{"role": "user", "content": "q"}, call]},
         {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""},
                       {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]},
     ], "messages")  # fmt: skip
-    assert out["drop"] == ["tool_use", "tool_use", "empty_answer"]  # a tool call, even as the last turn; an empty middle answer
+    assert out["drop"] == ["no_answer", "", "empty_answer"]  # ends in a tool result; a call is an answer
     out = normalize([
         {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]},
         {"messages": [{"role": "user", "content": "q"}]},
-        {"messages": [{"role": "user", "content": "q"}, {"role": "tool", "content": "{}"}]},
-        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "tools": "[{}]"},
         {"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "a"}]},
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 0}]},
         {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
     ], "messages")  # fmt: skip
-    assert out["drop"] == ["empty_answer", "no_answer", "tool_use", "tool_use", "empty_prompt", ""]
+    assert out["drop"] == ["empty_answer", "no_answer", "empty_prompt", "no_trained_turn", ""]
 
 
 @pytest.mark.parametrize("record, fmt, options, message", [
@@ -260,17 +260,23 @@ def test_records_with_nothing_to_train_are_dropped_with_a_reason():
     ({"messages": [{"role": "robot", "content": "q"}]}, "messages", {},
      r"record 0: 'messages'\[0\]: unknown role 'robot'; map it with roles: \{robot: user\|assistant\|system\|tool\}"),
     ({"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"},
-                   {"role": "assistant", "content": "a"}]}, "messages", {}, "turns must alternate user/assistant"),
+                   {"role": "assistant", "content": "a"}]}, "messages", {},
+     "the first turn after an optional system message must be a user turn, got assistant"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "user", "content": "q"},
+                   {"role": "assistant", "content": "a"}]}, "messages", {},
+     r"turn 1 \(user\) cannot follow a user turn; expected assistant \(roles in order: user, user, assistant\)"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "tool", "content": "{}"},
+                   {"role": "assistant", "content": "a"}]}, "messages", {}, r"turn 1 \(tool\) cannot follow a user turn"),
     ({"messages": [{"role": "user", "content": [{"type": "image"}]}, {"role": "assistant", "content": "a"}]},
-     "messages", {}, r"\[0\] content is a list, not text \(multimodal parts are not supported\)"),
+     "messages", {}, r"\[0\]: message 0 content\[0\] is a image part: this pipeline trains text-only models"),
     ({"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "q"},
                    {"role": "assistant", "content": "a"}], "system": "T"}, "messages", {}, "is given twice"),
     ({"messages": [{"speaker": "user", "content": "q"}]}, "messages", {"columns": {"role": "from"}},
      r"'messages'\[0\] has no role key \(from; map yours with columns: \{role: <key>\}\)"),
     ({"messages": [{"role": "user", "text": "q"}]}, "messages", {},
      r"\[0\] content is missing \(looked for content or value; map yours with columns: \{content: <key>\}\)"),
-    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 0}]},
-     "messages", {}, r"\[1\] has weight 0: per-turn weights are not supported"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 0.5}]},
+     "messages", {}, r"\[1\]: message 1 has weight 0.5: per-turn weights are 0 \(not trained\) or 1 \(trained\)"),
     ({"q": "q", "a": "a"}, "alpaca", {"columns": {"instruction": "q", "output": "a", "input": "context"}},
      r"source x: columns maps 'input' to 'context', which the file does not have \(it has: a, q\)"),
 ])  # fmt: skip

@@ -43,7 +43,8 @@ def normalized(data: DataParams, labels: list[str], seed: int, workdir: Path, ne
             ds = ds.select(range(min(read, src.max_records)))
         fn = Normalizer(src, name, ds.column_names)
         ds = ds.map(fn, batched=True, batch_size=BATCH, with_indices=True, remove_columns=ds.column_names,
-                    new_fingerprint=f"normalize-{i}", load_from_cache_file=False, desc=None)  # fmt: skip
+                    features=Normalizer.features(), new_fingerprint=f"normalize-{i}", load_from_cache_file=False,
+                    desc=None)  # fmt: skip
         drops = Counter(ds["drop"])
         kept = ds.filter(lambda d: not d, input_columns="drop", batched=False, new_fingerprint=f"kept-{i}")
         counts = {"origin": origin, "read": read, "taken": len(ds), "kept": len(kept),
@@ -73,10 +74,14 @@ def weighted(n: int, weight: float, rng: np.random.Generator) -> np.ndarray:
 
 
 def write_jsonl(ds, path: Path) -> None:
+    """One record a line: messages (keys that do not apply left out), tools (when the record has some), record,
+    source."""
     with open(path, "w", encoding="utf-8") as f:
         for batch in ds.iter(batch_size=BATCH):
-            for m, s, r in zip(batch["messages"], batch["source"], batch["record"]):
-                f.write(json.dumps({"messages": m, "record": r, "source": s}, ensure_ascii=False, sort_keys=True) + "\n")
+            for m, t, s, r in zip(batch["messages"], batch["tools"], batch["source"], batch["record"]):
+                turns = [{k: v for k, v in turn.items() if v is not None} for turn in m]
+                record = {"messages": turns, "record": r, "source": s} | ({"tools": t} if t else {})
+                f.write(json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n")
 
 
 def build_raw(data: DataParams, seed: int, out: Path, workdir: Path, net: NetworkParams = NetworkParams()) -> dict:

@@ -1,16 +1,19 @@
-"""One record of any supported format → chat messages, or a reason to drop it, or an error naming it.
+"""One record of any supported format → internal turns, or a reason to drop it, or an error naming it.
 
 Formats and their fields (our names; `columns` maps each to the file's own name):
 - alpaca: instruction, input (appended to the instruction after a newline), output, system, history
   ([[query, answer], ...] earlier turns);
 - messages: messages (OpenAI; ShareGPT's `conversations` is found too), with role/content keys per message
-  (ShareGPT's from/value too), a per-record system (ShareGPT's top-level `system`), tools;
+  (ShareGPT's from/value too), a per-record system (ShareGPT's top-level `system`), tools (the record's tool
+  schemas); tool calls, tool results, reasoning, content parts and per-turn weights in the layouts turns.py reads;
 - prompt_completion: prompt, completion (text used as is by the `raw` template).
-Output: `messages` = [system], user/assistant turns ending with the answer. Records are dropped, with a reason
-that is counted, when they have nothing to train: `empty_answer`, `empty_prompt`, `no_answer` (a conversation
-ending in a user turn) or `tool_use` (tool calls and results: not trained yet). Everything else that is wrong
-(a missing field, a number where text belongs, an unknown role, turns out of order) is a RecordError naming the
-source, the record number and the field.
+Output: `messages` = [system], then user, assistant and tool turns ending with an answer (turns.py's shape), and
+`tools` (JSON text, "" for none). Records are dropped, with a reason that is counted, when they have nothing to
+train: `empty_answer`, `empty_prompt`, `no_answer` (a conversation ending in a user or tool turn) or
+`no_trained_turn` (every answer weighted 0). Everything else that is wrong (a missing field, a number where text
+belongs, an unknown role, turns out of order) is a RecordError naming the source, the record number and the
+field. Files SFT would train wrongly are refused by their columns: preference pairs (`chosen`/`rejected`), KTO
+labels (a boolean `label`) and images, audio or video.
 """
 
 from __future__ import annotations
@@ -20,21 +23,52 @@ import json
 
 from ..core.errors import UserError
 from ..core.params import FORMAT_FIELDS, DataSource
+from . import turns
 
 DEFAULT_ROLES = {
     "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system",
-    "tool": "tool", "function": "tool", "function_call": "tool", "observation": "tool",
+    "tool": "tool", "function": "tool", "observation": "tool", "ipython": "tool", "function_call": "function_call",
 }  # fmt: skip
-DROP_REASONS = ("empty_answer", "empty_prompt", "no_answer", "tool_use")
-TOOL_KEYS = {"tool_calls", "function_call", "tool_call_id"}  # OpenAI's tool use inside a message
+DROP_REASONS = ("empty_answer", "empty_prompt", "no_answer", "no_trained_turn")
+CALL_KEYS = {"tool_calls", "function_call"}  # an assistant message's calls (OpenAI, and its older single call)
+PREFERENCE = (("chosen", "rejected"), ("chosen_messages", "rejected_messages"), ("chosen_response", "rejected_response"))
+MEDIA_COLUMNS = ("images", "image", "videos", "video", "audios", "audio")
+
+
+def _turn_features():
+    from datasets import Features, List, Value
+
+    call = {"id": Value("string"), "name": Value("string"), "arguments": Value("string")}
+    turn = {"role": Value("string"), "content": Value("string"), "reasoning": Value("string"),
+            "tool_calls": List(call), "tool_call_id": Value("string"), "name": Value("string"),
+            "train": Value("bool")}  # fmt: skip
+    return Features({"messages": List(turn), "tools": Value("string"), "drop": Value("string"),
+                     "key": Value("string"), "record": Value("int64"), "source": Value("string")})  # fmt: skip
 
 
 class RecordError(UserError):
     pass
 
 
+def refuse_layout(label: str, names: set[str], fmt: str) -> None:
+    """RecordError for files whose columns say SFT would learn the wrong thing from them."""
+    for pair in PREFERENCE:
+        if set(pair) <= names:
+            raise RecordError(
+                f"source {label} is preference data (columns '{pair[0]}' and '{pair[1]}'): SFT would learn the "
+                f"rejected answers too; train the chosen ones with columns: {{messages: {pair[0]}}} (format "
+                "messages), or use a preference trainer (DPO) outside this pipeline"
+            )
+    media = [c for c in MEDIA_COLUMNS if c in names]
+    if media:
+        raise RecordError(f"source {label} has a '{media[0]}' column (images, audio or video with the text): "
+                          f"{turns.TEXT_ONLY}")  # fmt: skip
+
+
 class Normalizer:
-    """A batched `datasets.map` function for one source: table columns → messages, drop, key, record."""
+    """A batched `datasets.map` function for one source: table columns → messages, tools, drop, key, record."""
+
+    features = staticmethod(_turn_features)
 
     def __init__(self, source: DataSource, label: str, column_names: list[str]):
         self.fmt, self.label, self.names = source.format, label, set(column_names)
@@ -45,6 +79,8 @@ class Normalizer:
         self.content_keys = (source.columns["content"],) if "content" in source.columns else ("content", "value")
         if self.fmt == "messages" and "messages" not in source.columns and "messages" not in self.names:
             self.col["messages"] = "conversations"  # ShareGPT
+        mapped = set(self.col.values()) & self.names
+        refuse_layout(label, self.names - mapped, self.fmt)
         required = {"alpaca": ("instruction", "output"), "messages": ("messages",),
                     "prompt_completion": ("prompt", "completion")}[self.fmt]  # fmt: skip
         for field in sorted(set(source.columns) - {"role", "content"}):  # a mapping names a column that must exist
@@ -66,7 +102,8 @@ class Normalizer:
 
     def unused(self) -> list[str]:
         """Columns and message keys (as messages.<key>) that no field reads, after the records went through."""
-        known = {*self.role_keys, *self.content_keys, "weight"} | TOOL_KEYS
+        known = {*self.role_keys, *self.content_keys, *turns.WEIGHT_KEYS, *turns.REASONING_KEYS, "tool_call_id",
+                 "name"} | CALL_KEYS  # fmt: skip
         return self.ignored + sorted(f"{self.col['messages']}.{k}" for k in self.message_keys - known)
 
     def where(self, index: int, field: str) -> str:
@@ -84,14 +121,22 @@ class Normalizer:
 
     def __call__(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         rows = [{k: v[i] for k, v in batch.items()} for i in range(len(indices))]
-        out = {"messages": [], "drop": [], "key": [], "record": list(indices), "source": [self.label] * len(rows)}
+        out = {"messages": [], "tools": [], "drop": [], "key": [], "record": list(indices),
+               "source": [self.label] * len(rows)}  # fmt: skip
         for row, index in zip(rows, indices):
-            messages, reason = getattr(self, f"_{self.fmt}")(row, index)
+            if isinstance(row.get("label"), bool) and "label" not in self.col.values():
+                raise RecordError(
+                    f"source {self.label}, record {index}: a boolean 'label' beside the conversation is KTO data "
+                    "(label false marks an undesirable answer): SFT would learn those too; keep the label-true "
+                    "records only, or drop the column"
+                )
+            messages, reason, tools = getattr(self, f"_{self.fmt}")(row, index)
             if reason is None:
                 reason = _empty(messages)
             out["messages"].append(messages if reason is None else [])
+            out["tools"].append(tools if reason is None else "")
             out["drop"].append(reason or "")
-            out["key"].append(content_key(messages) if reason is None else "")
+            out["key"].append(content_key(messages, tools) if reason is None else "")
         return out
 
     def _get(self, row: dict, field: str):
@@ -102,72 +147,120 @@ class Normalizer:
         extra = self.text(self._get(row, "input"), index, "input", required=False)
         output = self.text(self._get(row, "output"), index, "output")
         system = self.text(self._get(row, "system"), index, "system", required=False)
-        messages = [{"role": "system", "content": system}] if system else []
+        messages = [turns.empty_turn("system", system)] if system else []
         history = self._get(row, "history") or []
         if not isinstance(history, list):
             raise RecordError(f"{self.where(index, 'history')} must be a list of [query, answer] pairs")
         for turn in history:
             if not (isinstance(turn, (list, tuple)) and len(turn) == 2 and all(isinstance(t, str) for t in turn)):
                 raise RecordError(f"{self.where(index, 'history')} must be a list of [query, answer] text pairs, got {turn!r}")
-            messages += [{"role": "user", "content": turn[0]}, {"role": "assistant", "content": turn[1]}]
+            messages += [turns.empty_turn("user", turn[0]), turns.empty_turn("assistant", turn[1])]
         query = f"{instruction}\n{extra}" if extra else instruction
-        return messages + [{"role": "user", "content": query}, {"role": "assistant", "content": output}], None
+        return messages + [turns.empty_turn("user", query), turns.empty_turn("assistant", output)], None, ""
 
     def _prompt_completion(self, row: dict, index: int):
         prompt = self.text(self._get(row, "prompt"), index, "prompt")
         completion = self.text(self._get(row, "completion"), index, "completion")
-        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}], None
+        return [turns.empty_turn("user", prompt), turns.empty_turn("assistant", completion)], None, ""
 
     def _messages(self, row: dict, index: int):
         raw = self._get(row, "messages")
         if not isinstance(raw, list):
             raise RecordError(f"{self.where(index, 'messages')} must be a list of messages, got {type(raw).__name__}")
-        if self._get(row, "tools"):
-            return [], "tool_use"
-        turns = []
+        try:
+            tools = turns.tools(self._get(row, "tools") if "tools" in self.col else None, "tools")
+        except turns.TurnError as exc:
+            raise RecordError(f"{self.where(index, 'tools')}: {exc}") from None
+        out = []
         for n, m in enumerate(raw):
-            m = m if isinstance(m, dict) else {}
-            present = {k for k, v in m.items() if v not in (None, [], "")}  # Arrow fills other messages' keys: None
-            self.message_keys |= present
-            if present & TOOL_KEYS:
-                return [], "tool_use"
-            if m.get("weight") not in (None, 1, 1.0):
-                raise RecordError(
-                    f"{self.where(index, 'messages')}[{n}] has weight {m['weight']!r}: per-turn weights are not "
-                    "supported; remove the turns not to train (or their records), or set tokenize.assistant_turns: last"
-                )
-            value = _first(m, self.role_keys)
-            if value is None:
-                raise RecordError(f"{self.where(index, 'messages')}[{n}] has no role key ({' or '.join(self.role_keys)}; "
-                                  "map yours with columns: {role: <key>})")  # fmt: skip
-            role = self.roles.get(value) if isinstance(value, str) else None
-            if role is None:
-                raise RecordError(
-                    f"{self.where(index, 'messages')}[{n}]: unknown role {value!r}; map it with roles: "
-                    f"{{{value}: user|assistant|system|tool}}"
-                )
-            if role == "tool":
-                return [], "tool_use"
-            content = _first(m, self.content_keys)
-            if not isinstance(content, str):
-                got = (f"missing (looked for {' or '.join(self.content_keys)}; map yours with columns: {{content: <key>}})"
-                       if content is None else f"a {type(content).__name__}, not text (multimodal parts are not supported)")
-                raise RecordError(f"{self.where(index, 'messages')}[{n}] content is {got}")
-            turns.append({"role": role, "content": content})
+            try:
+                out.append(self._turn(m if isinstance(m, dict) else {}, f"message {n}"))
+            except turns.TurnError as exc:
+                raise RecordError(f"{self.where(index, 'messages')}[{n}]: {exc}") from None
         system = self.text(self._get(row, "system"), index, "system", required=False)
-        if turns and turns[0]["role"] == "system":
+        if out and out[0]["role"] == "system":
             if system:
                 raise RecordError(f"{self.where(index, 'system')} is given twice: as a field and as the first message")
-            system = turns.pop(0)["content"]
-        roles = [t["role"] for t in turns]
-        if roles and roles[-1] == "user":
-            return [], "no_answer"
-        if not roles or roles != ["user", "assistant"] * (len(roles) // 2):
-            raise RecordError(
-                f"{self.where(index, 'messages')}: turns must alternate user/assistant after an optional system "
-                f"message, got {roles}"
-            )
-        return ([{"role": "system", "content": system}] if system else []) + turns, None
+            system = out.pop(0)["content"]
+        problem = order_problem([t["role"] for t in out], [bool(t["tool_calls"]) for t in out])
+        if problem:
+            raise RecordError(f"{self.where(index, 'messages')}: {problem}")
+        if out and out[-1]["role"] != "assistant":
+            return [], "no_answer", ""
+        return ([turns.empty_turn("system", system)] if system else []) + out, None, tools
+
+    def _turn(self, m: dict, what: str) -> dict:
+        """One source message → the internal turn (turns.py); TurnError names what is wrong."""
+        present = {k for k, v in m.items() if v not in (None, [], "")}  # Arrow fills other messages' keys: None
+        self.message_keys |= present
+        value = _first(m, self.role_keys)
+        if value is None:
+            raise turns.TurnError(f"has no role key ({' or '.join(self.role_keys)}; map yours with columns: "
+                                  "{role: <key>})")  # fmt: skip
+        kind = self.roles.get(value) if isinstance(value, str) else None
+        if kind is None:
+            raise turns.TurnError(f"unknown role {value!r}; map it with roles: {{{value}: user|assistant|system|tool}}")
+        role = "assistant" if kind == "function_call" else kind
+        turn = turns.empty_turn(role)
+        content = _first(m, self.content_keys)
+        reasoning: list[str] = []
+        if kind == "function_call":  # ShareGPT: the value is the call (or a list of calls) as JSON
+            turn["tool_calls"] = turns.calls(content, "the function_call value")
+            content = ""
+        elif isinstance(content, list):
+            content, reasoning, found = turns.parts(content, what)
+            turn["tool_calls"] = found or None
+        elif content is None:
+            if role != "assistant" or not present & CALL_KEYS:
+                raise turns.TurnError(f"content is missing (looked for {' or '.join(self.content_keys)}; map yours "
+                                      "with columns: {content: <key>})")  # fmt: skip
+            content = ""
+        elif not isinstance(content, str):
+            raise turns.TurnError(f"content is a {type(content).__name__}, not text or a list of parts")
+        found = []
+        for key in ("tool_calls", "function_call"):
+            if m.get(key):
+                found += turns.calls(m[key], key) if key == "tool_calls" else [turns.call(m[key], key)]
+        if found:
+            if role != "assistant":
+                raise turns.TurnError(f"a {role} message holds tool calls: only assistant messages call tools")
+            turn["tool_calls"] = (turn["tool_calls"] or []) + found
+        reasoning += [m[k] for k in turns.REASONING_KEYS if isinstance(m.get(k), str) and m[k].strip()]
+        think, rest = turns.split_think(content) if role == "assistant" else (None, content)
+        if think is not None:
+            reasoning.append(think)
+            content = rest
+        if len(reasoning) > 1 and len(set(r.strip() for r in reasoning)) > 1:
+            raise turns.TurnError("gives reasoning twice (a reasoning field, a reasoning part or a <think> block): "
+                                  "keep one")  # fmt: skip
+        if reasoning and role != "assistant":
+            raise turns.TurnError(f"a {role} message holds reasoning: only assistant messages reason")
+        turn["content"] = content
+        turn["reasoning"] = reasoning[0] if reasoning else None
+        turn["train"] = turns.weight(m, role, what)
+        if role == "tool":
+            turn["tool_call_id"] = m.get("tool_call_id") if isinstance(m.get("tool_call_id"), str) else None
+            turn["name"] = m.get("name") if isinstance(m.get("name"), str) else None
+        return turn
+
+
+def order_problem(roles: list[str], calls: list[bool]) -> str | None:
+    """Why the turn order after the system message is not a conversation, or None. A conversation starts with a
+    user turn; an assistant answers a user turn or tool results; tool results follow a turn that called tools."""
+    if not roles:
+        return "no turns"
+    follows = {"user": ("assistant",), "assistant": ("user",), "tool": ("tool", "assistant"), "call": ("tool",)}
+    if roles[0] != "user":
+        return f"the first turn after an optional system message must be a user turn, got {roles[0]}"
+    for k in range(1, len(roles)):
+        before = "call" if roles[k - 1] == "assistant" and calls[k - 1] else roles[k - 1]
+        if roles[k] == "system":
+            return f"turn {k} is a system message: only the first message may be one"
+        if roles[k] not in follows[before]:
+            what = "an assistant turn that calls tools" if before == "call" else f"a {before} turn"
+            return (f"turn {k} ({roles[k]}) cannot follow {what}; expected {' or '.join(follows[before])} "
+                    f"(roles in order: {', '.join(roles)})")
+    return None
 
 
 def _first(m: dict, keys: tuple[str, ...]):
@@ -175,15 +268,19 @@ def _first(m: dict, keys: tuple[str, ...]):
 
 
 def _empty(messages: list[dict]) -> str | None:
-    """An empty answer anywhere would train just its end marker; an empty last prompt has nothing to answer."""
-    if any(not m["content"].strip() for m in messages if m["role"] == "assistant"):
+    """An empty answer anywhere would train just its end marker (an answer that calls tools or reasons is not
+    empty); an empty last user prompt has nothing to answer; answers all weighted 0 leave nothing to train."""
+    if any(not (m["content"].strip() or m["tool_calls"] or m["reasoning"]) for m in messages if m["role"] == "assistant"):
         return "empty_answer"
-    if not messages[-2]["content"].strip():
+    if messages[-2]["role"] == "user" and not messages[-2]["content"].strip():
         return "empty_prompt"
+    if all(m["train"] is False for m in messages if m["role"] == "assistant"):
+        return "no_trained_turn"
     return None
 
 
-def content_key(messages: list[dict]) -> str:
+def content_key(messages: list[dict], tools: str = "") -> str:
     """A record's identity for the split: equal conversations (duplicates, weighted copies) share it."""
-    text = json.dumps(messages, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+    shown = [{k: v for k, v in m.items() if v is not None} for m in messages]  # alpaca rows keep their old keys
+    text = json.dumps(shown if not tools else [shown, tools], ensure_ascii=False, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:32]
