@@ -102,8 +102,7 @@ class Normalizer:
 
     def unused(self) -> list[str]:
         """Columns and message keys (as messages.<key>) that no field reads, after the records went through."""
-        known = {*self.role_keys, *self.content_keys, *turns.WEIGHT_KEYS, *turns.REASONING_KEYS, "tool_call_id",
-                 "name"} | CALL_KEYS  # fmt: skip
+        known = {*self.role_keys, *self.content_keys, *turns.WEIGHT_KEYS, *turns.REASONING_KEYS} | CALL_KEYS
         return self.ignored + sorted(f"{self.col['messages']}.{k}" for k in self.message_keys - known)
 
     def where(self, index: int, field: str) -> str:
@@ -174,7 +173,7 @@ class Normalizer:
         out = []
         for n, m in enumerate(raw):
             try:
-                out.append(self._turn(m if isinstance(m, dict) else {}, f"message {n}"))
+                out.append(self._turn(m if isinstance(m, dict) else {}))
             except turns.TurnError as exc:
                 raise RecordError(f"{self.where(index, 'messages')}[{n}]: {exc}") from None
         system = self.text(self._get(row, "system"), index, "system", required=False)
@@ -189,18 +188,18 @@ class Normalizer:
             return [], "no_answer", ""
         return ([turns.empty_turn("system", system)] if system else []) + out, None, tools
 
-    def _turn(self, m: dict, what: str) -> dict:
+    def _turn(self, m: dict) -> dict:
         """One source message → the internal turn (turns.py); TurnError names what is wrong."""
         present = {k for k, v in m.items() if v not in (None, [], "")}  # Arrow fills other messages' keys: None
-        self.message_keys |= present
         value = _first(m, self.role_keys)
         if value is None:
-            raise turns.TurnError(f"has no role key ({' or '.join(self.role_keys)}; map yours with columns: "
+            raise turns.TurnError(f"no role key ({' or '.join(self.role_keys)}; map yours with columns: "
                                   "{role: <key>})")  # fmt: skip
         kind = self.roles.get(value) if isinstance(value, str) else None
         if kind is None:
             raise turns.TurnError(f"unknown role {value!r}; map it with roles: {{{value}: user|assistant|system|tool}}")
         role = "assistant" if kind == "function_call" else kind
+        self.message_keys |= present - ({"tool_call_id", "name"} if role == "tool" else set())
         turn = turns.empty_turn(role)
         content = _first(m, self.content_keys)
         reasoning: list[str] = []
@@ -208,7 +207,7 @@ class Normalizer:
             turn["tool_calls"] = turns.calls(content, "the function_call value")
             content = ""
         elif isinstance(content, list):
-            content, reasoning, found = turns.parts(content, what)
+            content, reasoning, found = turns.parts(content, "")
             turn["tool_calls"] = found or None
         elif content is None:
             if role != "assistant" or not present & CALL_KEYS:
@@ -231,13 +230,13 @@ class Normalizer:
             reasoning.append(think)
             content = rest
         if len(reasoning) > 1 and len(set(r.strip() for r in reasoning)) > 1:
-            raise turns.TurnError("gives reasoning twice (a reasoning field, a reasoning part or a <think> block): "
+            raise turns.TurnError("reasoning given twice (a reasoning field, a reasoning part or a <think> block): "
                                   "keep one")  # fmt: skip
         if reasoning and role != "assistant":
             raise turns.TurnError(f"a {role} message holds reasoning: only assistant messages reason")
         turn["content"] = content
         turn["reasoning"] = reasoning[0] if reasoning else None
-        turn["train"] = turns.weight(m, role, what)
+        turn["train"] = turns.weight(m, role)
         if role == "tool":
             turn["tool_call_id"] = m.get("tool_call_id") if isinstance(m.get("tool_call_id"), str) else None
             turn["name"] = m.get("name") if isinstance(m.get("name"), str) else None

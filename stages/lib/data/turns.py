@@ -107,18 +107,18 @@ def tools(value, what: str) -> str:
     return json.dumps(out, ensure_ascii=False) if out else ""
 
 
-def weight(m: dict, role: str, what: str) -> bool | None:
+def weight(m: dict, role: str) -> bool | None:
     """OpenAI `weight` / parts-style `loss_weight`: False for an assistant turn weighted 0, else None."""
     for key in WEIGHT_KEYS:
         value = m.get(key)
         if value is None:
             continue
         if isinstance(value, bool) or value not in (0, 1):
-            raise TurnError(f"{what} has {key} {value!r}: per-turn weights are 0 (not trained) or 1 (trained)")
+            raise TurnError(f"{key} {value!r}: per-turn weights are 0 (not trained) or 1 (trained)")
         if role == "assistant":
             return False if value == 0 else None
         if value == 1:
-            raise TurnError(f"{what} is a {role} turn with {key} 1: only assistant turns are trained here")
+            raise TurnError(f"a {role} turn with {key} 1: only assistant turns are trained here")
     return None
 
 
@@ -127,7 +127,7 @@ def parts(content: list, what: str) -> tuple[str, list[str], list[dict]]:
     concatenates them too); media parts are refused."""
     text, reasoning, found = [], [], []
     for i, part in enumerate(content):
-        where = f"{what} content[{i}]"
+        where = f"{what}content[{i}]"
         if isinstance(part, str):
             text.append(part)
             continue
