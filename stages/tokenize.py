@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from stages.lib.chat import conversation
 from stages.lib.chat import format as chat_format
 from stages.lib.chat.encode import RenderError, encode, render_all
 from stages.lib.core.earlier import check_digests, load_tokenizer, read_json, reading
@@ -72,9 +73,15 @@ def decide_format(params: Params, tokenizer, text_format: str) -> chat_format.Ch
     return chat_format.decide(tokenizer, template, name, base_stop_ids())
 
 
-def encode_conversations(conversations: list[list[dict]], params: Params, tokenizer, fmt) -> dict[str, list]:
-    """Per conversation: `encode`'s columns plus `length`, `trained` and `unk` token counts."""
-    rendered = render_all(conversations, fmt, tokenizer, params.tokenize.assistant_turns == "all")
+def encode_conversations(conversations: list[list[dict]], params: Params, tokenizer, fmt,
+                         tools: list[str | None] | None = None) -> dict[str, list]:
+    """Per conversation (data/raw turns; plain role/content messages too): `encode`'s columns plus `length`,
+    `trained` and `unk` token counts. `tools`: each conversation's tool schemas as JSON text (or None)."""
+    all_turns = params.tokenize.assistant_turns == "all"
+    messages = [conversation.template_messages(c, params.tokenize.reasoning) for c in conversations]
+    trained = [conversation.trained_answers(c, all_turns) for c in conversations]
+    schemas = [conversation.template_tools(t) for t in tools] if tools else None
+    rendered = render_all(messages, fmt, tokenizer, all_turns, schemas, trained)
     enc = encode(tokenizer, rendered, fmt, params.tokenize.max_length)
     unk = tokenizer.unk_token_id
     enc["length"] = [len(ids) for ids in enc["input_ids"]]
@@ -83,15 +90,37 @@ def encode_conversations(conversations: list[list[dict]], params: Params, tokeni
     return enc
 
 
-def _batch_fn(params: Params, tokenizer, fmt, validation: bool):
+def check_expressible(conversations: list[list[dict]], tools: list[str | None], params: Params, fmt, name: str,
+                      where) -> None:
+    """UserError naming the first record (`where(k)`) whose tool use or reasoning the template cannot render."""
+    for k, (turns, schemas) in enumerate(zip(conversations, tools)):
+        if not fmt.tools and conversation.uses_tools(turns, schemas):
+            raise UserError(
+                f"{where(k)}: tool schemas, calls or results, which template '{name}' cannot render: set "
+                "tokenize.template: qwen3 (or tokenizer, for a model whose own chat template renders tools)"
+            )
+        if not fmt.reasoning and params.tokenize.reasoning == "train" and conversation.has_reasoning(turns):
+            raise UserError(
+                f"{where(k)}: reasoning, which template '{name}' cannot render: set tokenize.reasoning: drop, or "
+                "tokenize.template: qwen3"
+            )
+
+
+def _batch_fn(params: Params, tokenizer, fmt, validation: bool, name: str):
     def fn(batch: dict[str, list]) -> dict[str, list]:
+        def where(k: int) -> str:
+            return f"source {batch['source'][k]}, record {batch['record'][k]}"
+
+        tools = batch.get("tools") or [None] * len(batch["messages"])
+        check_expressible(batch["messages"], tools, params, fmt, name, where)
         try:
-            enc = encode_conversations(batch["messages"], params, tokenizer, fmt)
+            enc = encode_conversations(batch["messages"], params, tokenizer, fmt, tools)
         except RenderError as exc:  # "record K" of the batch → the record of its source
-            where = f"source {batch['source'][exc.index]}, record {batch['record'][exc.index]}"
-            raise UserError(f"{where}: {str(exc).split(': ', 1)[1]}") from None
+            raise UserError(f"{where(exc.index)}: {str(exc).split(': ', 1)[1]}") from None
         if validation:
-            enc["reference"] = [m[-1]["content"] for m in batch["messages"]]
+            all_turns = params.tokenize.assistant_turns == "all"
+            answers = [m[conversation.trained_answers(m, all_turns)[-1]] for m in batch["messages"]]
+            enc["reference"] = [conversation.answer_text(a["content"], a.get("tool_calls")) for a in answers]
         return enc
 
     return fn
@@ -105,12 +134,15 @@ def tokenize_split(name: str, params: Params, tokenizer, fmt, cache: Path):
     path = RAW_DIR / f"{name}.jsonl"
     with reading(path, RAW_DIR, "download"):
         ds = datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=str(cache))
-    keep = ["source", "messages"] if name == "validation" else ["source"]
+    if "tools" not in ds.column_names:  # no record of data/raw has tools
+        ds = ds.add_column("tools", [""] * len(ds))
+    keep = ["source", "messages", "tools"] if name == "validation" else ["source"]
     workers = min(os.cpu_count() or 1, 8) if len(ds) >= PARALLEL_FROM else None
     if len(ds) >= PROGRESS_FROM:  # datasets' own bar (records done, records/s) where encoding takes a while
         phase("tokenize", f"encoding {len(ds)} {name} records")
         datasets.enable_progress_bars()
-    return ds.map(_batch_fn(params, tokenizer, fmt, name == "validation"), batched=True, batch_size=500,
+    template = template_name(params, "chat")
+    return ds.map(_batch_fn(params, tokenizer, fmt, name == "validation", template), batched=True, batch_size=500,
                   remove_columns=[c for c in ds.column_names if c not in keep], new_fingerprint=f"encode-{name}",
                   load_from_cache_file=False, num_proc=workers)  # fmt: skip
 
@@ -133,7 +165,8 @@ def build_splits(train, validation):
     columns = ["input_ids", "assistant_masks"]
     new_train = concatenate_datasets([train.select(np.flatnonzero(t_keep)).select_columns(columns),
                                       validation.select(moved).select_columns(columns)])  # fmt: skip
-    new_val = validation.select(np.flatnonzero(servable)).select_columns([*columns, "prompt_length", "reference", "messages"])
+    shown = [c for c in ("prompt_length", "reference", "messages", "tools") if c in validation.column_names]
+    new_val = validation.select(np.flatnonzero(servable)).select_columns([*columns, *shown])
 
     def kept(name: str) -> np.ndarray:
         return np.concatenate([t[name][t_keep], v[name][v_keep]])

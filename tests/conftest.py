@@ -106,16 +106,21 @@ def default_params() -> dict:
     return yaml.safe_load((ROOT / "params.yaml").read_text())
 
 
-def assert_merged_prompts_are_the_training_prompts(repo: Path) -> None:
-    """models/merged's chat template rebuilds every validation prompt id for id, and generation stops at EOS."""
+def assert_merged_prompts_are_the_training_prompts(repo: Path, reasoning: str = "train") -> None:
+    """models/merged's chat template, given each validation record's messages and tools as an OpenAI client
+    sends them, rebuilds its prompt id for id, and generation stops at EOS."""
     from datasets import load_from_disk
     from transformers import AutoTokenizer, GenerationConfig
+
+    from stages.lib.chat.conversation import template_messages, template_tools, trained_answers
 
     tokenizer = AutoTokenizer.from_pretrained(repo / "models" / "merged")
     rows = load_from_disk(str(repo / "data" / "tokenized"))["validation"]
     assert len(rows) > 0
     for row in rows:
-        got = tokenizer.apply_chat_template(row["messages"][:-1], add_generation_prompt=True, tokenize=True)
+        turns = row["messages"][: trained_answers(row["messages"], True)[-1]]
+        got = tokenizer.apply_chat_template(template_messages(turns, reasoning), tools=template_tools(row["tools"]),
+                                            add_generation_prompt=True, tokenize=True)  # fmt: skip
         got = list(got["input_ids"] if hasattr(got, "keys") else got)
         assert got == row["input_ids"][: row["prompt_length"]], tokenizer.decode(got)
     stops = GenerationConfig.from_pretrained(repo / "models" / "merged").eos_token_id

@@ -12,6 +12,7 @@ text, as here). The text stops at the end of the last answer; EOS follows unless
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from ..core.errors import UserError
@@ -30,51 +31,69 @@ class RenderError(UserError):
         self.index = index
 
 
-def _render_batch(tokenizer, fmt: ChatFormat, conversations: list[list[dict]], open_turn: bool) -> list[str]:
-    """One apply_chat_template call for many conversations; a Jinja error is traced to its conversation."""
+def _render_batch(tokenizer, fmt: ChatFormat, conversations: list[list[dict]], open_turn: bool,
+                  tools: list[list[dict] | None] | None = None) -> list[str]:
+    """apply_chat_template over many conversations, one call per distinct `tools` list (a batch shares its
+    tools); a Jinja error is traced to its conversation."""
     if not conversations:
         return []
-    kwargs = {"chat_template": fmt.chat_template, "tokenize": False, "add_generation_prompt": open_turn}
-    try:
-        return tokenizer.apply_chat_template(conversations, **kwargs)
-    except Exception:  # the template raised (raise_exception) or broke: find which conversation, name it
-        for k, conversation in enumerate(conversations):
-            try:
-                tokenizer.apply_chat_template(conversation, **kwargs)
-            except Exception as exc:
-                raise RenderError(k, f"the chat template failed: {exc}") from None
-        raise
+    tools = tools or [None] * len(conversations)
+    groups: dict[str, list[int]] = {}
+    for k, t in enumerate(tools):
+        groups.setdefault(json.dumps(t, sort_keys=True), []).append(k)
+    out: list[str] = [""] * len(conversations)
+    for members in groups.values():
+        kwargs = {"chat_template": fmt.chat_template, "tokenize": False, "add_generation_prompt": open_turn,
+                  "tools": tools[members[0]]}  # fmt: skip
+        batch = [conversations[k] for k in members]
+        try:
+            texts = tokenizer.apply_chat_template(batch, **kwargs)
+        except Exception:  # the template raised (raise_exception) or broke: find which conversation, name it
+            for k in members:
+                try:
+                    tokenizer.apply_chat_template(conversations[k], **kwargs)
+                except Exception as exc:
+                    raise RenderError(k, f"the chat template failed: {exc}") from None
+            raise
+        for k, text in zip(members, texts):
+            out[k] = text
+    return out
 
 
-def render_all(conversations: list[list[dict]], fmt: ChatFormat, tokenizer, all_turns: bool) -> list[Rendered]:
+def render_all(conversations: list[list[dict]], fmt: ChatFormat, tokenizer, all_turns: bool,
+               tools: list[list[dict] | None] | None = None, trained: list[list[int]] | None = None) -> list[Rendered]:
     """The text and trained character spans of each conversation (each ends with an assistant turn).
 
-    Two batched renders: every closed prefix (up to and with an answer) and every open one (up to the answer's
-    header). Raises RenderError naming the conversation's index when the template fails on it, or renders an
-    earlier turn differently once later turns follow (then only the last answer can be trained:
-    tokenize.assistant_turns: last).
+    `conversations`: template messages (stages/lib/chat/conversation.py); `tools`: each one's tool schemas (or
+    None); `trained`: each one's assistant indices that carry loss (default: every answer, or the last when not
+    `all_turns`). Tool results, schemas and prompts are never in a span. Batched renders: every closed prefix (up
+    to and with an answer) and every open one (up to the answer's header). Raises RenderError naming the
+    conversation's index when the template fails on it, or renders an earlier turn differently once later turns
+    follow (then only the last answer can be trained: tokenize.assistant_turns: last).
     """
+    tools = tools or [None] * len(conversations)
     jobs = []  # (conversation index, answer index)
     for c, messages in enumerate(conversations):
+        if trained is not None:
+            jobs += [(c, i) for i in trained[c]]
+            continue
         answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         jobs += [(c, i) for i in (answers if all_turns else answers[-1:])]
 
     def remap(error: RenderError, index_of) -> RenderError:
         return RenderError(index_of(error.index), str(error).split(": ", 1)[1])
 
-    try:
-        full = _render_batch(tokenizer, fmt, conversations, False)
-    except RenderError as error:
-        raise remap(error, lambda k: k) from None
-    try:
-        opened = _render_batch(tokenizer, fmt, [conversations[c][:i] for c, i in jobs], True)
-    except RenderError as error:
-        raise remap(error, lambda k: jobs[k][0]) from None
+    def render(pairs: list[tuple[int, int | None]], open_turn: bool) -> list[str]:
+        try:
+            return _render_batch(tokenizer, fmt, [conversations[c][:i] for c, i in pairs], open_turn,
+                                 [tools[c] for c, _ in pairs])  # fmt: skip
+        except RenderError as error:
+            raise remap(error, lambda k: pairs[k][0]) from None
+
+    full = render([(c, None) for c in range(len(conversations))], False)
+    opened = render(jobs, True)
     inner = [(c, i) for c, i in jobs if i < len(conversations[c]) - 1]
-    try:
-        closed = dict(zip(inner, _render_batch(tokenizer, fmt, [conversations[c][: i + 1] for c, i in inner], False)))
-    except RenderError as error:
-        raise remap(error, lambda k: inner[k][0]) from None
+    closed = dict(zip(inner, render([(c, i + 1) for c, i in inner], False)))
     spans: list[list[tuple[int, int]]] = [[] for _ in conversations]
     for (c, i), prompt in zip(jobs, opened):
         done = closed.get((c, i), full[c])

@@ -35,6 +35,10 @@ class ChatFormat:
     pad_token: str
     prefix_ids: list[int]  # what the tokenizer puts before every text, rendered once by the template
     notes: list[str]  # decisions a user should know about, printed by tokenize
+    tools: bool = False  # the template renders tool schemas, calls and results (probed)
+    reasoning: bool = False  # the template renders an answer's reasoning_content (probed)
+    # how a reply splits into reasoning, tool calls and content (transformers' response template), or None
+    response_template: dict | None = None
 
 
 def special_prefix_suffix(tokenizer) -> tuple[list[int], list[int]]:
@@ -68,6 +72,11 @@ def to_jinja(template: TemplateRecipe, name: str, prefix: str) -> str:
     """
     header = template.assistant.split("{content}")[0]
     content = "message['content']"
+    # reasoning (stages/lib/chat/conversation.py) leads the answer in a think block, in history as well
+    think = ("{%- if message.get('reasoning_content') -%}{{ '<think>\\n' + message['reasoning_content'].strip('\\n') + "
+             "'\\n</think>\\n\\n' }}{%- endif -%}")
+    before, _, after = template.assistant.partition("{content}")
+    answer = _part(before, content) + think + _part("{content}" + after, content)
     no_system = f"template '{name}' has no system format: drop the system text or choose a template with one"
     system = _part(template.system, "system") if template.system else "{{ raise_exception(" + json.dumps(no_system) + ") }}"
     jinja = (
@@ -79,7 +88,7 @@ def to_jinja(template: TemplateRecipe, name: str, prefix: str) -> str:
         f"{{%- if system -%}}{system}{{%- endif -%}}"
         "{%- for message in turns -%}"
         f"{{%- if message['role'] == 'user' -%}}{_part(template.user, content)}"
-        f"{{%- elif message['role'] == 'assistant' -%}}{_part(template.assistant, content)}"
+        f"{{%- elif message['role'] == 'assistant' -%}}{answer}"
         "{%- set ns.round = ns.round + 1 -%}"
         "{%- else -%}{{ raise_exception('roles must be system (first), user and assistant') }}{%- endif -%}"
         "{%- endfor -%}"
@@ -105,7 +114,8 @@ def unknown_marker(tokenizer, template: TemplateRecipe) -> str | None:
     unk = tokenizer.unk_token_id
     if unk is None or template.chat_template:
         return None
-    for text in (template.system, template.default_system, template.user, template.assistant):
+    markers = re.findall(r"<\|?/?[\w.]+\|?>", template.jinja)  # a recipe's own Jinja: its tag-like markers
+    for text in (*markers, template.system, template.default_system, template.user, template.assistant):
         for piece in re.split(r"\{content\}|\{round\}", text):
             if piece.strip() and unk in tokenizer(piece, add_special_tokens=False)["input_ids"]:
                 return piece
@@ -126,17 +136,17 @@ def decide(tokenizer, template: TemplateRecipe, name: str, base_stop_ids: list[i
     if tokenizer(prefix, add_special_tokens=False)["input_ids"] != prefix_ids:
         raise UserError(f"models/base: the tokenizer adds {prefix!r} to every text but does not read it back as text")
     notes, stop = [], []
-    if template.chat_template:
-        jinja = tokenizer.chat_template
+    if template.chat_template or template.jinja:
+        jinja = tokenizer.chat_template if template.chat_template else template.jinja
         if not isinstance(jinja, str) or not jinja:
             raise UserError(
                 "tokenize.template 'tokenizer': the tokenizer in models/base has no chat template; choose one of "
-                "recipes/templates (chatml, seed, chatglm2, raw)"
+                "recipes/templates (chatml, qwen3, seed, chatglm2, raw)"
             )
         rendered = tokenizer.apply_chat_template(PROBE, chat_template=jinja, tokenize=False)
         if tokenizer(rendered, add_special_tokens=False)["input_ids"][: len(prefix_ids)] != prefix_ids:
             jinja = _literal(prefix) + jinja  # the model always saw its prefix; the template now renders it
-            notes.append(f"the tokenizer's chat template does not render {prefix!r}: it is added in front")
+            notes.append(f"the chat template does not render {prefix!r}: it is added in front")
         span = assistant_span(PROBE, jinja, tokenizer)
         last = tokenizer(span, add_special_tokens=False)["input_ids"][-1:]
         if last and last[0] in _special_ids(tokenizer):
@@ -155,7 +165,57 @@ def decide(tokenizer, template: TemplateRecipe, name: str, base_stop_ids: list[i
         jinja = to_jinja(template, name, prefix)
     stop_ids = list(dict.fromkeys([tokenizer.eos_token_id, *stop, *base_stop_ids]))
     pad = tokenizer.pad_token or tokenizer.unk_token or tokenizer.eos_token
-    return ChatFormat(jinja, stop_ids, tokenizer.eos_token_id, pad, prefix_ids, notes)
+    tools, reasoning = renders_tools(tokenizer, jinja), renders_reasoning(tokenizer, jinja)
+    response = template.response_template if template.jinja else getattr(tokenizer, "response_template", None)
+    if response is None and reasoning:
+        response = reasoning_response_template(tokenizer, jinja, stop_ids)
+    return ChatFormat(jinja, stop_ids, tokenizer.eos_token_id, pad, prefix_ids, notes, tools, reasoning, response)
+
+
+# Probes of what a template can express: each marker must come out in the rendered text.
+TOOL_PROBE = (
+    [{"role": "user", "content": "Q"},
+     {"role": "assistant", "content": "", "tool_calls": [
+         {"type": "function", "function": {"name": "probe_fn", "arguments": {"probe_key": "probe_arg"}}}]},
+     {"role": "tool", "name": "probe_fn", "content": "probe_result"},
+     {"role": "assistant", "content": "A"}],
+    [{"type": "function", "function": {"name": "probe_tool", "description": "probe_doc", "parameters": {
+        "type": "object", "properties": {"probe_key": {"type": "string"}}}}}],
+)  # fmt: skip
+REASONING_PROBE = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A",
+                                                      "reasoning_content": "probe_reasoning"}]  # fmt: skip
+
+
+def _renders(tokenizer, jinja: str, messages: list[dict], markers: tuple[str, ...], tools=None) -> bool:
+    try:
+        text = tokenizer.apply_chat_template(messages, tools=tools, chat_template=jinja, tokenize=False)
+    except Exception:  # the template refuses the probe (raise_exception): it cannot express it
+        return False
+    return all(m in text for m in markers)
+
+
+def renders_tools(tokenizer, jinja: str) -> bool:
+    """True when `jinja` renders tool schemas, a call's name and arguments, and a tool result."""
+    return _renders(tokenizer, jinja, TOOL_PROBE[0], ("probe_tool", "probe_doc", "probe_fn", "probe_arg",
+                                                      "probe_result"), TOOL_PROBE[1])  # fmt: skip
+
+
+def renders_reasoning(tokenizer, jinja: str) -> bool:
+    """True when `jinja` renders the last answer's `reasoning_content`."""
+    return _renders(tokenizer, jinja, REASONING_PROBE, ("probe_reasoning",))
+
+
+def reasoning_response_template(tokenizer, jinja: str, stop_ids: list[int]) -> dict:
+    """A transformers response template for a format whose answers may open with a <think> block: the answer
+    starts after the generation prompt (found by rendering one), reasoning sits in the think block, content runs
+    to a stop token."""
+    opened = tokenizer.apply_chat_template(PROBE[:1], chat_template=jinja, tokenize=False, add_generation_prompt=True)
+    closed = tokenizer.apply_chat_template(PROBE[:1], chat_template=jinja, tokenize=False)
+    header = opened[len(closed) :] if opened.startswith(closed) else ""
+    stops = "|".join(re.escape(t) for t in tokenizer.convert_ids_to_tokens(stop_ids))
+    fields = {"reasoning_content": {"open": "<think>", "close": "</think>", "content": "text"},
+              "content": {"close_pattern": rf"\s*(?:{stops})", "content": "text"}}  # fmt: skip
+    return {"defaults": {"role": "assistant"}, "fields": fields} | ({"start_anchor": header} if header.strip() else {})
 
 
 def assistant_span(messages: list[dict], jinja: str, tokenizer) -> str:
@@ -181,9 +241,11 @@ def reload(tokenizer, folder: Path):
 
 
 def apply(tokenizer, fmt: ChatFormat) -> None:
-    """Set the format on a loaded tokenizer (chat template, pad token) before it is saved."""
+    """Set the format on a loaded tokenizer (chat template, pad token, response template) before it is saved."""
     tokenizer.chat_template = fmt.chat_template
     tokenizer.pad_token = fmt.pad_token
+    if fmt.response_template is not None:
+        tokenizer.response_template = fmt.response_template  # saved into tokenizer_config.json (transformers >= 5.24)
 
 
 def save(tokenizer, fmt: ChatFormat, out: Path) -> None:

@@ -153,6 +153,7 @@ class ModelParams(Strict):
 class TokenizeParams(Strict):
     template: str | None = None  # a name in recipes/templates; null: the model recipe's
     assistant_turns: Literal["all", "last"] = "all"  # which answers of a multi-turn record carry loss
+    reasoning: Literal["train", "drop"] = "train"  # an answer's reasoning: trained with it, or left out of the row
     max_length: Annotated[int, Field(ge=8, le=2**20)] = 512
     unknown_markers: bool = False  # true: train although the template's markers become <unk> tokens
 

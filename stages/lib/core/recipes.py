@@ -58,6 +58,10 @@ class TemplateRecipe(Strict):
 
     description: str
     chat_template: bool = False  # true: the tokenizer's own chat template (tokenizer_config.json) is the format
+    jinja: str = ""  # a whole chat template of the recipe's own (tools, reasoning); replaces the texts below
+    # how a reply in this format splits into reasoning, tool calls and content: a transformers response template
+    # (`tokenizer.response_template`, read by `transformers serve` and by eval and chat here)
+    response_template: dict[str, Any] | None = None
     system: str = ""  # rendered first when the record (or default_system) has a system text
     default_system: str = ""
     user: str = ""
@@ -66,7 +70,9 @@ class TemplateRecipe(Strict):
 
     @model_validator(mode="after")
     def _placeholders(self) -> "TemplateRecipe":
-        if self.chat_template:
+        if self.chat_template or self.jinja:
+            if self.chat_template and self.jinja:
+                raise ValueError("give either chat_template: true (the tokenizer's) or jinja (the recipe's), not both")
             return self
         for key in ("system", "user", "assistant"):
             text = getattr(self, key)
