@@ -20,6 +20,7 @@ from ..core.errors import UserError
 from ..core.outputs import sha256_file
 from ..core.params import DataParams, NetworkParams
 from .normalize import DROP_REASONS, Normalizer
+from .turns import drop_nulls
 from .sources import label, open_source
 
 BATCH = 1000
@@ -79,7 +80,7 @@ def write_jsonl(ds, path: Path) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for batch in ds.iter(batch_size=BATCH):
             for m, t, s, r in zip(batch["messages"], batch["tools"], batch["source"], batch["record"]):
-                turns = [{k: v for k, v in turn.items() if v is not None} for turn in m]
+                turns = [drop_nulls(turn) for turn in m]
                 record = {"messages": turns, "record": r, "source": s} | ({"tools": t} if t else {})
                 f.write(json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n")
 

@@ -1,0 +1,150 @@
+"""Agent and reasoning data, from the files users bring to the labels in the trainer's own batches.
+
+The fixtures in tests/fixtures/agent/ hold one small file per layout (OpenAI tool calls with tools as a list or as
+JSON text and arguments as text or objects, the older function_call, ShareGPT function_call/observation turns,
+parts-style messages with loss_weight, reasoning fields and <think> blocks, text-only content parts with OpenAI
+weights) and, per record, `expect`: the answers that must be trained, written by hand as the qwen3 template shows
+them. A project reads them all through the download stage's reader, tokenizes with the qwen3 template, and builds
+the train stage's trainer: every sample's labelled runs must be exactly one record's expected answers (so never a
+tool result, a schema, a prompt or a system text), with reasoning or without it (`tokenize.reasoning: drop`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import tokenizer_kinds as kinds
+import yaml
+from conftest import ROOT, assert_merged_prompts_are_the_training_prompts, default_params
+from test_train_labels import labelled_runs, samples
+
+FIXTURES = ROOT / "tests" / "fixtures" / "agent"
+TRAINED = ["openai_tools", "openai_tools_as_text", "sharegpt_tools", "parts", "reasoning", "text_parts_weights"]
+THINK = re.compile(r"<think>\n.*?\n</think>", re.DOTALL)
+
+
+def expected(reasoning: str) -> list[list[str]]:
+    """Every record's trained answers, as the fixtures write them (think blocks emptied when reasoning is dropped)."""
+    out = []
+    for name in TRAINED:
+        for line in (FIXTURES / f"{name}.jsonl").read_text().splitlines():
+            answers = json.loads(line)["expect"]
+            out.append([THINK.sub("<think>\n\n</think>", a) if reasoning == "drop" else a for a in answers])
+    return out
+
+
+def agent_project(folder: Path, reasoning: str = "train", template: str = "qwen3") -> Path:
+    """data/raw from the fixtures (the download stage's reader), a tiny Llama on the embedded default's tokenizer
+    as models/base, then the tokenize stage; cwd must be `folder`."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from stages import download, tokenize
+    from stages.lib.core.params import load_params
+
+    (folder / "recipes").symlink_to(ROOT / "recipes")
+    (folder / "data" / "sources").mkdir(parents=True)
+    raw = default_params()
+    raw["data"]["sources"] = []
+    for name in TRAINED:
+        (folder / "data" / "sources" / f"{name}.jsonl").write_bytes((FIXTURES / f"{name}.jsonl").read_bytes())
+        raw["data"]["sources"].append({"kind": "local", "path": f"data/sources/{name}.jsonl", "format": "messages"})
+    raw["data"]["validation_fraction"] = 0.2
+    raw["tokenize"] |= {"template": template, "reasoning": reasoning, "max_length": 2048}
+    raw["train"] |= {"batch_size": 4, "epochs": 1, "logging_steps": 1, "packing": False}
+    (folder / "params.yaml").write_text(yaml.safe_dump(raw, allow_unicode=True))
+    (folder / "data" / "raw").mkdir()
+    download.write_raw(load_params(), folder / "data" / "raw")
+    tokenizer = kinds.build("bpe", folder / "tok")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(folder / "models" / "base")
+    tokenizer.save_pretrained(folder / "models" / "base")
+    tokenize.main()
+    return folder
+
+
+@pytest.mark.parametrize("reasoning", ["train", "drop"])
+def test_the_trainer_trains_exactly_the_calls_and_answers(reasoning, tmp_path, monkeypatch):
+    from datasets import load_from_disk
+
+    from stages.lib.core.params import load_params
+    from stages.train import build_trainer
+
+    monkeypatch.chdir(tmp_path)
+    agent_project(tmp_path, reasoning)
+    metrics = json.loads((tmp_path / "metrics" / "tokenize.json").read_text())
+    assert metrics["truncated"] == 0 and metrics["prompt_mismatch"] == 0
+    trainer = build_trainer(load_params(), tmp_path / "out", [])
+    tokenizer = trainer.processing_class
+    wanted = expected(reasoning)
+    seen = 0
+    for batch in trainer.get_train_dataloader():
+        for ids, labels in samples(batch):
+            assert labelled_runs(tokenizer, labels) in wanted, tokenizer.decode(ids)
+            text = tokenizer.decode(ids)
+            if reasoning == "drop":  # no reasoning token anywhere in the row
+                assert not re.search(r"<think>\n[^\n]", text), text
+            seen += 1
+    tokenized = load_from_disk("data/tokenized")
+    assert seen == len(tokenized["train"]) >= 15
+    for row in tokenized["validation"]:  # held-out rows: the same rule on their masks
+        runs, current = [], []
+        for t, m in zip(row["input_ids"] + [0], row["assistant_masks"] + [0]):
+            if m:
+                current.append(t)
+            elif current:
+                runs, current = runs + [tokenizer.decode(current, skip_special_tokens=True).strip()], []
+        assert runs in wanted, tokenizer.decode(row["input_ids"])
+
+
+def test_the_saved_template_rebuilds_every_prompt_with_its_tools(tmp_path, monkeypatch):
+    """What models/merged ships (merge copies data/tokenized/tokenizer): given the validation records' messages and
+    tools as a client sends them, its chat template rebuilds the prompt id for id, tool records included."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    agent_project(tmp_path)
+    merged = tmp_path / "models" / "merged"
+    shutil.copytree(tmp_path / "data" / "tokenized" / "tokenizer", merged)
+    (merged / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 2]}))
+    (merged / "config.json").write_text((tmp_path / "models" / "base" / "config.json").read_text())
+    assert_merged_prompts_are_the_training_prompts(tmp_path)
+    config = json.loads((merged / "tokenizer_config.json").read_text())
+    assert config["response_template"]["fields"]["tool_calls"]["close"] == "</tool_call>"
+
+
+@pytest.mark.parametrize("name, message", [
+    ("preference.jsonl", r"source preference is preference data \(columns 'chosen' and 'rejected'\): SFT would learn "
+                         r"the rejected answers too; train the chosen ones with columns: \{messages: chosen\}"),
+    ("kto.jsonl", r"source kto, record 0: a boolean 'label' beside the conversation is KTO data"),
+    ("images.jsonl", r"source images has a 'images' column .*: this pipeline trains text-only models"),
+    ("image_parts.jsonl", r"source image_parts, record 0: 'messages'\[0\]: content\[1\] is a image_url part: this "
+                          r"pipeline trains text-only models"),
+])  # fmt: skip
+def test_what_sft_would_get_wrong_is_refused_in_one_line(name, message, tmp_path):
+    from conftest import data_source
+
+    from stages.lib.data.mix import build_raw
+    from stages.lib.core.params import validate
+    from stages.lib.data.normalize import RecordError
+
+    raw = default_params()
+    raw["data"]["sources"] = [{"kind": "local", "path": str(FIXTURES / name), "format": "messages"}]
+    with pytest.raises(RecordError, match=message) as err:
+        build_raw(validate(raw).data, 0, tmp_path / "raw", tmp_path / "work")
+    assert "\n" not in str(err.value)
+    assert data_source  # the helper module is importable (kept for symmetry with test_data)
+
+
+def test_a_template_that_cannot_render_tools_refuses_the_record_and_names_one_that_can(tmp_path, monkeypatch):
+    from stages.lib.core.errors import UserError
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=r"source \w+, record \d+: tool schemas, calls or results, which "
+                                        r"template 'chatml' cannot render: set tokenize.template: qwen3"):
+        agent_project(tmp_path, template="chatml")
