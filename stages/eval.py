@@ -14,6 +14,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from stages.lib.chat import conversation, reply
 from stages.lib.core.earlier import check_model_output, load_saved
 from stages.lib.core.errors import require, run_stage
 from stages.lib.core.outputs import staged_outputs, write_json, write_text
@@ -61,11 +62,11 @@ def answer_loss(model, rows, batch_size: int, pad_id: int, bar=None) -> float:
     return total / count
 
 
-def answer_text(tokenizer, new_ids: list[int], stop_ids: list[int]) -> str:
-    """What a server returns for generated ids: up to the first stop token, special tokens dropped, stripped."""
-    stops = set(stop_ids)
-    end = next((k for k, t in enumerate(new_ids) if t in stops), len(new_ids))
-    return tokenizer.decode(new_ids[:end], skip_special_tokens=True).strip()
+def answer_text(tokenizer, new_ids: list[int], stop_ids: list[int], prompt_ids: list[int] | None = None) -> str:
+    """What eval scores of generated ids: the reply a server returns (up to the first stop token, special tokens
+    dropped, the format's reasoning wrapper removed), its tool calls as canonical JSON lines after the content."""
+    got = reply.parse(tokenizer, new_ids, stop_ids, prompt_ids)
+    return conversation.answer_text(got.content, got.tool_calls)
 
 
 def generation_cap(rows, max_new_tokens: int | None) -> int:
@@ -96,7 +97,7 @@ def generate(model, tokenizer, rows, batch_size: int, max_new_tokens: int, stop_
                 pad_token_id=tokenizer.pad_token_id,
             )
         new = [row.tolist() for row in out[:, batch["input_ids"].shape[1] :]]
-        outputs += [answer_text(tokenizer, ids, stop_ids) for ids in new]
+        outputs += [answer_text(tokenizer, ids, stop_ids, p) for ids, p in zip(new, prompts)]
         cut += [not set(ids) & set(stop_ids) for ids in new]  # finished rows end in a stop token, then padding
         if bar is not None:
             bar.update(len(prompts))

@@ -36,7 +36,7 @@ WARN_ANSWERS_CUT = 0.05  # share of answers cut by max_length above which the st
 WARN_UNK = 0.01  # share of <unk> tokens above which the stage warns
 PARALLEL_FROM = 50_000  # records from which tokenize uses a process per core
 PROGRESS_FROM = 5000  # records: below, encoding takes a few seconds and prints nothing
-FLAGS = ("truncated", "answer_cut", "prompt_mismatch", "prompt_repaired")
+FLAGS = ("truncated", "answer_cut", "prompt_mismatch", "prompt_repaired", "split_row")  # counted per kept row
 
 
 def template_name(params: Params, text_format: str) -> str:
@@ -75,14 +75,18 @@ def decide_format(params: Params, tokenizer, text_format: str) -> chat_format.Ch
 
 def encode_conversations(conversations: list[list[dict]], params: Params, tokenizer, fmt,
                          tools: list[str | None] | None = None) -> dict[str, list]:
-    """Per conversation (data/raw turns; plain role/content messages too): `encode`'s columns plus `length`,
-    `trained` and `unk` token counts. `tools`: each conversation's tool schemas as JSON text (or None)."""
+    """Training rows of conversations (data/raw turns; plain role/content messages too): `encode`'s columns plus
+    `length`, `trained` and `unk` token counts, and per row the index of its `conversation` and the messages it
+    holds (`end`). `tools`: each conversation's tool schemas as JSON text (or None)."""
     all_turns = params.tokenize.assistant_turns == "all"
     messages = [conversation.template_messages(c, params.tokenize.reasoning) for c in conversations]
     trained = [conversation.trained_answers(c, all_turns) for c in conversations]
     schemas = [conversation.template_tools(t) for t in tools] if tools else None
     rendered = render_all(messages, fmt, tokenizer, all_turns, schemas, trained)
     enc = encode(tokenizer, rendered, fmt, params.tokenize.max_length)
+    enc["conversation"] = [r.conversation for r in rendered]  # a row per conversation, or several (render_all)
+    enc["end"] = [r.end for r in rendered]
+    enc["split_row"] = [r.end < len(conversations[r.conversation]) for r in rendered]
     unk = tokenizer.unk_token_id
     enc["length"] = [len(ids) for ids in enc["input_ids"]]
     enc["trained"] = [sum(m) for m in enc["assistant_masks"]]
@@ -117,9 +121,12 @@ def _batch_fn(params: Params, tokenizer, fmt, validation: bool, name: str):
             enc = encode_conversations(batch["messages"], params, tokenizer, fmt, tools)
         except RenderError as exc:  # "record K" of the batch → the record of its source
             raise UserError(f"{where(exc.index)}: {str(exc).split(': ', 1)[1]}") from None
-        if validation:
-            all_turns = params.tokenize.assistant_turns == "all"
-            answers = [m[conversation.trained_answers(m, all_turns)[-1]] for m in batch["messages"]]
+        rows = list(zip(enc.pop("conversation"), enc.pop("end")))
+        enc["source"] = [batch["source"][c] for c, _ in rows]
+        if validation:  # what eval and the rebuild check read: the row's messages, tools and last answer
+            enc["messages"] = [batch["messages"][c][:end] for c, end in rows]
+            enc["tools"] = [tools[c] for c, _ in rows]
+            answers = [m[-1] for m in enc["messages"]]
             enc["reference"] = [conversation.answer_text(a["content"], a.get("tool_calls")) for a in answers]
         return enc
 
@@ -136,14 +143,14 @@ def tokenize_split(name: str, params: Params, tokenizer, fmt, cache: Path):
         ds = datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=str(cache))
     if "tools" not in ds.column_names:  # no record of data/raw has tools
         ds = ds.add_column("tools", [""] * len(ds))
-    keep = ["source", "messages", "tools"] if name == "validation" else ["source"]
+
     workers = min(os.cpu_count() or 1, 8) if len(ds) >= PARALLEL_FROM else None
     if len(ds) >= PROGRESS_FROM:  # datasets' own bar (records done, records/s) where encoding takes a while
         phase("tokenize", f"encoding {len(ds)} {name} records")
         datasets.enable_progress_bars()
     template = template_name(params, "chat")
     return ds.map(_batch_fn(params, tokenizer, fmt, name == "validation", template), batched=True, batch_size=500,
-                  remove_columns=[c for c in ds.column_names if c not in keep], new_fingerprint=f"encode-{name}",
+                  remove_columns=ds.column_names, new_fingerprint=f"encode-{name}",
                   load_from_cache_file=False, num_proc=workers)  # fmt: skip
 
 

@@ -23,6 +23,8 @@ from .format import ChatFormat
 class Rendered:
     text: str  # the conversation up to the end of its last answer
     spans: list[tuple[int, int]]  # character ranges of the trained answers
+    conversation: int = 0  # the index of the conversation this row comes from
+    end: int = 0  # messages of that conversation the row holds (the last trained answer is message end - 1)
 
 
 class RenderError(UserError):
@@ -62,47 +64,57 @@ def _render_batch(tokenizer, fmt: ChatFormat, conversations: list[list[dict]], o
 
 def render_all(conversations: list[list[dict]], fmt: ChatFormat, tokenizer, all_turns: bool,
                tools: list[list[dict] | None] | None = None, trained: list[list[int]] | None = None) -> list[Rendered]:
-    """The text and trained character spans of each conversation (each ends with an assistant turn).
+    """Training rows: the text and trained character spans of each conversation (each ends with an answer).
 
     `conversations`: template messages (stages/lib/chat/conversation.py); `tools`: each one's tool schemas (or
     None); `trained`: each one's assistant indices that carry loss (default: every answer, or the last when not
-    `all_turns`). Tool results, schemas and prompts are never in a span. Batched renders: every closed prefix (up
-    to and with an answer) and every open one (up to the answer's header). Raises RenderError naming the
-    conversation's index when the template fails on it, or renders an earlier turn differently once later turns
-    follow (then only the last answer can be trained: tokenize.assistant_turns: last).
+    `all_turns`). Tool results, schemas and prompts are never in a span. Batched renders: every conversation,
+    every open prefix (up to an answer's header) and every closed one (up to and with the answer).
+
+    An answer is trained inside the whole conversation when the conversation's text starts with its prompt and
+    with its own rendering; a template that renders it differently once later turns follow (Qwen3's drops earlier
+    reasoning and think blocks) trains it in a row of its own, the conversation up to that answer, as a server
+    would prompt it. Raises RenderError naming the conversation's index when the template fails on it, or renders
+    an answer's prompt differently from the conversation that ends with that answer.
     """
     tools = tools or [None] * len(conversations)
-    jobs = []  # (conversation index, answer index)
-    for c, messages in enumerate(conversations):
-        if trained is not None:
-            jobs += [(c, i) for i in trained[c]]
-            continue
-        answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-        jobs += [(c, i) for i in (answers if all_turns else answers[-1:])]
-
-    def remap(error: RenderError, index_of) -> RenderError:
-        return RenderError(index_of(error.index), str(error).split(": ", 1)[1])
+    if trained is None:
+        answers = [[i for i, m in enumerate(c) if m["role"] == "assistant"] for c in conversations]
+        trained = [a if all_turns else a[-1:] for a in answers]
+    jobs = [(c, i) for c in range(len(conversations)) for i in trained[c]]
 
     def render(pairs: list[tuple[int, int | None]], open_turn: bool) -> list[str]:
         try:
             return _render_batch(tokenizer, fmt, [conversations[c][:i] for c, i in pairs], open_turn,
                                  [tools[c] for c, _ in pairs])  # fmt: skip
         except RenderError as error:
-            raise remap(error, lambda k: pairs[k][0]) from None
+            raise RenderError(pairs[error.index][0], str(error).split(": ", 1)[1]) from None
 
     full = render([(c, None) for c in range(len(conversations))], False)
-    opened = render(jobs, True)
+    prompts = dict(zip(jobs, render(jobs, True)))
     inner = [(c, i) for c, i in jobs if i < len(conversations[c]) - 1]
     closed = dict(zip(inner, render([(c, i + 1) for c, i in inner], False)))
-    spans: list[list[tuple[int, int]]] = [[] for _ in conversations]
-    for (c, i), prompt in zip(jobs, opened):
-        done = closed.get((c, i), full[c])
-        if not (full[c].startswith(prompt) and full[c].startswith(done) and done.startswith(prompt)):
-            last = i == len(conversations[c]) - 1
-            hint = "" if last or not all_turns else "; set tokenize.assistant_turns: last"
-            raise RenderError(c, f"the chat template renders turn {i} differently once later turns follow{hint}")
-        spans[c].append((len(prompt), max(len(prompt), len(done.rstrip()))))  # an empty answer: just its end
-    return [Rendered(text[: s[-1][1]], s) for text, s in zip(full, spans)]
+    rows = []
+    for c, conversation in enumerate(conversations):
+        left, end, text = list(trained[c]), len(conversation), full[c]
+        while left:
+            spans, later = [], []
+            for i in left:
+                prompt, done = prompts[(c, i)], closed.get((c, i), full[c])
+                if text.startswith(prompt) and text.startswith(done) and done.startswith(prompt):
+                    spans.append((len(prompt), max(len(prompt), len(done.rstrip()))))  # an empty answer: its end
+                elif i == end - 1:
+                    raise RenderError(c, f"the chat template renders the prompt of turn {i} differently from the "
+                                         "conversation that ends with it")  # fmt: skip
+                else:
+                    later.append(i)
+            if spans:
+                rows.append(Rendered(text[: spans[-1][1]], spans, c, end))
+            if later:  # the answers this text renders otherwise: a row that ends with the last of them
+                end = later[-1] + 1
+                text = closed.get((c, later[-1]), full[c])
+            left = later
+    return rows
 
 
 def _common(a: list[int], b: list[int]) -> int:

@@ -166,7 +166,10 @@ def decide(tokenizer, template: TemplateRecipe, name: str, base_stop_ids: list[i
     stop_ids = list(dict.fromkeys([tokenizer.eos_token_id, *stop, *base_stop_ids]))
     pad = tokenizer.pad_token or tokenizer.unk_token or tokenizer.eos_token
     tools, reasoning = renders_tools(tokenizer, jinja), renders_reasoning(tokenizer, jinja)
-    response = template.response_template if template.jinja else getattr(tokenizer, "response_template", None)
+    # the recipe's own, else (for the tokenizer's template) the tokenizer's, else one for a think block
+    response = template.response_template if template.jinja else None
+    if template.chat_template:
+        response = getattr(tokenizer, "response_template", None)
     if response is None and reasoning:
         response = reasoning_response_template(tokenizer, jinja, stop_ids)
     return ChatFormat(jinja, stop_ids, tokenizer.eos_token_id, pad, prefix_ids, notes, tools, reasoning, response)
@@ -244,8 +247,7 @@ def apply(tokenizer, fmt: ChatFormat) -> None:
     """Set the format on a loaded tokenizer (chat template, pad token, response template) before it is saved."""
     tokenizer.chat_template = fmt.chat_template
     tokenizer.pad_token = fmt.pad_token
-    if fmt.response_template is not None:
-        tokenizer.response_template = fmt.response_template  # saved into tokenizer_config.json (transformers >= 5.24)
+    tokenizer.response_template = fmt.response_template  # saved into tokenizer_config.json (transformers >= 5.24)
 
 
 def save(tokenizer, fmt: ChatFormat, out: Path) -> None:
