@@ -148,3 +148,41 @@ def test_a_template_that_cannot_render_tools_refuses_the_record_and_names_one_th
     with pytest.raises(UserError, match=r"source \w+, record \d+: tool schemas, calls or results, which "
                                         r"template 'chatml' cannot render: set tokenize.template: qwen3"):
         agent_project(tmp_path, template="chatml")
+
+
+def test_a_qwen3_style_tokenizer_template_scores_a_memorized_answer_exactly(tmp_path):
+    """`template: tokenizer` on a Qwen3-style chat template (an empty think block before the last answer, none in
+    history): the trained target, decoded as eval and a server decode it, is the reference (exact match 1.0,
+    not '<think>\\n\\n</think>\\n\\nOLIVE' vs 'OLIVE'), and every answer of a multi-turn record is trained."""
+    from conftest import default_params
+    from transformers import AutoTokenizer
+
+    from stages.eval import answer_text
+    from stages.lib.chat import format as chat_format
+    from stages.lib.core.params import validate
+    from stages.lib.core.recipes import template_recipe
+    from stages.lib.eval.scores import exact_match
+    from stages.tokenize import encode_conversations
+
+    tokenizer = kinds.build("bpe", tmp_path / "tok")
+    tokenizer.chat_template = kinds.QWEN3_STYLE
+    tokenizer = chat_format.reload(tokenizer, tmp_path / "saved")
+    fmt = chat_format.decide(tokenizer, template_recipe("tokenizer"), "tokenizer", [])
+    chat_format.save(tokenizer, fmt, tmp_path / "saved")
+    saved = AutoTokenizer.from_pretrained(tmp_path / "saved")  # what merge copies into models/merged
+    raw = default_params()
+    raw["tokenize"] |= {"template": "tokenizer", "max_length": 512}
+    records = [r for r in kinds.records() if kinds.answers(r)[-1].strip()] + [
+        {"messages": [{"role": "user", "content": "Name a fruit."}, {"role": "assistant", "content": "OLIVE"}]}]
+    conversations = [r["messages"] for r in records]
+    enc = encode_conversations(conversations, validate(raw), tokenizer, fmt)
+    for ids, mask, n, c, end in zip(enc["input_ids"], enc["assistant_masks"], enc["prompt_length"],
+                                    enc["conversation"], enc["end"]):  # fmt: skip
+        reference = conversations[c][end - 1]["content"]
+        trained = saved.decode([t for t, m in zip(ids, mask) if m], skip_special_tokens=True)
+        assert trained.startswith("<think>\n\n</think>\n\n")  # the template's own wrapper is trained with it
+        assert exact_match(answer_text(saved, ids[n:], fmt.stop_ids, ids[:n]), reference) == 1.0
+        prompt = saved.apply_chat_template(conversations[c][: end - 1], add_generation_prompt=True, tokenize=True)
+        assert list(prompt["input_ids"]) == ids[:n]  # a server's prompt, id for id
+    per_record = [enc["conversation"].count(c) for c in range(len(records))]
+    assert per_record == [len(kinds.answers(r)) for r in records]  # history answers: rows of their own

@@ -24,6 +24,19 @@ LLAMA_STYLE = (
     "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
     "{% elif m['role'] == 'assistant' %}{{ ' ' + m['content'] + ' ' + eos_token }}{% endif %}{% endfor %}"
 )  # like Llama-2's, no generation prompt: the answer's leading space joins its first word
+# Qwen3's behaviour, written for these tests: answers after the last user turn open with a think block (empty
+# when there is no reasoning) only when they are the last message or carry reasoning; earlier answers lose theirs.
+QWEN3_STYLE = (
+    "{%- set ns = namespace(last_user=-1) -%}{%- for m in messages -%}{%- if m['role'] == 'user' -%}"
+    "{%- set ns.last_user = loop.index0 -%}{%- endif -%}{%- endfor -%}"
+    "{%- for m in messages -%}{%- if m['role'] in ('system', 'user') -%}"
+    "{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' -}}"
+    "{%- elif m['role'] == 'assistant' -%}{%- set r = m.get('reasoning_content') or '' -%}"
+    "{{- '<|im_start|>assistant\\n' -}}"
+    "{%- if loop.index0 > ns.last_user and (loop.last or r) -%}{{- '<think>\\n' + r + '\\n</think>\\n\\n' -}}{%- endif -%}"
+    "{{- m['content'] + '<|im_end|>\\n' -}}{%- endif -%}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
 LOCAL = ["bpe", "sp_bos", "sp_eos", "chatglm2"]
 QUOTE = '"red cat", said the panda. Done.'  # after ChatGLM2's '答：', Qwen2 merges '："' into one token
 SHARED = ["qwen2", "llama2"]
