@@ -4,7 +4,7 @@ The fixtures in tests/fixtures/agent/ hold one small file per layout (OpenAI too
 JSON text and arguments as text or objects, the older function_call, ShareGPT function_call/observation turns,
 parts-style messages with loss_weight, reasoning fields and <think> blocks, text-only content parts with OpenAI
 weights) and, per record, `expect`: the answers that must be trained, written by hand as the qwen3 template shows
-them. A project reads them all through the download stage's reader, tokenizes with the qwen3 template, and builds
+them, per training row. A project reads them all through the download stage's reader, tokenizes with the qwen3 template, and builds
 the train stage's trainer: every sample's labelled runs must be exactly one record's expected answers (so never a
 tool result, a schema, a prompt or a system text), with reasoning or without it (`tokenize.reasoning: drop`).
 """
@@ -27,12 +27,13 @@ THINK = re.compile(r"<think>\n.*?\n</think>", re.DOTALL)
 
 
 def expected(reasoning: str) -> list[list[str]]:
-    """Every record's trained answers, as the fixtures write them (think blocks emptied when reasoning is dropped)."""
+    """Every training row's answers, as the fixtures write them per record (a record whose earlier answers the
+    template renders otherwise in history has a row per answer); think blocks emptied when reasoning is dropped."""
     out = []
     for name in TRAINED:
         for line in (FIXTURES / f"{name}.jsonl").read_text().splitlines():
-            answers = json.loads(line)["expect"]
-            out.append([THINK.sub("<think>\n\n</think>", a) if reasoning == "drop" else a for a in answers])
+            for answers in json.loads(line)["expect"]:
+                out.append([THINK.sub("<think>\n\n</think>", a) if reasoning == "drop" else a for a in answers])
     return out
 
 

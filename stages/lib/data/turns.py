@@ -123,8 +123,9 @@ def weight(m: dict, role: str) -> bool | None:
 
 
 def parts(content: list, what: str) -> tuple[str, list[str], list[dict]]:
-    """Content parts → (text, reasoning pieces, calls). Text parts are joined with nothing between them (OpenAI
-    concatenates them too); media parts are refused."""
+    """Content parts → (text, reasoning pieces, calls). Text parts are joined with a space, as transformers serve
+    joins a request's parts, so that a client sending the same parts gets the training prompt; media parts are
+    refused."""
     text, reasoning, found = [], [], []
     for i, part in enumerate(content):
         where = f"{what}content[{i}]"
@@ -151,7 +152,7 @@ def parts(content: list, what: str) -> tuple[str, list[str], list[dict]]:
         else:
             raise TurnError(f"{where} has the part type {kind!r}; known: text, reasoning, tool_call (and media "
                             "parts, which are refused)")  # fmt: skip
-    return "".join(text), reasoning, found
+    return " ".join(text), reasoning, found
 
 
 def split_think(content: str) -> tuple[str | None, str]:
