@@ -50,13 +50,19 @@ TRAIN_PIECE = 1000  # characters: BPE training time grows with the square of a w
 
 
 def training_texts(raw: Path):
-    """The text a tokenizer built from config learns from: the contents of the training split's messages, in
-    pieces of at most TRAIN_PIECE characters (one 1 MB answer without spaces otherwise takes BPE training hours)."""
+    """The text a tokenizer built from config learns from: the training split's message contents, reasoning, tool
+    calls and tool schemas, in pieces of at most TRAIN_PIECE characters (one 1 MB answer without spaces otherwise
+    takes BPE training hours)."""
     with open(raw / "train.jsonl", encoding="utf-8") as f:
         for line in f:
-            for m in json.loads(line)["messages"]:
-                text = m["content"]
-                yield from (text[i : i + TRAIN_PIECE] for i in range(0, max(len(text), 1), TRAIN_PIECE))
+            record = json.loads(line)
+            texts = [record.get("tools", "")]
+            for m in record["messages"]:
+                texts += [m["content"], m.get("reasoning") or ""]
+                texts += [json.dumps({"name": c["name"], "arguments": json.loads(c["arguments"])}, ensure_ascii=False)
+                          for c in m.get("tool_calls") or []]  # as the templates write a call
+            for text in filter(None, texts):
+                yield from (text[i : i + TRAIN_PIECE] for i in range(0, len(text), TRAIN_PIECE))
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int):

@@ -207,13 +207,14 @@ def build_splits(train, validation):
 
 
 def source_counts(manifest: dict, per_source: dict) -> dict:
-    """Per source: download's counts (read, kept, dropped by reason), then the rows tokenize kept of it."""
+    """Per source: download's counts (read, kept, dropped by reason, kept records per layout), then the rows
+    tokenize kept of it (a record whose template rewrites earlier answers gives a row per answer)."""
     out = {}
     for name, c in manifest["sources"].items():
         mine = per_source.get(name, {"train": 0, "validation": 0, "no_answer_left": 0})
         dropped = c["dropped"] | {"no_answer_left": mine["no_answer_left"]}
         out[name] = {"read": c["read"], "kept": c["kept"], "duplicates": c.get("duplicates", 0), "dropped": dropped,
-                     "train": mine["train"], "validation": mine["validation"]}  # fmt: skip
+                     "layouts": c.get("layouts", {}), "train": mine["train"], "validation": mine["validation"]}  # fmt: skip
     return out
 
 

@@ -24,6 +24,7 @@ import yaml
 CATEGORIES = {
     "params": "params.yaml",
     "data": "Data files",
+    "agent": "Agent, reasoning and other layouts",
     "sources": "Downloads (URL and Hub)",
     "models": "Model folders",
     "templates": "Templates and tokenizing",
@@ -99,11 +100,27 @@ def data_file(name: str, content: bytes | str, **src) -> Callable[[Path, dict], 
     return setup
 
 
+def raw_records(conversations: list[list[dict]]) -> Callable[[Path, dict], None]:
+    """data/raw holds these conversations (turns as download writes them), 20 copies each, as if downloaded."""
+
+    def setup(repo: Path, ctx: dict) -> None:
+        raw = repo / "data" / "raw"
+        rows = [{"messages": c, "record": i, "source": "x"} for i, c in enumerate(conversations * 20)]
+        (raw / "train.jsonl").write_text(jsonl(rows[1:]), encoding="utf-8")
+        (raw / "validation.jsonl").write_text(jsonl(rows[:1]), encoding="utf-8")
+        manifest = json.loads((raw / "manifest.json").read_text())
+        manifest.pop("sha256", None)
+        (raw / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+
+    return setup
+
+
 def jsonl(records: list[dict]) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
 
 
 GOOD = [{"instruction": f"Say {i}", "input": "", "output": f"{i}"} for i in range(20)]
+CHAT = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
 
 
 def model_copy(change: Callable[[Path], None], tokenizer_only: bool = False) -> Callable[[Path, dict], None]:
@@ -452,6 +469,42 @@ CASES = [
     Case("fifo-file", "data", "a named pipe (FIFO) as the data file", "download", fifo("pipe.jsonl"),
          "data/sources/pipe.jsonl is a named pipe (FIFO), not a regular file"),
     # downloads
+    Case("preference-pairs", "agent", "a preference file (chosen/rejected columns)", "download",
+         data_file("p.jsonl", jsonl([{"prompt": f"q{i}", "chosen": "good", "rejected": "bad"} for i in range(20)]),
+                   format="prompt_completion", columns={"completion": "chosen"}), "preference data"),
+    Case("kto-labels", "agent", "a KTO file (messages and a boolean label)", "download",
+         data_file("k.jsonl", jsonl([{"messages": CHAT, "label": i % 2 == 0} for i in range(20)]), format="messages"),
+         "KTO data"),
+    Case("image-column", "agent", "an `images` column beside `<image>` placeholders", "download",
+         data_file("i.jsonl", jsonl([{"messages": CHAT, "images": ["a.png"]}] * 20), format="messages"), "text-only"),
+    Case("image-part", "agent", "an image part in a message's content", "download",
+         data_file("ip.jsonl", jsonl([{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {
+             "url": "x.png"}}]}, CHAT[1]]}] * 20), format="messages"), "content[0] is a image_url part"),  # fmt: skip
+    Case("call-not-json", "agent", "a ShareGPT function_call whose value is not JSON", "download",
+         data_file("fc.jsonl", jsonl([{"conversations": [{"from": "human", "value": "q"}, {"from": "function_call",
+             "value": "get(x)"}, {"from": "observation", "value": "1"}, {"from": "gpt", "value": "a"}]}] * 20),
+             format="messages"), "the function_call value is text that is not JSON"),  # fmt: skip
+    Case("call-no-name", "agent", "a tool call without a function name", "download",
+         data_file("nn.jsonl", jsonl([{"messages": [CHAT[0], {"role": "assistant", "content": None, "tool_calls": [
+             {"type": "function", "function": {"arguments": "{}"}}]}]}] * 20), format="messages"),
+         "tool_calls[0] has no function name"),  # fmt: skip
+    Case("tool-result-first", "agent", "a tool result with no call before it", "download",
+         data_file("tr.jsonl", jsonl([{"messages": [CHAT[0], {"role": "tool", "content": "1"}, CHAT[1]]}] * 20),
+                   format="messages"), "turn 1 (tool) cannot follow a user turn"),
+    Case("reasoning-twice", "agent", "reasoning as a field and as a <think> block, different", "download",
+         data_file("rt.jsonl", jsonl([{"messages": [CHAT[0], {"role": "assistant", "reasoning_content": "a",
+             "content": "<think>b</think>c"}]}] * 20), format="messages"), "reasoning given twice"),  # fmt: skip
+    Case("fractional-weight", "agent", "a per-turn weight of 0.5", "download",
+         data_file("w.jsonl", jsonl([{"messages": [CHAT[0], CHAT[1] | {"weight": 0.5}]}] * 20), format="messages"),
+         "weight 0.5: per-turn weights are 0 (not trained) or 1 (trained)"),
+    Case("tools-in-chatml", "agent", "tool-call records with a template that cannot render tools", "tokenize",
+         raw_records([[CHAT[0], {"role": "assistant", "content": "", "tool_calls": [{"name": "f", "arguments": "{}"}]},
+                       {"role": "tool", "content": "1"}, {"role": "assistant", "content": "a"}]]),
+         "which template 'chatml' cannot render: set tokenize.template: qwen3"),  # fmt: skip
+    Case("reasoning-in-tokenizer-template", "agent", "reasoning with a template that cannot render it", "tokenize",
+         lambda repo, ctx: (raw_records([[CHAT[0], CHAT[1] | {"reasoning": "r"}]])(repo, ctx),
+                            set_params(repo, tokenize__template="tokenizer")),
+         "set tokenize.reasoning: drop"),  # fmt: skip
     Case("url-404", "sources", "a URL that answers 404", "download",
          source(kind="url", url="{url}/missing.jsonl", sha256="0" * 64), "HTTP 404"),
     Case("url-hash", "sources", "a URL whose file changed (sha256)", "download",

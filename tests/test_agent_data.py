@@ -80,6 +80,14 @@ def test_the_trainer_trains_exactly_the_calls_and_answers(reasoning, tmp_path, m
     agent_project(tmp_path, reasoning)
     metrics = json.loads((tmp_path / "metrics" / "tokenize.json").read_text())
     assert metrics["truncated"] == 0 and metrics["prompt_mismatch"] == 0
+    sources = metrics["sources"]  # records per layout and per drop reason, per source
+    assert sources["openai_tools"]["layouts"] | {} == {"plain": 0, "tool_calls": 5, "tool_results": 5,
+                                                      "tool_schemas": 6, "reasoning": 0, "content_parts": 0,
+                                                      "weighted_turns": 0}  # fmt: skip
+    assert sources["parts"]["layouts"]["content_parts"] == 4 and sources["parts"]["layouts"]["weighted_turns"] == 1
+    assert sources["reasoning"]["layouts"]["reasoning"] == 4 and sources["sharegpt_tools"]["layouts"]["tool_calls"] == 4
+    assert all("tool_use" not in s["dropped"] and not any(s["dropped"].values()) for s in sources.values())
+    assert metrics["split_row"] == 4  # reasoning.jsonl: each first answer in a row of its own
     trainer = build_trainer(load_params(), tmp_path / "out", [])
     tokenizer = trainer.processing_class
     wanted = expected(reasoning)

@@ -49,7 +49,8 @@ def normalized(data: DataParams, labels: list[str], seed: int, workdir: Path, ne
         drops = Counter(ds["drop"])
         kept = ds.filter(lambda d: not d, input_columns="drop", batched=False, new_fingerprint=f"kept-{i}")
         counts = {"origin": origin, "read": read, "taken": len(ds), "kept": len(kept),
-                  "dropped": {r: drops.get(r, 0) for r in DROP_REASONS}, "ignored_columns": fn.unused()}  # fmt: skip
+                  "dropped": {r: drops.get(r, 0) for r in DROP_REASONS}, "layouts": fn.layouts,
+                  "ignored_columns": fn.unused()}  # fmt: skip
         out.append((kept.remove_columns("drop"), counts))
     return out
 

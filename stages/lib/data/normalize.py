@@ -33,6 +33,7 @@ DROP_REASONS = ("empty_answer", "empty_prompt", "no_answer", "no_trained_turn")
 CALL_KEYS = {"tool_calls", "function_call"}  # an assistant message's calls (OpenAI, and its older single call)
 PREFERENCE = (("chosen", "rejected"), ("chosen_messages", "rejected_messages"), ("chosen_response", "rejected_response"))
 MEDIA_COLUMNS = ("images", "image", "videos", "video", "audios", "audio")
+LAYOUTS = ("plain", "tool_calls", "tool_results", "tool_schemas", "reasoning", "content_parts", "weighted_turns")
 
 
 def _turn_features():
@@ -99,6 +100,8 @@ class Normalizer:
         used = {self.col[f] for f in FORMAT_FIELDS[self.fmt] if f not in ("role", "content")}  # role/content: per message
         self.ignored = sorted(self.names - used)  # listed by download: columns no field of the format reads
         self.message_keys: set[str] = set()  # every key seen inside messages, to list the unused ones
+        self.layouts: dict[str, int] = dict.fromkeys(LAYOUTS, 0)  # kept records per layout (a record may have several)
+        self._parts = False  # the record being read has content parts
 
     def unused(self) -> list[str]:
         """Columns and message keys (as messages.<key>) that no field reads, after the records went through."""
@@ -129,14 +132,26 @@ class Normalizer:
                     "(label false marks an undesirable answer): SFT would learn those too; keep the label-true "
                     "records only, or drop the column"
                 )
+            self._parts = False
             messages, reason, tools = getattr(self, f"_{self.fmt}")(row, index)
             if reason is None:
                 reason = _empty(messages)
+            if reason is None:
+                for layout in self.layouts_of(messages, tools):
+                    self.layouts[layout] += 1
             out["messages"].append(messages if reason is None else [])
             out["tools"].append(tools if reason is None else "")
             out["drop"].append(reason or "")
             out["key"].append(content_key(messages, tools) if reason is None else "")
         return out
+
+    def layouts_of(self, messages: list[dict], tools: str) -> list[str]:
+        """The layouts a kept record shows (LAYOUTS), `plain` when none."""
+        found = [name for name, has in (
+            ("tool_calls", any(m["tool_calls"] for m in messages)), ("tool_results", any(m["role"] == "tool" for m in messages)),
+            ("tool_schemas", bool(tools)), ("reasoning", any(m["reasoning"] for m in messages)),
+            ("content_parts", self._parts), ("weighted_turns", any(m["train"] is False for m in messages))) if has]  # fmt: skip
+        return found or ["plain"]
 
     def _get(self, row: dict, field: str):
         return row.get(self.col[field])
@@ -207,6 +222,7 @@ class Normalizer:
             turn["tool_calls"] = turns.calls(content, "the function_call value")
             content = ""
         elif isinstance(content, list):
+            self._parts = True
             content, reasoning, found = turns.parts(content, "")
             turn["tool_calls"] = found or None
         elif content is None:

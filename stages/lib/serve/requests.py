@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # transformers serve extensions that would bypass the checks here: a whole GenerationConfig (any max_new_tokens)
 # and template kwargs (another prompt than the training one)
@@ -50,7 +50,13 @@ class TextPart(BaseModel):
 class Message(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: str | list[TextPart]
+    content: str | list[TextPart] | None = None  # None: only an assistant turn that calls tools (OpenAI's shape)
+
+    @model_validator(mode="after")
+    def _content_or_calls(self):
+        if self.content is None and not (self.role == "assistant" and getattr(self, "tool_calls", None)):
+            raise ValueError("content is missing: only an assistant message with tool_calls may leave it out")
+        return self
 
 
 def stop_strings(body: dict) -> list[str]:
@@ -114,7 +120,8 @@ NORMALIZATION_MARGIN = 4
 
 
 def _characters(messages: list) -> int:
-    return sum(len(m.content) if isinstance(m.content, str) else sum(len(p.text) for p in m.content) for m in messages)
+    return sum(len(m.content) if isinstance(m.content, str) else sum(len(p.text) for p in m.content or [])
+               for m in messages)
 
 
 # OpenAI fields transformers serve cannot honour: refused rather than ignored (penalties it maps onto
