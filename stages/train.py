@@ -110,6 +110,7 @@ def sft_config(params: Params, output_dir: Path, **overrides):
         weight_decay=t.weight_decay,
         optim=t.optimizer,
         max_grad_norm=t.max_grad_norm,
+        neftune_noise_alpha=t.neftune_noise_alpha,  # transformers hooks the input embeddings while train() runs
         num_train_epochs=t.epochs,
         max_steps=t.max_steps,
         max_length=(t.packing and t.packed_length) or params.tokenize.max_length,
@@ -461,6 +462,9 @@ def main() -> None:
     check_weights_fit(params, BASE_DIR, meta_model(BASE_DIR, "models/base"))
     load_saved(TOKENIZED, "tokenize")  # a damaged file fails here: before any rank starts or checkpoint is hashed
     load_tokenizer(TOKENIZER, TOKENIZED, "tokenize")
+    if params.train.neftune_noise_alpha and params.train.packing:  # transformers sees one packed row per batch
+        print("train: note: with train.packing, NEFTune's noise is alpha / sqrt(tokens x hidden size) over all the "
+              "tokens of a packed micro-batch, not over each sample's: weaker than the same alpha unpacked", flush=True)
     from stages.lib.train.launch import relaunch_if_needed
 
     if relaunch_if_needed(params):
