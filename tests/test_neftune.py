@@ -62,6 +62,7 @@ def test_neftune_noises_the_embeddings_in_training_steps_only(packing, tmp_path,
     evaluation = [(ids, out) for mode, ids, out in records if not mode]
     assert len(training) == 2 and evaluation  # two steps, and validation after each
     for ids, out in training:
+        assert out.shape[0] == (1 if packing else 3)  # padding-free packing: the micro-batch is one row
         tokens, width = out.shape[1], out.shape[2]
         bound = alpha / math.sqrt(tokens * width)  # transformers scales by the batch's (padded or packed) length
         found = noise(trainer, ids, out).abs()
