@@ -215,7 +215,7 @@ def other_base(build: Callable[[], object], **changes) -> Callable[[Path, dict],
 def tiny_gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=600))
+    return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=600, bos_token_id=1, eos_token_id=2))
 
 
 def tiny_gemma3():
@@ -681,7 +681,7 @@ CASES = [
          "model.rope_scaling: the gpt2 model of models/base has no rotary position embeddings"),
     Case("rope-per-layer", "train", "RoPE scaling for a model with RoPE per layer type (a Gemma 3)", "train",
          other_base(tiny_gemma3, model__rope_scaling=LINEAR), "model.rope_scaling: the gemma3_text model of "
-         "models/base sets RoPE per layer type (full_attention, sliding_attention)"),
+         "models/base sets RoPE per layer type"),
     Case("rope-hub-code", "train", "RoPE scaling for a model that runs its Hub code", "train",
          both(lambda repo, ctx: edit_json(repo / "models/base/config.json", lambda c: c.update(auto_map={
              "AutoModelForCausalLM": "m.M"})), params(model__rope_scaling=LINEAR)),
@@ -695,9 +695,9 @@ CASES = [
          lambda repo, ctx: edit_json(repo / "models/base/config.json", lambda c: c.update(max_position_embeddings=16)),
          "but the llama model of models/base has 16 positions: set model.rope_scaling (e.g. {type: yarn, factor:"),
     Case("sample-past-scaled-context", "train", "a sample longer than the RoPE-scaled context", "train",
-         both(lambda repo, ctx: edit_json(repo / "models/base/config.json", lambda c: c.update(max_position_embeddings=16)),
+         both(lambda repo, ctx: edit_json(repo / "models/base/config.json", lambda c: c.update(max_position_embeddings=8)),
               params(model__rope_scaling=LINEAR)),
-         "but the llama model of models/base has 32 positions: model.rope_scaling (linear, factor 2 x 16 positions) is "
+         "but the llama model of models/base has 16 positions: model.rope_scaling (linear, factor 2 x 8 positions) is "
          "too short for it: raise its factor to"),
     # stages run out of order (python -m stages.X without dvc repro)
     Case("tokenize-no-raw", "order", "tokenize before download", "tokenize", remove("data/raw"), "data/raw"),
