@@ -20,6 +20,7 @@ from stages.lib.core.errors import UserError, require, run_stage
 from stages.lib.core.outputs import staged_outputs, write_json
 from stages.lib.core.params import Params, load_params
 from stages.lib.core.progress import phase
+from stages.lib.core.rope import folder_overrides
 
 BASE_DIR = Path("models/base")
 ADAPTER_DIR = Path("models/adapter")
@@ -67,8 +68,9 @@ def merge(params: Params):
     ids, mask = check_inputs(params.merge.check_samples)  # before the weights load: a damaged file fails at once
     check_model_output(BASE_DIR, "download")
     check_adapter(ADAPTER_DIR, BASE_DIR)
+    rope = folder_overrides(BASE_DIR, params.model.rope_scaling)  # as trained; saved into models/merged/config.json
     phase("merge", f"loading {BASE_DIR} ({params.merge_dtype}) and {ADAPTER_DIR}")
-    base = AutoModelForCausalLM.from_pretrained(BASE_DIR, dtype=dtype).eval()
+    base = AutoModelForCausalLM.from_pretrained(BASE_DIR, dtype=dtype, **rope).eval()
     with_adapter = PeftModel.from_pretrained(base, ADAPTER_DIR).eval()
     phase("merge", f"merging; comparing logits with base + adapter on {len(ids)} validation samples")
     expected = logits(with_adapter, ids, mask)

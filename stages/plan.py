@@ -39,7 +39,9 @@ def main() -> None:
     gpus, nodes = launch_shape(params, torch.cuda.device_count())
     capacity = args.gpu_memory_gib or gpu_capacity_gib()
     model = meta_from_config(config_dict(params))  # params' model, not an earlier download
-    print(table(make_plan(model, params, lora_targets(params), args.gpus or gpus, args.nodes or nodes, capacity)))
+    where = params.model.path or f"recipe '{params.model.recipe}'"
+    print(table(make_plan(model, params, lora_targets(params), args.gpus or gpus, args.nodes or nodes, capacity,
+                          where=where)))  # fmt: skip
 
 
 if __name__ == "__main__":

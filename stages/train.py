@@ -24,8 +24,9 @@ from stages.lib.core.outputs import sha256_file, staged_outputs, write_json, wri
 from stages.lib.core.params import Params, load_params
 from stages.lib.core.recipes import deepspeed_config, model_recipe
 from stages.lib.core.model_files import meta_model
+from stages.lib.core.rope import folder_config, folder_overrides
 from stages.lib.train.fit import apply_cap, check_weights_fit, size
-from stages.lib.train.preflight import check_kernels, check_lora_targets, check_reporters
+from stages.lib.train.preflight import check_context, check_kernels, check_lora_targets, check_reporters, longest_sample
 
 TOKENIZED = Path("data/tokenized")
 TOKENIZER = TOKENIZED / "tokenizer"  # the training tokenizer, written by tokenize (chat template, pad token)
@@ -96,6 +97,7 @@ def sft_config(params: Params, output_dir: Path, **overrides):
         if "logging_dir" in fields:
             overrides = {"logging_dir": os.environ["TENSORBOARD_LOGGING_DIR"]} | overrides
     model_kwargs = {"dtype": t.dtype, "attn_implementation": t.attn_implementation}
+    model_kwargs |= folder_overrides(BASE_DIR, params.model.rope_scaling)
     if t.device_map:
         model_kwargs["device_map"] = t.device_map
     kwargs = dict(
@@ -110,6 +112,7 @@ def sft_config(params: Params, output_dir: Path, **overrides):
         weight_decay=t.weight_decay,
         optim=t.optimizer,
         max_grad_norm=t.max_grad_norm,
+        neftune_noise_alpha=t.neftune_noise_alpha,  # transformers hooks the input embeddings while train() runs
         num_train_epochs=t.epochs,
         max_steps=t.max_steps,
         max_length=(t.packing and t.packed_length) or params.tokenize.max_length,
@@ -230,12 +233,13 @@ def load_sharded(params: Params):
     from transformers import AutoConfig
 
     t = params.train
-    config = AutoConfig.from_pretrained(BASE_DIR, trust_remote_code=params.model.trust_remote_code)
+    trust = params.model.trust_remote_code
+    rope = folder_overrides(BASE_DIR, params.model.rope_scaling)
+    config = AutoConfig.from_pretrained(BASE_DIR, trust_remote_code=trust, **rope)
     partition = sharded_load.ZeroPartitioner(deepspeed_config(), config)
     start = time.perf_counter()
     model = sharded_load.load(BASE_DIR, quantization_config(params), getattr(torch, t.dtype), t.attn_implementation,
-                              device=partition.device, place=partition,
-                              trust_remote_code=params.model.trust_remote_code)  # fmt: skip
+                              device=partition.device, place=partition, trust_remote_code=trust, **rope)  # fmt: skip
     if model is not None and int(os.environ.get("RANK", "0")) == 0:
         print(f"train: ZeRO-3: each rank loaded its shard of the 4-bit base in {time.perf_counter() - start:.0f} s "
               f"(rank 0 holds {size(sharded_load.resident_bytes(model) / sharded_load.GIB)} of weights)", flush=True)
@@ -441,11 +445,25 @@ def resolved_config(params: Params, trainer, result, resume: Path | None = None)
     }
 
 
+def check_sample_lengths(params: Params, splits) -> None:
+    """The tokenized samples fit models/base's positions under model.rope_scaling (preflight.check_context: a
+    UserError for a longer sample, a warning when only tokenize.max_length is longer); a model that needs its Hub
+    code is not checked (its config does not build without it)."""
+    config = folder_config(BASE_DIR)
+    if config is None:
+        return
+    warning = check_context(config, params.model.rope_scaling, longest_sample(splits), params.tokenize.max_length,
+                            str(BASE_DIR))  # fmt: skip
+    if warning:
+        print(warning, flush=True)
+
+
 def main() -> None:
     params = load_params()
     require(TOKENIZER, made_by="tokenize")
     require(BASE_DIR / "config.json", made_by="download")
     check_model_output(BASE_DIR, "download")
+    folder_overrides(BASE_DIR, params.model.rope_scaling)  # a model it cannot scale
     from stages.lib.train.launch import take_planned_arg
     from stages.lib.train.auto import resolve
 
@@ -459,8 +477,13 @@ def main() -> None:
     key = "train.lora.target_modules" if chosen else f"lora_targets of model recipe '{params.model.recipe}'"
     check_lora_targets(chosen or model_recipe(params.model.recipe).lora_targets, key, BASE_DIR)
     check_weights_fit(params, BASE_DIR, meta_model(BASE_DIR, "models/base"))
-    load_saved(TOKENIZED, "tokenize")  # a damaged file fails here: before any rank starts or checkpoint is hashed
+    # a damaged file fails here: before any rank starts or checkpoint is hashed
+    splits = load_saved(TOKENIZED, "tokenize")
     load_tokenizer(TOKENIZER, TOKENIZED, "tokenize")
+    check_sample_lengths(params, splits)
+    if params.train.neftune_noise_alpha and params.train.packing:  # transformers sees one packed row per batch
+        print("train: note: with train.packing, NEFTune's noise is alpha / sqrt(tokens x hidden size) over all the "
+              "tokens of a packed micro-batch, not over each sample's: weaker than the same alpha unpacked", flush=True)
     from stages.lib.train.launch import relaunch_if_needed
 
     if relaunch_if_needed(params):

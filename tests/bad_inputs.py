@@ -214,6 +214,34 @@ def nan_adapter(repo: Path, ctx: dict) -> None:
     save_file(tensors, path)
 
 
+def other_base(build: Callable[[], object], **changes) -> Callable[[Path, dict], None]:
+    """models/base becomes the model build() returns (a tiny one of another architecture, saved by transformers;
+    the tokenizer files stay), and params.yaml gets `changes`."""
+
+    def setup(repo: Path, ctx: dict) -> None:
+        base = repo / "models" / "base"
+        with ADAPTER_LOCK:  # first imports of transformers' model code, in threads
+            model = build()
+        (base / "model.safetensors").unlink()
+        model.save_pretrained(base)
+        set_params(repo, **changes)
+
+    return setup
+
+
+def tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=600, bos_token_id=1, eos_token_id=2))
+
+
+def tiny_gemma3():
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    return Gemma3ForCausalLM(Gemma3TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, head_dim=16,
+                                              num_attention_heads=2, num_key_value_heads=1, vocab_size=600))  # fmt: skip
+
+
 def edit_train_split(change: Callable) -> Callable[[Path, dict], None]:
     """data/tokenized/train saved again as change(train) (a hand-edited set)."""
 
@@ -338,6 +366,8 @@ def busy_port(repo: Path, ctx: dict) -> None:
 
 
 DS = {"train.deepspeed": "zero3"}  # the launch cases go through DeepSpeed's launcher
+LINEAR = {"type": "linear", "factor": 2.0}
+LLAMA3 = {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
 HTML = b"<!DOCTYPE html>\n<html><head><title>Sign in</title></head><body>...</body></html>\n"
 ARROW = "data/tokenized/train/data-00000-of-00001.arrow"
 NO_NET = {"retries": 0, "read_timeout_s": 1, "connect_timeout_s": 1}
@@ -404,6 +434,26 @@ CASES = [
          "model.recipe: no recipe 'llama-9'"),
     Case("unknown-format", "params", "an unknown record format", "download", params(**{"data.sources.0.format": "sharegpt"}),
          "'data.sources.0.format'"),
+    Case("neftune-zero", "params", "a NEFTune noise alpha of 0", "train", params(train__neftune_noise_alpha=0),
+         "'train.neftune_noise_alpha': Input should be greater than 0"),
+    Case("rope-unknown-type", "params", "a RoPE scaling type transformers does not know", "merge",
+         params(model__rope_scaling={"type": "ntk", "factor": 2.0}),
+         "'model.rope_scaling.type': Input should be 'linear', 'dynamic', 'yarn', 'llama3' or 'longrope'"),
+    Case("rope-factor-one", "params", "a RoPE scaling factor of 1 (no longer context)", "download",
+         params(model__rope_scaling=LINEAR | {"factor": 1.0}), "'model.rope_scaling.factor': Input should be greater than 1"),
+    Case("rope-missing-key", "params", "llama3 RoPE scaling without its frequency band", "tokenize",
+         params(model__rope_scaling={"type": "llama3", "factor": 8.0}),
+         "model.rope_scaling: type llama3 needs low_freq_factor and high_freq_factor"),
+    Case("rope-foreign-key", "params", "a key of another RoPE scaling type", "eval",
+         params(model__rope_scaling=LINEAR | {"high_freq_factor": 4.0}),
+         "model.rope_scaling: type linear takes no high_freq_factor (it takes factor)"),
+    Case("rope-band-reversed", "params", "llama3's high_freq_factor at or below its low_freq_factor", "train",
+         params(model__rope_scaling=LLAMA3 | {"high_freq_factor": 1.0}),
+         "model.rope_scaling: high_freq_factor (1.0) must be above low_freq_factor (1.0)"),
+    Case("rope-longrope-unequal", "params", "longrope's short_factor and long_factor of different lengths", "merge",
+         params(model__rope_scaling={"type": "longrope", "factor": 4.0, "short_factor": [1.0] * 16,
+                                     "long_factor": [1.0] * 15}),
+         "model.rope_scaling: short_factor has 16 values and long_factor 15"),
     # data files
     Case("outside-sources", "data", "a data file outside data/sources/", "download",
          write("data/elsewhere.jsonl", jsonl(GOOD), data__sources=[{"kind": "local", "path": "data/elsewhere.jsonl"}]),
@@ -679,6 +729,29 @@ CASES = [
          params(train__attn_implementation="flex_attention"), "flex_attention trains only on a CUDA GPU"),
     Case("liger-missing", "train", "Liger kernels without liger-kernel installed", "train", params(train__liger=True),
          "train.liger"),
+    Case("rope-no-rope", "train", "RoPE scaling for a model without rotary positions (a GPT-2)", "train",
+         other_base(tiny_gpt2, model__rope_scaling=LINEAR),
+         "model.rope_scaling: the gpt2 model of models/base has no rotary position embeddings"),
+    Case("rope-per-layer", "train", "RoPE scaling for a model with RoPE per layer type (a Gemma 3)", "train",
+         other_base(tiny_gemma3, model__rope_scaling=LINEAR), "model.rope_scaling: the gemma3_text model of "
+         "models/base sets RoPE per layer type"),
+    Case("rope-hub-code", "train", "RoPE scaling for a model that runs its Hub code", "train",
+         both(lambda repo, ctx: edit_json(repo / "models/base/config.json", lambda c: c.update(auto_map={
+             "AutoModelForCausalLM": "m.M"})), params(model__rope_scaling=LINEAR)),
+         "model.rope_scaling: the model of models/base runs its own Hub code"),
+    Case("rope-longrope-lengths", "train", "longrope factor lists of the wrong length for the model", "train",
+         params(model__rope_scaling={"type": "longrope", "factor": 4.0, "short_factor": [1.0] * 3,
+                                     "long_factor": [1.0] * 3}),
+         "model.rope_scaling: longrope's short_factor and long_factor need 16 values each for the llama model of "
+         "models/base"),
+    Case("sample-past-context", "train", "a sample longer than the model's positions, no RoPE scaling", "train",
+         lambda repo, ctx: edit_json(repo / "models/base/config.json", lambda c: c.update(max_position_embeddings=16)),
+         "but the llama model of models/base has 16 positions: set model.rope_scaling (e.g. {type: yarn, factor:"),
+    Case("sample-past-scaled-context", "train", "a sample longer than the RoPE-scaled context", "train",
+         both(lambda repo, ctx: edit_json(repo / "models/base/config.json", lambda c: c.update(max_position_embeddings=8)),
+              params(model__rope_scaling=LINEAR)),
+         "but the llama model of models/base has 16 positions: model.rope_scaling (linear, factor 2 x 8 positions) is "
+         "too short for it: raise its factor to"),
     # stages run out of order (python -m stages.X without dvc repro)
     Case("tokenize-no-raw", "order", "tokenize before download", "tokenize", remove("data/raw"), "data/raw"),
     Case("train-no-tokenized", "order", "train before tokenize", "train", remove("data/tokenized"), "data/tokenized"),

@@ -74,6 +74,48 @@ def test_types_and_ranges_name_the_key(path, value, expected):
     assert expected in error_of(with_change(path, value))
 
 
+LLAMA3 = {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+
+
+@pytest.mark.parametrize(
+    "path, value, expected",
+    [
+        ("train.neftune_noise_alpha", 0, "'train.neftune_noise_alpha': Input should be greater than 0"),
+        ("train.neftune_noise_alpha", "5", "'train.neftune_noise_alpha': Input should be a valid number"),
+        ("model.rope_scaling", {"type": "ntk", "factor": 2.0}, "'model.rope_scaling.type': Input should be 'linear', "
+                                                               "'dynamic', 'yarn', 'llama3' or 'longrope'"),
+        ("model.rope_scaling", {"type": "linear", "factor": 1.0}, "'model.rope_scaling.factor': Input should be "
+                                                                  "greater than 1"),
+        ("model.rope_scaling", {"type": "yarn", "factor": 0.5}, "'model.rope_scaling.factor'"),
+        ("model.rope_scaling", {"type": "linear"}, "missing required key 'model.rope_scaling.factor'"),
+        ("model.rope_scaling", {"type": "llama3", "factor": 8.0}, "model.rope_scaling: type llama3 needs "
+                                                                  "low_freq_factor and high_freq_factor"),
+        ("model.rope_scaling", {"type": "longrope", "factor": 4.0, "short_factor": [1.0]},
+         "model.rope_scaling: type longrope needs long_factor"),
+        ("model.rope_scaling", {"type": "linear", "factor": 2.0, "low_freq_factor": 1.0},
+         "model.rope_scaling: type linear takes no low_freq_factor (it takes factor)"),
+        ("model.rope_scaling", LLAMA3 | {"low_freq_factor": 4.0, "high_freq_factor": 1.0},
+         "high_freq_factor (1.0) must be above low_freq_factor (4.0)"),
+        ("model.rope_scaling", {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 0},
+         "'model.rope_scaling.original_max_position_embeddings'"),
+        ("model.rope_scaling", {"type": "linear", "factor": 2.0, "rope_theta": 1e6},
+         "unknown key 'model.rope_scaling.rope_theta'"),
+    ],
+)
+def test_training_options_name_the_key(path, value, expected):
+    assert expected in error_of(with_change(path, value))
+
+
+@pytest.mark.parametrize("scaling", [{"type": "linear", "factor": 4}, {"type": "dynamic", "factor": 2.5},
+                                     {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}, LLAMA3,
+                                     {"type": "longrope", "factor": 4.0, "short_factor": [1.0], "long_factor": [2.0]}])
+def test_every_rope_type_validates_with_its_keys(scaling):
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    assert validate(with_change("model.rope_scaling", scaling)).model.rope_scaling.type in ROPE_INIT_FUNCTIONS
+    assert validate(with_change("train.neftune_noise_alpha", 5)).train.neftune_noise_alpha == 5.0
+
+
 def test_one_problem_is_one_line():
     assert error_of(with_change("train.lerning_rate", 1)).startswith("params.yaml: unknown key 'train.lerning_rate';")
     assert "\n" not in error_of(with_change("train.lerning_rate", 1))

@@ -237,3 +237,22 @@ def test_two_nodes_sharing_the_checkpoint_folder_stop_and_resume_bit_identical(t
     assert resumed_step(results[0][1]) == stopped
     assert (nodes[0] / ADAPTER).read_bytes() == reference
     assert not any(shared.iterdir())
+
+
+def test_training_options_join_the_run_identity_and_a_checkpoint_from_before_them_resumes(tmp_path):
+    """model.rope_scaling and train.neftune_noise_alpha change the weights, so they are part of a run's identity;
+    a checkpoint saved before they existed did what their null does, so it still resumes."""
+    from stages.lib.core.params import validate
+    from stages.lib.train.checkpoints import difference, run_identity
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    now = run_identity(validate(raw), 1, {}, tmp_path)
+    new_keys = ("model.rope_scaling", "train.neftune_noise_alpha")
+    assert set(new_keys) <= set(now["params"])
+    older = now | {"params": {k: v for k, v in now["params"].items() if k not in new_keys}}
+    assert difference(older, now) is None
+    raw["train"]["neftune_noise_alpha"] = 5.0
+    assert difference(now, run_identity(validate(raw), 1, {}, tmp_path)) == "train.neftune_noise_alpha was None, now 5.0"
+    raw["model"]["rope_scaling"] = {"type": "linear", "factor": 2.0}
+    assert difference(older, run_identity(validate(raw), 1, {}, tmp_path)) == \
+        "model.rope_scaling.factor was '<unset>', now 2.0"

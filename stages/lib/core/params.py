@@ -139,12 +139,58 @@ class DataParams(Strict):
 # ---------------------------------------------------------------- model
 
 
+# RoPE scaling types (transformers' `rope_type`s) and, per type, the keys besides type and factor that it requires
+# and those it may have (modeling_rope_utils: llama3 has no defaults for its frequency band, longrope none for its
+# per-dimension factors; original_max_position_embeddings defaults to the model's own context)
+ROPE_TYPE_KEYS = {
+    "linear": ((), ()),
+    "dynamic": ((), ()),
+    "yarn": ((), ("original_max_position_embeddings",)),
+    "llama3": (("low_freq_factor", "high_freq_factor"), ("original_max_position_embeddings",)),
+    "longrope": (("short_factor", "long_factor"), ("original_max_position_embeddings",)),
+}
+RopeFactors = Annotated[list[Annotated[float, Field(gt=0)]], Field(min_length=1)]
+
+
+class RopeScaling(Strict):
+    """Rotary position embeddings stretched to `factor` x the context the model was trained for."""
+
+    type: Literal["linear", "dynamic", "yarn", "llama3", "longrope"]
+    factor: Annotated[float, Field(gt=1)]  # new context = factor x original_max_position_embeddings
+    original_max_position_embeddings: Annotated[int, Field(ge=1)] | None = None  # null: the model's own context
+    low_freq_factor: Annotated[float, Field(gt=0)] | None = None  # llama3
+    high_freq_factor: Annotated[float, Field(gt=0)] | None = None  # llama3
+    short_factor: RopeFactors | None = None  # longrope: one per rotary frequency (head size x rotary share / 2)
+    long_factor: RopeFactors | None = None  # longrope
+
+    @model_validator(mode="after")
+    def _keys_of_type(self):
+        required, optional = ROPE_TYPE_KEYS[self.type]
+        given = {k for k in type(self).model_fields if k not in ("type", "factor") and getattr(self, k) is not None}
+        missing = [k for k in required if k not in given]
+        if missing:
+            raise ValueError(f"model.rope_scaling: type {self.type} needs {' and '.join(missing)} (transformers has "
+                             "no default for them; the model card gives its values)")  # fmt: skip
+        extra = sorted(given - set(required) - set(optional))
+        if extra:
+            allowed = ", ".join(("factor", *required, *optional))
+            raise ValueError(f"model.rope_scaling: type {self.type} takes no {extra[0]} (it takes {allowed})")
+        if self.type == "llama3" and self.high_freq_factor <= self.low_freq_factor:
+            raise ValueError(f"model.rope_scaling: high_freq_factor ({self.high_freq_factor}) must be above "
+                             f"low_freq_factor ({self.low_freq_factor})")  # fmt: skip
+        if self.type == "longrope" and len(self.short_factor) != len(self.long_factor):
+            raise ValueError(f"model.rope_scaling: short_factor has {len(self.short_factor)} values and long_factor "
+                             f"{len(self.long_factor)}; both have one per rotary frequency")  # fmt: skip
+        return self
+
+
 class ModelParams(Strict):
     recipe: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]+$")]
     path: str | None = None  # a local directory under models/sources/; replaces the recipe's hub source
     tokenizer: str | None = None  # a recipe built from config: a tokenizer directory under models/sources/
     trust_remote_code: bool = False
     convert: bool = True  # checkpoints with a native equivalent (ChatGLM2 → GLM) are converted at download
+    rope_scaling: RopeScaling | None = None  # longer contexts than the model was trained for; null: as trained
 
 
 # ---------------------------------------------------------------- tokenize
@@ -198,6 +244,8 @@ class TrainParams(Strict):
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
     optimizer: Literal["adamw_torch", "adamw_torch_fused", "paged_adamw_8bit", "adamw_8bit", "sgd"] = "adamw_torch"
     max_grad_norm: Annotated[float, Field(ge=0)] = 1.0
+    # NEFTune: uniform noise of alpha / sqrt(tokens x hidden size) on the input embeddings in training steps only
+    neftune_noise_alpha: Annotated[float, Field(gt=0)] | None = None
     epochs: Annotated[float, Field(gt=0)] = 1
     max_steps: int = -1  # > 0 overrides epochs
     batch_size: Annotated[int, Field(ge=1)] = 8

@@ -109,7 +109,8 @@ def resolve(params: Params, capacity_gib: float | None = None,
     visible = torch.cuda.device_count() if visible_gpus is None else visible_gpus
     gpus, nodes = launch_shape(params, visible)
     try:
-        plan = make_plan(model, params, lora_targets(params), gpus, nodes, capacity, single_process=visible <= 1)
+        plan = make_plan(model, params, lora_targets(params), gpus, nodes, capacity, single_process=visible <= 1,
+                         where=str(BASE_DIR) if downloaded else f"recipe '{params.model.recipe}'")  # fmt: skip
     except Exception as exc:  # noqa: BLE001 - a model the estimator does not know must not stop a set setting
         why = f"{type(exc).__name__}: {str(exc)[:160]}"
         if auto:

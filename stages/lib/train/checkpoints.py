@@ -60,8 +60,9 @@ def run_identity(params: Params, world_size: int, inputs: dict[str, Path], cache
     train = {k: v for k, v in dump["train"].items() if k not in NOT_IN_IDENTITY}
     if train["max_steps"] > 0:
         del train["epochs"]  # ignored when max_steps is set
-    flat = _flat({"seed": dump["seed"], "model": {"recipe": dump["model"]["recipe"]},
-                  "tokenize": {"max_length": dump["tokenize"]["max_length"]}, "train": train})  # fmt: skip
+    model = {k: dump["model"][k] for k in ("recipe", "rope_scaling")}
+    flat = _flat({"seed": dump["seed"], "model": model, "tokenize": {"max_length": dump["tokenize"]["max_length"]},
+                  "train": train})  # fmt: skip
     hashes = FileHashes(cache_dir / HASH_CACHE)
     identity = {"params": flat, "inputs": {name: hashes.tree(root) for name, root in inputs.items()},
                 "world_size": world_size}  # fmt: skip
@@ -125,7 +126,8 @@ def difference(saved: dict, now: dict) -> str | None:
                 "and the data order are laid out per rank)")  # fmt: skip
     old, new = saved.get("params", {}), now["params"]
     for key in sorted(set(old) | set(new)):  # before the inputs: a changed seed also changes data/tokenized
-        if old.get(key, "<unset>") != new.get(key, "<unset>"):
+        # a param added since, at its default null (off), is what the saved run did: not a difference
+        if old.get(key) != new.get(key):
             return f"{key} was {old.get(key, '<unset>')!r}, now {new.get(key, '<unset>')!r}"
     for name, digest in now["inputs"].items():
         if saved.get("inputs", {}).get(name) != digest:

@@ -86,6 +86,7 @@ class Plan:
     nodes: int
     tokens_per_gpu: int
     advice: list[str] = field(default_factory=list)
+    samples: str = ""  # the longest sample against the model's positions (samples_line)
 
 
 @dataclass(frozen=True)
@@ -272,10 +273,33 @@ def candidates(gpus: int, nodes: int, params: Params | None = None, single_proce
     return [Setting(ds, c, 1 if ds == "none" else world) for ds in kinds for c in checkpointing]
 
 
+def samples_line(config, params: Params, where: str) -> str:
+    """One line: tokenize.max_length against the positions one sample may span in the model of `where` (its
+    transformers `config`) under model.rope_scaling (factor x the original context), with what to change when it is
+    longer. UserError for a model.rope_scaling the model cannot take (rope.rope_overrides)."""
+    from ..core.rope import context_fix, context_positions, original_context, scaled
+
+    length, scaling = params.tokenize.max_length, params.model.rope_scaling
+    context = context_positions(scaled(config, scaling, where))
+    if context is None:
+        return f"samples: up to {length} tokens (tokenize.max_length); the model's config names no context length"
+    how = f" ({scaling.type} RoPE scaling: {scaling.factor:g} x {original_context(config)})" if scaling else ""
+    line = f"samples: up to {length} tokens (tokenize.max_length) of the model's {context} positions{how}"
+    return line if length <= context else f"{line}; too long: {context_fix(config, scaling, length)}"
+
+
 def make_plan(model, params: Params, targets: list[str] | str, gpus: int, nodes: int,
-              capacity_gib: float | None, single_process: bool = True) -> Plan:
+              capacity_gib: float | None, single_process: bool = True, where: str = "models/base") -> Plan:
     """Estimate every candidate and pick the fastest that fits in HEADROOM x `capacity_gib`; with nothing that
-    fits, `advice` lists the cheapest changes that would (shorter rows, offload, more GPUs)."""
+    fits, `advice` lists the cheapest changes that would (shorter rows, offload, more GPUs). `samples` compares
+    tokenize.max_length with the positions of the model (of `where`) under model.rope_scaling."""
+    plan = _plan(model, params, targets, gpus, nodes, capacity_gib, single_process)
+    plan.samples = samples_line(model.config, params, where)
+    return plan
+
+
+def _plan(model, params: Params, targets: list[str] | str, gpus: int, nodes: int,
+          capacity_gib: float | None, single_process: bool) -> Plan:
     tokens = tokens_per_gpu(params)
     auto = "auto" in (params.train.deepspeed, params.train.gradient_checkpointing)
     settings = candidates(gpus, nodes, params if auto else None, single_process)
@@ -365,6 +389,8 @@ def table(plan: Plan) -> str:
                      f"{fits:<5}{r.speed:>6.2f}{r.traffic:>7.2f}")  # fmt: skip
     lines.append("  speed: tokens/s relative to one GPU without DeepSpeed (measured on a 7B, bench/RESULTS.md); comm: GiB "
                  "each GPU moves per micro-batch")
+    if plan.samples:
+        lines.append(f"  {plan.samples}")
     if plan.chosen:
         lines.append(f"choice: {plan.chosen.setting.label} ({plan.reason})")
     elif plan.capacity_gib is not None:

@@ -72,3 +72,31 @@ def check_lora_targets(targets: list[str] | str, key: str, base: Path) -> None:
             kinds = sorted({name.rsplit(".", 1)[-1] for name in layers})
             raise UserError(f"{key}: '{target}' matches no layer of {base} that LoRA adapts (those it has: "
                             f"{', '.join(kinds)})")  # fmt: skip
+
+
+def longest_sample(splits) -> int:
+    """Tokens in the longest sample of the tokenized splits (a DatasetDict with `input_ids`); 0 when empty.
+    Positions restart at each sample, packed or not, so this is the furthest position training reaches."""
+    import pyarrow.compute as pc
+
+    lengths = [pc.max(pc.list_value_length(s.data.column("input_ids"))).as_py() for s in splits.values() if len(s)]
+    return max(lengths, default=0)
+
+
+def check_context(config, scaling, longest: int, max_length: int, where: str) -> str | None:
+    """Samples fit the positions of the model of `where` (its transformers config: `config`) under `scaling`
+    (model.rope_scaling or None). UserError when the `longest` sample (tokens) is longer, naming the key to change;
+    a warning line when only tokenize.max_length (`max_length`) is; None when both fit or the config names no
+    context length."""
+    from ..core.rope import context_fix, context_positions, scaled
+
+    context = context_positions(scaled(config, scaling, where))
+    if context is None or max(longest, max_length) <= context:
+        return None
+    fix = context_fix(config, scaling, max(longest, max_length))
+    if longest <= context:  # nothing trains past the context yet: keep a run that worked before
+        return (f"train: warning: tokenize.max_length ({max_length}) is above the {context} positions of the "
+                f"{config.model_type} model of {where}; no sample is that long yet, and train stops on one that is: "
+                f"{fix}")  # fmt: skip
+    raise UserError(f"data/tokenized holds a sample of {longest} tokens, but the {config.model_type} model of {where} "
+                    f"has {context} positions: {fix}")  # fmt: skip
