@@ -87,7 +87,16 @@ def chat(talker: talk.Talker, turns, system: str | None, max_new_tokens: int, te
     """Answer each of `turns`, streaming the answer to stdout, keeping the conversation as the prompt."""
     from transformers import TextStreamer
 
-    from stages.eval import answer_text
+    from stages.lib.chat import reply
+    from stages.lib.chat.stream import ReadableStream
+
+    class Shown(TextStreamer):  # prints the reply as a person reads it: reasoning and tool calls marked
+        def __init__(self, tokenizer):
+            super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+            self.readable = ReadableStream()
+
+        def on_finalized_text(self, text: str, stream_end: bool = False):
+            print(self.readable.feed(text), end="", flush=True)
 
     start = [{"role": "system", "content": system}] if system else []
     messages = list(start)
@@ -106,8 +115,10 @@ def chat(talker: talk.Talker, turns, system: str | None, max_new_tokens: int, te
             ids = talk.prompt_ids(talker.tokenizer, turn)
             if interactive:
                 print("model> ", end="", flush=True)
-            streamer = TextStreamer(talker.tokenizer, skip_prompt=True, skip_special_tokens=True)
+            streamer = Shown(talker.tokenizer)
             new = talk.reply(talker, ids, max_new_tokens, temperature, streamer)
+            answer = reply.parse(talker.tokenizer, new, talker.stop_ids, ids)
+            print(streamer.readable.finish(answer), flush=True)
         except UserError as exc:  # this turn cannot be answered; the conversation stays as it was
             print(f"error: {exc}", file=sys.stderr, flush=True)
             continue
@@ -116,7 +127,8 @@ def chat(talker: talk.Talker, turns, system: str | None, max_new_tokens: int, te
             continue
         if not set(new) & set(talker.stop_ids):
             print(f"(cut at --max-new-tokens {max_new_tokens} or the context)", file=sys.stderr, flush=True)
-        messages = turn + [{"role": "assistant", "content": answer_text(talker.tokenizer, new, talker.stop_ids)}]
+        said = {"role": "assistant", "content": answer.content}  # the history a client keeps: no reasoning
+        messages = turn + [said | ({"tool_calls": answer.tool_calls} if answer.tool_calls else {})]
 
 
 def main(argv: list[str] | None = None) -> None:

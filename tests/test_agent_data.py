@@ -195,3 +195,22 @@ def test_a_qwen3_style_tokenizer_template_scores_a_memorized_answer_exactly(tmp_
         assert list(prompt["input_ids"]) == ids[:n]  # a server's prompt, id for id
     per_record = [enc["conversation"].count(c) for c in range(len(records))]
     assert per_record == [len(kinds.answers(r)) for r in records]  # history answers: rows of their own
+
+
+@pytest.mark.parametrize("piece", [1, 3, 1000])
+def test_chat_shows_reasoning_and_calls_readably_however_the_reply_is_split(piece):
+    from stages.lib.chat.reply import Reply
+    from stages.lib.chat.stream import ReadableStream
+
+    def shown(text: str, reply: Reply) -> str:
+        stream = ReadableStream()
+        out = "".join(stream.feed(text[i : i + piece]) for i in range(0, len(text), piece))
+        return out + stream.finish(reply)
+
+    call = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}
+    text = '<think>\nLook it up.\n</think>\n\nChecking.\n<tool_call>\n{"name": "get_weather", ...}\n</tool_call>'
+    assert shown(text, Reply("Checking.", "Look it up.", [call])) == (
+        '[reasoning] Look it up.\nChecking.\n[tool call] get_weather({"city": "Oslo"})')
+    assert shown("<think>\n\n</think>\n\nOLIVE", Reply("OLIVE")) == "OLIVE"  # an empty think block: not shown
+    assert shown("a < b <tool", Reply("a < b <tool")) == "a < b <tool"  # held text that never became a marker
+    assert shown("  <thin", Reply("<thin")) == "<thin"

@@ -51,20 +51,24 @@ class ReadableStream:
             call = head.find(CALL_OPEN)
             if call >= 0:
                 out += head[:call].rstrip()
+                self.started = self.started or bool(out.strip())
                 self.held, self.calls = "", True
                 return out
             if not head or (not self.started and THINK_OPEN.startswith(head)):
                 return out
             keep = next((k for k in range(len(CALL_OPEN) - 1, 0, -1) if head.endswith(CALL_OPEN[:k])), 0)
-            shown, self.held = head[: len(head) - keep], head[len(head) - keep :]
+            cut = len(head[: len(head) - keep].rstrip())  # trailing space waits: a call may follow it
+            shown, self.held = head[:cut], head[cut:]
             self.started = self.started or bool(shown)
             return out + shown
 
     def finish(self, reply: Reply) -> str:
         """What is left to print once the reply is complete: held text, then its tool calls."""
-        out = "" if self.calls or self.thinking else self.held
+        held = self.held if self.started else self.held.lstrip()
+        lines = [] if self.calls or self.thinking or not held.strip() else [held]
         for c in reply.tool_calls:
             f = c.get("function", c)
             args = f.get("arguments")
-            out += f"\n[tool call] {f.get('name')}({args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)})"
-        return out
+            lines.append(f"[tool call] {f.get('name')}({args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)})")
+        text = "\n".join(lines)
+        return "\n" + text if self.started and reply.tool_calls else text
