@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 from stages.lib.chat import conversation, reply
+from stages.lib.chat import format as chat_format
 from stages.lib.core.earlier import check_model_output, load_saved
 from stages.lib.core.errors import require, run_stage
 from stages.lib.core.outputs import staged_outputs, write_json, write_text
@@ -119,18 +120,19 @@ def evaluate(params: Params, name: str, rows, tokenizer, stop_ids: list[int], ca
     e = params.eval
     with counter("eval", f"{name} answer loss", len(rows), "sample") as bar:
         loss = answer_loss(model, rows, e.batch_size, tokenizer.pad_token_id, bar)
-    with counter("eval", f"{name} generation", len(rows), "sample") as bar:
-        predictions, cut = generate(model, tokenizer, rows, e.batch_size, cap, stop_ids, bar)
-    n = len(rows)
-    references = [r["reference"] for r in rows]
-    scores = {
-        "loss": loss,
-        "perplexity": math.exp(min(loss, 50.0)),
-        "exact_match": sum(exact_match(p, r) for p, r in zip(predictions, references)) / n,
-        "rouge_l": sum(rouge_l(p, r) for p, r in zip(predictions, references)) / n,
-        **sacrebleu_scores(predictions, references),
-        "cut_by_cap": sum(cut) / n,
-    }
+    scores = {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+    predictions = [""] * len(rows)
+    if cap:  # 0: continued pre-training rows have no prompt to answer
+        with counter("eval", f"{name} generation", len(rows), "sample") as bar:
+            predictions, cut = generate(model, tokenizer, rows, e.batch_size, cap, stop_ids, bar)
+        n = len(rows)
+        references = [r["reference"] for r in rows]
+        scores |= {
+            "exact_match": sum(exact_match(p, r) for p, r in zip(predictions, references)) / n,
+            "rouge_l": sum(rouge_l(p, r) for p, r in zip(predictions, references)) / n,
+            **sacrebleu_scores(predictions, references),
+            "cut_by_cap": sum(cut) / n,
+        }
     if tasks:
         phase("eval", f"{name} model: {len(tasks)} multiple-choice benchmark(s)")
         bench = benchmarks.accuracy(model, tokenizer, tasks, e.batch_size, seed=params.seed)
@@ -159,7 +161,8 @@ def evaluate_all(params: Params, validation, scratch: Path) -> None:
 
     tasks = benchmark_tasks(params, scratch)  # files checked before any model loads
     rows = validation.select(range(min(params.eval.max_samples, len(validation)))).to_list()
-    cap = generation_cap(rows, params.eval.max_new_tokens)
+    text_only = chat_format.load(TOKENIZED / "tokenizer").text_only  # continued pre-training: loss only
+    cap = 0 if text_only else generation_cap(rows, params.eval.max_new_tokens)
     tokenizer = AutoTokenizer.from_pretrained(MODELS["tuned"])
     stop_ids = GenerationConfig.from_pretrained(MODELS["tuned"]).eos_token_id
     stop_ids = [stop_ids] if isinstance(stop_ids, int) else list(stop_ids)

@@ -10,6 +10,7 @@ Records stream through `datasets.map` in batches into Arrow files, so memory sta
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -40,12 +41,12 @@ FLAGS = ("truncated", "answer_cut", "prompt_mismatch", "prompt_repaired", "split
 
 
 def template_name(params: Params, text_format: str) -> str:
-    """tokenize.template, else `raw` for prompt_completion text, else the model recipe's template."""
+    """tokenize.template, else `raw` for prompt_completion and text sources, else the model recipe's template."""
     name = params.tokenize.template
-    if text_format == "prompt_completion":
+    if text_format in ("prompt_completion", "text"):
         if name not in (None, "raw"):
             raise UserError(
-                f"tokenize.template '{name}': prompt_completion sources are text used as is; set the template to "
+                f"tokenize.template '{name}': {text_format} sources are text used as is; set the template to "
                 "null (or raw), or give the records as alpaca or messages to render them in a template"
             )
         return "raw"
@@ -70,7 +71,8 @@ def decide_format(params: Params, tokenizer, text_format: str) -> chat_format.Ch
             f"as {tokenizer.unk_token!r}); pick a template it can write (tokenize.template: tokenizer, or another "
             "in recipes/templates) or set tokenize.unknown_markers: true"
         )
-    return chat_format.decide(tokenizer, template, name, base_stop_ids())
+    fmt = chat_format.decide(tokenizer, template, name, base_stop_ids())
+    return dataclasses.replace(fmt, text_only=True) if text_format == "text" else fmt
 
 
 def encode_conversations(conversations: list[list[dict]], params: Params, tokenizer, fmt,
@@ -92,6 +94,28 @@ def encode_conversations(conversations: list[list[dict]], params: Params, tokeni
     enc["trained"] = [sum(m) for m in enc["assistant_masks"]]
     enc["unk"] = [ids.count(unk) if unk is not None else 0 for ids in enc["input_ids"]]
     return enc
+
+
+def encode_texts(texts: list[str], params: Params, tokenizer, fmt) -> dict[str, list]:
+    """Continued pre-training rows: each text as the tokenizer's prefix + its ids + EOS, cut into pieces of
+    tokenize.max_length tokens, every token trained but the prefix. The columns of encode_conversations (no
+    prompt: `prompt_length` 0; `conversation` the text's index)."""
+    size = params.tokenize.max_length
+    bodies = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    unk = tokenizer.unk_token_id
+    out: dict[str, list] = {k: [] for k in ("input_ids", "assistant_masks", "conversation", "full_length")}
+    for k, body in enumerate(bodies):
+        ids = fmt.prefix_ids + body + [fmt.eos_id]
+        mask = [0] * len(fmt.prefix_ids) + [1] * (len(body) + 1)
+        for start in range(0, len(ids), size):
+            for key, value in zip(out, (ids[start : start + size], mask[start : start + size], k, len(ids))):
+                out[key].append(value)
+    n = len(out["input_ids"])
+    out |= {"prompt_length": [0] * n, "end": [1] * n, **{flag: [False] * n for flag in FLAGS}}
+    out["length"] = [len(ids) for ids in out["input_ids"]]
+    out["trained"] = [sum(m) for m in out["assistant_masks"]]
+    out["unk"] = [ids.count(unk) if unk is not None else 0 for ids in out["input_ids"]]
+    return out
 
 
 def check_expressible(conversations: list[list[dict]], tools: list[str | None], params: Params, fmt, name: str,
@@ -116,18 +140,22 @@ def _batch_fn(params: Params, tokenizer, fmt, validation: bool, name: str):
             return f"source {batch['source'][k]}, record {batch['record'][k]}"
 
         tools = batch.get("tools") or [None] * len(batch["messages"])
-        check_expressible(batch["messages"], tools, params, fmt, name, where)
-        try:
-            enc = encode_conversations(batch["messages"], params, tokenizer, fmt, tools)
-        except RenderError as exc:  # "record K" of the batch → the record of its source
-            raise UserError(f"{where(exc.index)}: {str(exc).split(': ', 1)[1]}") from None
+        if fmt.text_only:
+            enc = encode_texts([m[0]["content"] for m in batch["messages"]], params, tokenizer, fmt)
+        else:
+            check_expressible(batch["messages"], tools, params, fmt, name, where)
+            try:
+                enc = encode_conversations(batch["messages"], params, tokenizer, fmt, tools)
+            except RenderError as exc:  # "record K" of the batch → the record of its source
+                raise UserError(f"{where(exc.index)}: {str(exc).split(': ', 1)[1]}") from None
         rows = list(zip(enc.pop("conversation"), enc.pop("end")))
         enc["source"] = [batch["source"][c] for c, _ in rows]
         if validation:  # what eval and the rebuild check read: the row's messages, tools and last answer
             enc["messages"] = [batch["messages"][c][:end] for c, end in rows]
             enc["tools"] = [tools[c] for c, _ in rows]
             answers = [m[-1] for m in enc["messages"]]
-            enc["reference"] = [conversation.answer_text(a["content"], a.get("tool_calls")) for a in answers]
+            enc["reference"] = ["" if fmt.text_only else conversation.answer_text(a["content"], a.get("tool_calls"))
+                                for a in answers]  # fmt: skip
         return enc
 
     return fn

@@ -547,6 +547,13 @@ CASES = [
     Case("fractional-weight", "agent", "a per-turn weight of 0.5", "download",
          data_file("w.jsonl", jsonl([{"messages": [CHAT[0], CHAT[1] | {"weight": 0.5}]}] * 20), format="messages"),
          "weight 0.5: per-turn weights are 0 (not trained) or 1 (trained)"),
+    Case("text-with-chat", "agent", "a text source (pre-training) mixed with a chat source", "download",
+         lambda repo, ctx: set_params(repo, data__sources=[{"kind": "builtin"}, {"kind": "local", "format": "text",
+                                      "path": "data/sources/c4.jsonl"}], train__packing=True),
+         "text sources are continued pre-training"),  # fmt: skip
+    Case("text-unpacked", "agent", "a text source with train.packing false", "download",
+         data_file("c4.jsonl", jsonl([{"text": f"doc {i}"} for i in range(20)]), format="text"),
+         "set train.packing: true"),
     Case("tools-in-chatml", "agent", "tool-call records with a template that cannot render tools", "tokenize",
          raw_records([[CHAT[0], {"role": "assistant", "content": "", "tool_calls": [{"name": "f", "arguments": "{}"}]},
                        {"role": "tool", "content": "1"}, {"role": "assistant", "content": "a"}]]),

@@ -214,3 +214,55 @@ def test_chat_shows_reasoning_and_calls_readably_however_the_reply_is_split(piec
     assert shown("<think>\n\n</think>\n\nOLIVE", Reply("OLIVE")) == "OLIVE"  # an empty think block: not shown
     assert shown("a < b <tool", Reply("a < b <tool")) == "a < b <tool"  # held text that never became a marker
     assert shown("  <thin", Reply("<thin")) == "<thin"
+
+
+def test_plain_text_trains_every_token_packed_and_long_texts_are_cut_not_lost(tmp_path, monkeypatch):
+    """format: text (continued pre-training): each text + EOS in pieces of tokenize.max_length, every token
+    trained, packed by the trainer; mixing it with chat sources, or training it unpacked, is refused."""
+    import torch
+    from datasets import load_from_disk
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from stages import download, tokenize
+    from stages.lib.core.params import ParamsError, load_params, validate
+    from stages.train import build_trainer
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "recipes").symlink_to(ROOT / "recipes")
+    (tmp_path / "data" / "sources").mkdir(parents=True)
+    texts = [f"Story {i}: " + " ".join(["the red cat sat on the mat"] * (1 + i % 7)) for i in range(30)]
+    (tmp_path / "data" / "sources" / "c4.jsonl").write_text("".join(json.dumps({"text": t, "url": "x"}) + "\n" for t in texts))
+    raw = default_params()
+    raw["data"]["sources"] = [{"kind": "local", "path": "data/sources/c4.jsonl", "format": "text"}]
+    raw["tokenize"] |= {"max_length": 32}
+    raw["train"] |= {"packing": True, "batch_size": 2, "epochs": 1}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    (tmp_path / "data" / "raw").mkdir()
+    download.write_raw(load_params(), tmp_path / "data" / "raw")
+    tokenizer = kinds.build("bpe", tmp_path / "tok")
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1)  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "models" / "base")
+    tokenizer.save_pretrained(tmp_path / "models" / "base")
+    tokenize.main()
+    sets = load_from_disk("data/tokenized")
+    rows = list(sets["train"]["input_ids"]) + list(sets["validation"]["input_ids"])
+    masks = list(sets["train"]["assistant_masks"]) + list(sets["validation"]["assistant_masks"])
+    assert all(len(r) <= 32 for r in rows) and all(all(m) for m in masks)  # no prefix here: every token trained
+    every = sorted(t for r in rows for t in r)
+    whole = sorted(t for text in texts for t in tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
+    assert every == whole  # nothing cut away: long texts became several rows
+    metrics = json.loads(Path("metrics/tokenize.json").read_text())
+    assert metrics["template"] == "raw" and metrics["answer_cut"] == 0
+    trainer = build_trainer(load_params(), tmp_path / "out", [])
+    for batch in trainer.get_train_dataloader():
+        labels, ids = batch["labels"][0].tolist(), batch["input_ids"][0].tolist()
+        starts = [p == 0 for p in batch["position_ids"][0].tolist()]  # packed: TRL never predicts across samples
+        assert labels == [-100 if start else t for t, start in zip(ids, starts)] and sum(starts) > 1
+    for bad, message in [
+        ({"data": {"sources": raw["data"]["sources"] + [{"kind": "builtin"}]}}, "text sources are continued pre-training"),
+        ({"train": raw["train"] | {"packing": False}}, "set train.packing: true"),
+    ]:
+        with pytest.raises(ParamsError, match=message):
+            validate(raw | bad)

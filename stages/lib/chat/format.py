@@ -39,6 +39,7 @@ class ChatFormat:
     reasoning: bool = False  # the template renders an answer's reasoning_content (probed)
     # how a reply splits into reasoning, tool calls and content (transformers' response template), or None
     response_template: dict | None = None
+    text_only: bool = False  # continued pre-training (format: text): rows have no prompt, eval scores loss only
 
 
 def special_prefix_suffix(tokenizer) -> tuple[list[int], list[int]]:

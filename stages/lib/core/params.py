@@ -35,6 +35,7 @@ FORMAT_FIELDS = {
     "alpaca": ("instruction", "input", "output", "system", "history"),
     "messages": ("messages", "role", "content", "system", "tools"),
     "prompt_completion": ("prompt", "completion"),
+    "text": ("text",),  # continued pre-training: every token trained
 }
 Role = Literal["user", "assistant", "system", "tool"]
 
@@ -42,7 +43,7 @@ Role = Literal["user", "assistant", "system", "tool"]
 class SourceOptions(Strict):
     """How one source's records are read and how much of it goes into the mixture."""
 
-    format: Literal["alpaca", "messages", "prompt_completion"] = "alpaca"
+    format: Literal["alpaca", "messages", "prompt_completion", "text"] = "alpaca"
     columns: dict[str, str] = {}  # our field name -> the file's column (or message key) name
     roles: dict[str, Role] = {}  # the file's role values -> ours, added to human/gpt/user/assistant/system/tool
     max_records: Annotated[int, Field(ge=1)] | None = None  # the first N records of this source
@@ -128,6 +129,11 @@ class DataParams(Strict):
     @model_validator(mode="after")
     def _one_kind_of_text(self):
         formats = {s.format for s in self.sources}
+        if "text" in formats and len(formats) > 1:
+            raise ValueError(
+                "data.sources: text sources are continued pre-training (every token trained), the other formats train "
+                "answers to prompts; one run takes either kind, not both (train one, then the other from its merge)"
+            )
         if "prompt_completion" in formats and len(formats) > 1:
             raise ValueError(
                 "data.sources: prompt_completion text is used as is, the other formats are rendered in a chat "
@@ -406,6 +412,15 @@ class Params(Strict):
     train: TrainParams = TrainParams()
     merge: MergeParams = MergeParams()
     eval: EvalParams = EvalParams()
+
+    @model_validator(mode="after")
+    def _text_is_packed(self) -> "Params":
+        if any(s.format == "text" for s in self.data.sources) and not self.train.packing:
+            raise ValueError(
+                "train.packing: text sources (continued pre-training) are cut into tokenize.max_length pieces and "
+                "trained packed: set train.packing: true"
+            )
+        return self
 
     @model_validator(mode="after")
     def _rows_hold_a_sample(self) -> "Params":

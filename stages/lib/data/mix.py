@@ -123,7 +123,7 @@ def build_raw(data: DataParams, seed: int, out: Path, workdir: Path, net: Networ
         validation = validation.select(np.random.default_rng(seed + 1).permutation(len(validation)))
     write_jsonl(train, out / "train.jsonl")
     write_jsonl(validation, out / "validation.jsonl")
-    fmt = "prompt_completion" if data.sources[0].format == "prompt_completion" else "chat"
+    fmt = data.sources[0].format if data.sources[0].format in ("prompt_completion", "text") else "chat"
     manifest = {
         "format": fmt,
         "sources": dict(zip(labels, [c for _, c in parts])),

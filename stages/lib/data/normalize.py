@@ -6,7 +6,8 @@ Formats and their fields (our names; `columns` maps each to the file's own name)
 - messages: messages (OpenAI; ShareGPT's `conversations` is found too), with role/content keys per message
   (ShareGPT's from/value too), a per-record system (ShareGPT's top-level `system`), tools (the record's tool
   schemas); tool calls, tool results, reasoning, content parts and per-turn weights in the layouts turns.py reads;
-- prompt_completion: prompt, completion (text used as is by the `raw` template).
+- prompt_completion: prompt, completion (text used as is by the `raw` template);
+- text: text (continued pre-training: one assistant turn with no prompt, every token trained).
 Output: `messages` = [system], then user, assistant and tool turns ending with an answer (turns.py's shape), and
 `tools` (JSON text, "" for none). Records are dropped, with a reason that is counted, when they have nothing to
 train: `empty_answer`, `empty_prompt`, `no_answer` (a conversation ending in a user or tool turn) or
@@ -83,7 +84,7 @@ class Normalizer:
         mapped = set(self.col.values()) & self.names
         refuse_layout(label, self.names - mapped, self.fmt)
         required = {"alpaca": ("instruction", "output"), "messages": ("messages",),
-                    "prompt_completion": ("prompt", "completion")}[self.fmt]  # fmt: skip
+                    "prompt_completion": ("prompt", "completion"), "text": ("text",)}[self.fmt]  # fmt: skip
         for field in sorted(set(source.columns) - {"role", "content"}):  # a mapping names a column that must exist
             if self.col[field] not in self.names:
                 raise RecordError(
@@ -171,6 +172,10 @@ class Normalizer:
             messages += [turns.empty_turn("user", turn[0]), turns.empty_turn("assistant", turn[1])]
         query = f"{instruction}\n{extra}" if extra else instruction
         return messages + [turns.empty_turn("user", query), turns.empty_turn("assistant", output)], None, ""
+
+    def _text(self, row: dict, index: int):
+        """Continued pre-training: the text is one answer with no prompt (tokenize trains every token of it)."""
+        return [turns.empty_turn("assistant", self.text(self._get(row, "text"), index, "text"))], None, ""
 
     def _prompt_completion(self, row: dict, index: int):
         prompt = self.text(self._get(row, "prompt"), index, "prompt")
@@ -287,7 +292,7 @@ def _empty(messages: list[dict]) -> str | None:
     empty); an empty last user prompt has nothing to answer; answers all weighted 0 leave nothing to train."""
     if any(not (m["content"].strip() or m["tool_calls"] or m["reasoning"]) for m in messages if m["role"] == "assistant"):
         return "empty_answer"
-    if messages[-2]["role"] == "user" and not messages[-2]["content"].strip():
+    if len(messages) > 1 and messages[-2]["role"] == "user" and not messages[-2]["content"].strip():
         return "empty_prompt"
     if all(m["train"] is False for m in messages if m["role"] == "assistant"):
         return "no_trained_turn"
