@@ -53,7 +53,7 @@ def tool_project(tmp_path_factory) -> Path:
     params["data"]["sources"] = [{"kind": "local", "path": "data/sources/tools.jsonl", "format": "messages"}]
     params["data"]["validation_fraction"] = 0.05
     params["tokenize"] |= {"template": "qwen3", "max_length": 512}
-    params["train"] |= {"epochs": 120, "batch_size": 8, "eval_steps": None, "save_steps": 100000, "logging_steps": 20}
+    params["train"] |= {"epochs": 40, "batch_size": 8, "eval_steps": None, "save_steps": 100000, "logging_steps": 20}
     (folder / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True))
     for stage in ("download", "tokenize", "train", "merge"):
         run(["python", "-m", f"stages.{stage}"], cwd=folder, env=env_with_project(), timeout=1200)
