@@ -521,7 +521,7 @@ CASES = [
     # downloads
     Case("preference-pairs", "agent", "a preference file (chosen/rejected columns)", "download",
          data_file("p.jsonl", jsonl([{"prompt": f"q{i}", "chosen": "good", "rejected": "bad"} for i in range(20)]),
-                   format="prompt_completion", columns={"completion": "chosen"}), "preference data"),
+                   format="prompt_completion"), "preference data"),
     Case("kto-labels", "agent", "a KTO file (messages and a boolean label)", "download",
          data_file("k.jsonl", jsonl([{"messages": CHAT, "label": i % 2 == 0} for i in range(20)]), format="messages"),
          "KTO data"),
