@@ -54,12 +54,13 @@ class RecordError(UserError):
 
 def refuse_layout(label: str, names: set[str], fmt: str) -> None:
     """RecordError for files whose columns say SFT would learn the wrong thing from them."""
+    field, target = ("completion", "prompt_completion") if fmt == "prompt_completion" else ("messages", "messages")
     for pair in PREFERENCE:
         if set(pair) <= names:
             raise RecordError(
                 f"source {label} is preference data (columns '{pair[0]}' and '{pair[1]}'): SFT would learn the "
-                f"rejected answers too; train the chosen ones with columns: {{messages: {pair[0]}}} (format "
-                "messages), or use a preference trainer (DPO) outside this pipeline"
+                f"rejected answers too; train the chosen ones with columns: {{{field}: {pair[0]}}} (format {target}), "
+                "or use a preference trainer (DPO) outside this pipeline"
             )
     media = [c for c in MEDIA_COLUMNS if c in names]
     if media:
