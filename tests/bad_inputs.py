@@ -387,6 +387,15 @@ CASES = [
          "model.recipe: no recipe 'llama-9'"),
     Case("unknown-format", "params", "an unknown record format", "download", params(**{"data.sources.0.format": "sharegpt"}),
          "'data.sources.0.format'"),
+    # YAML 1.1 forms: params.yaml is read as DVC records it (YAML 1.2), so these are text, refused by type
+    Case("sexagesimal-minutes", "params", "a time written `1:30` (90 in YAML 1.1, text in YAML 1.2 and dvc.lock)", "train",
+         params_text(lambda t: t.replace("save_minutes: 30", "save_minutes: 1:30")),
+         "'train.save_minutes': Input should be a valid number (got '1:30'; YAML 1.2, which DVC records, reads it as "
+         "text, not base 60: write 90)"),
+    Case("yes-for-true", "params", "`yes` for true (YAML 1.1's boolean, text in YAML 1.2)", "tokenize",
+         params_text(lambda t: t.replace("unknown_markers: false", "unknown_markers: yes")),
+         "'tokenize.unknown_markers': Input should be a valid boolean (got 'yes'; YAML 1.2, which DVC records, reads "
+         "it as text: write true or false)"),
     # data files
     Case("outside-sources", "data", "a data file outside data/sources/", "download",
          write("data/elsewhere.jsonl", jsonl(GOOD), data__sources=[{"kind": "local", "path": "data/elsewhere.jsonl"}]),
