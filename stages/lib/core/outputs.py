@@ -84,10 +84,14 @@ class StagedOutputs:
 @contextmanager
 def staged_outputs() -> Iterator[StagedOutputs]:
     """Collect a stage's outputs in temp paths; on success they replace the finals together, on an exception
-    (or a kill: see `recover`) every final stays as it was."""
+    (or a kill: see `recover`) every final stays as it was. An input dvc.yaml declares that changed while the stage
+    ran is such an exception (provenance.InputsChanged): dvc.lock would pair these outputs with the new version."""
+    from .provenance import check_unchanged
+
     staged = StagedOutputs()
     try:
         yield staged
+        check_unchanged()
     except BaseException:
         staged.discard()
         raise
