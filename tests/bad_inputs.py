@@ -15,6 +15,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -31,6 +32,7 @@ CATEGORIES = {
     "train": "Train settings",
     "order": "Stages run out of order",
     "damaged": "Outputs damaged since their stage ran (a stage run by hand)",
+    "during": "Inputs edited while the stage ran (dvc.lock would pair the old outputs with the new inputs)",
 }
 
 
@@ -305,6 +307,30 @@ def with_password(path: str) -> Callable[[Path, dict], None]:
         {"kind": "url", "url": ctx["url"].replace("//", "//user:SuperSecret@") + path, "sha256": "0" * 64}])
 
 
+def while_running(temp: str, change: Callable[[Path], None]) -> Callable[[Path, dict], None]:
+    """`change` made to the project copy by a thread of the test process once the stage has begun writing (a path
+    matching the glob `temp`, its temp output, appears): an edit made while the stage runs."""
+
+    def setup(repo: Path, ctx: dict) -> None:
+        def watch() -> None:
+            deadline = time.monotonic() + 120
+            while not list(repo.glob(temp)) and time.monotonic() < deadline:
+                time.sleep(0.005)
+            change(repo)
+
+        threading.Thread(target=watch, daemon=True).start()
+
+    return setup
+
+
+def append(rel: str, text: str) -> Callable[[Path], None]:
+    def change(repo: Path) -> None:
+        with open(repo / rel, "a", encoding="utf-8") as f:
+            f.write(text)
+
+    return change
+
+
 def deepspeed_json(text: str) -> Callable[[Path, dict], None]:
     """recipes/deepspeed/mine.json holds `text` and train.deepspeed names it."""
     return write("recipes/deepspeed/mine.json", text, train__deepspeed="mine")
@@ -324,6 +350,7 @@ DS = {"train.deepspeed": "zero3"}  # the launch cases go through DeepSpeed's lau
 HTML = b"<!DOCTYPE html>\n<html><head><title>Sign in</title></head><body>...</body></html>\n"
 ARROW = "data/tokenized/train/data-00000-of-00001.arrow"
 NO_NET = {"retries": 0, "read_timeout_s": 1, "connect_timeout_s": 1}
+WORKED = {"TQDM_DISABLE": "1"}  # a stage that failed after its work: no progress bars beside the error line
 SECRET_TOKEN = "hf_" + "catalogue" + "SecretTokenThatMustNotLeak"  # never written whole in a file: the scan finds only a leak
 
 # ---------------------------------------------------------------- the catalogue
@@ -699,6 +726,21 @@ CASES = [
     Case("raw-manifest-list", "damaged", "data/raw/manifest.json replaced by a JSON list", "tokenize",
          lambda repo, ctx: (repo / "data/raw/manifest.json").write_text("[]"),
          "data/raw/manifest.json is damaged (a JSON list, not an object): restore it with"),
+    # inputs edited while the stage ran: DVC hashes them when it ends, so the stage checks before its swap
+    Case("params-edited-mid-run", "during", "params.yaml edited (a key the stage declares)", "download",
+         while_running("data/.raw.tmp-*", lambda repo: (repo / "params.yaml").write_text(
+             (repo / "params.yaml").read_text().replace("validation_fraction: 0.1 ", "validation_fraction: 0.2 "))),
+         "params.yaml key data.validation_fraction (0.1, now 0.2) changed while stage download "
+         "ran", env=WORKED),
+    Case("source-edited-mid-run", "during", "a data file appended to", "download",
+         both(data_file("x.jsonl", jsonl(GOOD)), while_running("data/.raw.tmp-*", append(
+             "data/sources/x.jsonl", jsonl([{"instruction": "late", "input": "", "output": "record"}])))),
+         "data/sources/x.jsonl (under data/sources, a dependency in dvc.yaml) changed while stage download "
+         "ran", env=WORKED),
+    Case("code-edited-mid-run", "during", "the stage's code edited", "download",
+         while_running("data/.raw.tmp-*", append("stages/lib/data/mix.py", "# edited\n")),
+         "stages/lib/data/mix.py (under stages/lib/data, a dependency in dvc.yaml) changed while stage download "
+         "ran", env=WORKED),
 ]
 
 
