@@ -32,6 +32,7 @@ CATEGORIES = {
     "train": "Train settings",
     "order": "Stages run out of order",
     "damaged": "Outputs damaged since their stage ran (a stage run by hand)",
+    "journal": "A swap journal no stage wrote (.outputs-journal.json, read at the next stage start)",
     "during": "Inputs edited while the stage ran (dvc.lock would pair the old outputs with the new inputs)",
 }
 
@@ -329,6 +330,37 @@ def append(rel: str, text: str) -> Callable[[Path], None]:
             f.write(text)
 
     return change
+
+
+DEAD_PID = 2**22 + 7  # above any pid_max: the journal's writer is dead, so the next start would act on it
+
+
+def journal(pairs: Callable[[Path], list] | str) -> Callable[[Path, dict], None]:
+    """.outputs-journal.json holds `pairs(repo)` as a killed stage's swap (this host, a dead pid), or the text."""
+
+    def setup(repo: Path, ctx: dict) -> None:
+        text = pairs if isinstance(pairs, str) else json.dumps(
+            {"host": socket.gethostname(), "pid": DEAD_PID, "pairs": pairs(repo)})  # fmt: skip
+        (repo / ".outputs-journal.json").write_text(text, encoding="utf-8")
+
+    return setup
+
+
+def outside_folder(repo: Path) -> Path:
+    """A folder outside the project copy, with a file a forged journal would move onto data/raw."""
+    folder = repo.parent / f"{repo.name}-outside"
+    folder.mkdir(exist_ok=True)
+    (folder / "train.jsonl").write_text("not the project's\n")
+    return folder
+
+
+def temp_link(repo: Path) -> Path:
+    """data/.raw.tmp-HOST-PID-x, named as a temp folder of data/raw, but a link to outside_folder."""
+    from stages.lib.core.outputs import host_tag
+
+    link = Path("data") / f".raw.tmp-{host_tag()}-{DEAD_PID}-x"
+    (repo / link).symlink_to(outside_folder(repo), target_is_directory=True)
+    return link
 
 
 def deepspeed_json(text: str) -> Callable[[Path, dict], None]:
@@ -726,6 +758,21 @@ CASES = [
     Case("raw-manifest-list", "damaged", "data/raw/manifest.json replaced by a JSON list", "tokenize",
          lambda repo, ctx: (repo / "data/raw/manifest.json").write_text("[]"),
          "data/raw/manifest.json is damaged (a JSON list, not an object): restore it with"),
+    # a swap journal no stage wrote: checked whole before anything moves
+    Case("journal-outside", "journal", "a journal moving a folder from outside the project onto data/raw", "tokenize",
+         journal(lambda repo: [[str(outside_folder(repo)), "data/raw"]]),
+         ".outputs-journal.json pairs data/raw with '/"),
+    Case("journal-link", "journal", "a journal whose temp folder is a link leading outside", "tokenize",
+         journal(lambda repo: [[str(temp_link(repo)), "data/raw"]]),
+         "which is not the temp path a stage writes beside it: no stage of this project wrote it, and nothing was "
+         "moved; delete it (rm .outputs-journal.json)"),
+    Case("journal-not-an-output", "journal", "a journal replacing a path that is no output (data/sources)", "download",
+         journal(lambda repo: [["data/.sources.tmp-x-1-abc", "data/sources"]]),
+         ".outputs-journal.json names 'data/sources', which is not an output in dvc.yaml"),
+    Case("journal-garbled", "journal", "a garbled journal", "merge", journal('{"host": "x", "pid": 1, "pairs": [["da'),
+         ".outputs-journal.json is not valid JSON: no stage of this project wrote it"),
+    Case("journal-shape", "journal", "a journal of another shape (a list)", "eval", journal("[1, 2]"),
+         ".outputs-journal.json is not of a journal's shape"),
     # inputs edited while the stage ran: DVC hashes them when it ends, so the stage checks before its swap
     Case("params-edited-mid-run", "during", "params.yaml edited (a key the stage declares)", "download",
          while_running("data/.raw.tmp-*", lambda repo: (repo / "params.yaml").write_text(

@@ -30,12 +30,12 @@ def run_stage(main: Callable[[], None]) -> None:
     from .quiet import quiet
 
     quiet()
-    if "LOCAL_RANK" not in os.environ:
-        for line in recover():
-            print(f"note: {line}", flush=True)
-    remember()  # what dvc.yaml says it reads, as it is now: checked again before the outputs are swapped in
 
     def stage() -> None:
+        if "LOCAL_RANK" not in os.environ:
+            for line in recover():
+                print(f"note: {line}", flush=True)
+        remember()  # what dvc.yaml says it reads, as it is now: checked again before the outputs are swapped in
         try:
             main()
         except KeyboardInterrupt:

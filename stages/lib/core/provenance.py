@@ -127,6 +127,23 @@ def _resolve(dep: str, raw: Any) -> str:
     return re.sub(r"\$\{([^}]+)\}", value, dep)
 
 
+def declared_outputs() -> set[str]:
+    """Every output path dvc.yaml declares (outs, metrics and plots of every stage, `${...}` filled from
+    params.yaml), normalized; empty where dvc.yaml does not read."""
+    try:
+        stages = _read(DVC_YAML).get("stages")
+        raw = _read(PARAMS_FILE) if PARAMS_FILE.exists() else None
+    except (ParamsError, AttributeError):
+        return set()
+    found = set()
+    for spec in stages.values() if isinstance(stages, dict) else []:
+        for key in ("outs", "metrics", "plots"):
+            for item in (spec.get(key) or []) if isinstance(spec, dict) else []:
+                path = next(iter(item)) if isinstance(item, dict) and item else item
+                found.add(os.path.normpath(_resolve(str(path), raw)))
+    return found
+
+
 def _stat(path: str) -> list[int]:
     try:
         st = os.stat(path)
