@@ -114,7 +114,7 @@ def evaluate(params: Params, name: str, rows, tokenizer, stop_ids: list[int], ca
     device = "cuda" if torch.cuda.is_available() else "cpu"
     path = MODELS[name]
     phase("eval", f"{name} model: loading {path}")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=params.model.trust_remote_code).to(device).eval()
     e = params.eval
     with counter("eval", f"{name} answer loss", len(rows), "sample") as bar:
         loss = answer_loss(model, rows, e.batch_size, tokenizer.pad_token_id, bar)
@@ -159,7 +159,7 @@ def evaluate_all(params: Params, validation, scratch: Path) -> None:
     tasks = benchmark_tasks(params, scratch)  # files checked before any model loads
     rows = validation.select(range(min(params.eval.max_samples, len(validation)))).to_list()
     cap = generation_cap(rows, params.eval.max_new_tokens)
-    tokenizer = AutoTokenizer.from_pretrained(MODELS["tuned"])
+    tokenizer = AutoTokenizer.from_pretrained(MODELS["tuned"], trust_remote_code=params.model.trust_remote_code)
     stop_ids = GenerationConfig.from_pretrained(MODELS["tuned"]).eos_token_id
     stop_ids = [stop_ids] if isinstance(stop_ids, int) else list(stop_ids)
     metrics, predictions = {}, {}

@@ -214,6 +214,22 @@ def edit_train_split(change: Callable) -> Callable[[Path, dict], None]:
     return setup
 
 
+EVIL = "open('pwned', 'w').write('custom code ran')\n"  # what a model folder's own .py would do when imported
+
+
+def custom_code(config: str) -> Callable[[Path], None]:
+    """A change to a model folder: an auto_map in `config` (config.json or tokenizer_config.json) whose classes
+    live in the folder's evil.py."""
+    classes = {"config.json": {"AutoConfig": "evil.Config", "AutoModelForCausalLM": "evil.Model"},
+               "tokenizer_config.json": {"AutoTokenizer": ["evil.Tokenizer", None]}}[config]  # fmt: skip
+
+    def change(folder: Path) -> None:
+        (folder / "evil.py").write_text(EVIL)
+        edit_json(folder / config, lambda c: c.update(auto_map=classes))
+
+    return change
+
+
 def no_eos(folder: Path) -> None:
     def drop(config: dict) -> None:
         config["eos_token"] = None
@@ -611,6 +627,16 @@ CASES = [
     Case("tokenizer-for-hub-recipe", "models", "model.tokenizer with a Hub recipe", "download",
          both(model_copy(lambda f: None, tokenizer_only=True), params(model__recipe="qwen2.5-7b-instruct")),
          "model.tokenizer is for recipes built from config", slow=True),
+    Case("model-custom-code", "models", "a model folder whose config.json has auto_map (its own code), without opt-in",
+         "download", model_copy(custom_code("config.json")),
+         "models/sources/m/config.json has an auto_map, so loading it runs the folder's own code (evil.py), and "
+         "model.trust_remote_code is false"),
+    Case("tokenizer-custom-code", "models", "a tokenizer folder whose tokenizer_config.json has auto_map, without "
+         "opt-in", "download", model_copy(custom_code("tokenizer_config.json"), tokenizer_only=True),
+         "models/sources/m/tokenizer_config.json has an auto_map"),
+    Case("base-custom-code", "models", "models/base given an auto_map and a .py by hand, then tokenize", "tokenize",
+         lambda repo, ctx: custom_code("tokenizer_config.json")(repo / "models" / "base"),
+         "models/base/tokenizer_config.json has an auto_map, so loading it runs the folder's own code (evil.py)"),
     Case("remote-code-no-opt-in", "models", "a recipe that runs Hub code, without opt-in", "download",
          params(model__recipe="chatglm2-6b", model__convert=False), "set model.trust_remote_code"),
     # templates and tokenizing

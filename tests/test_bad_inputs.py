@@ -190,21 +190,28 @@ def test_a_redirect_is_followed_and_the_pinned_hash_still_checked(servers, tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl"]  # nothing partial left
 
 
-def test_a_model_folder_with_remote_code_runs_none_of_it(ready, tmp_path):
-    """config.json's auto_map points at a .py file that would leave a marker if imported: download copies the
-    weights and config, never the code, and nothing runs it."""
+@pytest.mark.parametrize("config", ["config.json", "tokenizer_config.json"])
+def test_custom_code_answered_yes_on_stdin_runs_none_of_it(config, ready, tmp_path):
+    """A model (or tokenizer) folder whose auto_map points at a .py file that leaves a marker when imported, and a
+    pipe that answers transformers' "run the custom code? [y/N]" with y: download refuses it, naming the file and
+    model.trust_remote_code, and nothing of the code runs."""
+    from bad_inputs import custom_code
+
     repo = tmp_path / "repo"
     shutil.copytree(ready, repo, symlinks=True, ignore=shutil.ignore_patterns(".git", ".dvc"))
     model = repo / "models" / "sources" / "m"
     shutil.copytree(repo / "models" / "base", model)
-    marker = tmp_path / "code-ran"
-    (model / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
-    config = json.loads((model / "config.json").read_text())
-    config["auto_map"] = {"AutoConfig": "evil.Config", "AutoModelForCausalLM": "evil.Model", "AutoTokenizer": "evil.Tok"}
-    (model / "config.json").write_text(json.dumps(config))
-    set_params(repo, model__path="models/sources/m")
-    run([sys.executable, "-m", "stages.download"], cwd=repo, env={"PYTHONPATH": str(repo)})
-    assert not marker.exists()
+    custom_code(config)(model)
+    subprocess.run([sys.executable, "-c", "import evil"], cwd=model, check=True)  # the marker works
+    (model / "pwned").unlink()
+    set_params(repo, **{"model.tokenizer" if config.startswith("tokenizer") else "model.path": "models/sources/m"})
+    before = digests(repo)
+    proc = subprocess.run([sys.executable, "-m", "stages.download"], cwd=repo, input="y\ny\ny\n", capture_output=True,
+                          text=True, env=env_with_venv() | {"PYTHONPATH": str(repo)}, timeout=300)  # fmt: skip
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr
+    assert proc.stderr.startswith(f"error: model.") and f"models/sources/m/{config} has an auto_map" in proc.stderr
+    assert "model.trust_remote_code is false" in proc.stderr
+    assert not list(repo.rglob("pwned")) and digests(repo) == before
     assert not list((repo / "models" / "base").glob("*.py"))
 
 
