@@ -91,7 +91,7 @@ def build_from_config(source: ConfigModel, recipe: ModelRecipe, params: Params, 
     if params.model.tokenizer:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(params.model.tokenizer)
+        tokenizer = AutoTokenizer.from_pretrained(params.model.tokenizer, trust_remote_code=params.model.trust_remote_code)
     else:
         tokenizer = train_tokenizer(training_texts(raw), source.tokenizer_vocab_size)
     seed = params.seed

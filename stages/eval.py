@@ -116,7 +116,7 @@ def evaluate(params: Params, name: str, rows, tokenizer, stop_ids: list[int], ca
     device = "cuda" if torch.cuda.is_available() else "cpu"
     path = MODELS[name]
     phase("eval", f"{name} model: loading {path}")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=params.model.trust_remote_code).to(device).eval()
     e = params.eval
     with counter("eval", f"{name} answer loss", len(rows), "sample") as bar:
         loss = answer_loss(model, rows, e.batch_size, tokenizer.pad_token_id, bar)
@@ -163,7 +163,7 @@ def evaluate_all(params: Params, validation, scratch: Path) -> None:
     rows = validation.select(range(min(params.eval.max_samples, len(validation)))).to_list()
     text_only = chat_format.load(TOKENIZED / "tokenizer").text_only  # continued pre-training: loss only
     cap = 0 if text_only else generation_cap(rows, params.eval.max_new_tokens)
-    tokenizer = AutoTokenizer.from_pretrained(MODELS["tuned"])
+    tokenizer = AutoTokenizer.from_pretrained(MODELS["tuned"], trust_remote_code=params.model.trust_remote_code)
     stop_ids = GenerationConfig.from_pretrained(MODELS["tuned"]).eos_token_id
     stop_ids = [stop_ids] if isinstance(stop_ids, int) else list(stop_ids)
     metrics, predictions = {}, {}

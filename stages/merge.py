@@ -19,6 +19,7 @@ from stages.lib.core.earlier import check_adapter, check_model_output, load_save
 from stages.lib.core.errors import UserError, require, run_stage
 from stages.lib.core.outputs import staged_outputs, write_json
 from stages.lib.core.params import Params, load_params
+from stages.lib.core.remote_code import trusted
 from stages.lib.core.progress import phase
 from stages.lib.core.rope import folder_overrides
 
@@ -63,14 +64,14 @@ def merge(params: Params):
 
     dtype = getattr(torch, params.merge_dtype)
     if params.train.method == "full":  # nothing to merge: the trained weights are the model
-        return AutoModelForCausalLM.from_pretrained(ADAPTER_DIR, dtype=dtype), None
+        return AutoModelForCausalLM.from_pretrained(ADAPTER_DIR, dtype=dtype, trust_remote_code=trusted()), None
     check_unquantized(BASE_DIR)
     ids, mask = check_inputs(params.merge.check_samples)  # before the weights load: a damaged file fails at once
     check_model_output(BASE_DIR, "download")
     check_adapter(ADAPTER_DIR, BASE_DIR)
     rope = folder_overrides(BASE_DIR, params.model.rope_scaling)  # as trained; saved into models/merged/config.json
     phase("merge", f"loading {BASE_DIR} ({params.merge_dtype}) and {ADAPTER_DIR}")
-    base = AutoModelForCausalLM.from_pretrained(BASE_DIR, dtype=dtype, **rope).eval()
+    base = AutoModelForCausalLM.from_pretrained(BASE_DIR, dtype=dtype, trust_remote_code=trusted(), **rope).eval()
     with_adapter = PeftModel.from_pretrained(base, ADAPTER_DIR).eval()
     phase("merge", f"merging; comparing logits with base + adapter on {len(ids)} validation samples")
     expected = logits(with_adapter, ids, mask)

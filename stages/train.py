@@ -96,7 +96,8 @@ def sft_config(params: Params, output_dir: Path, **overrides):
         os.environ.setdefault("TENSORBOARD_LOGGING_DIR", TRACKER_LOGS)  # transformers >= 5.2x reads only this
         if "logging_dir" in fields:
             overrides = {"logging_dir": os.environ["TENSORBOARD_LOGGING_DIR"]} | overrides
-    model_kwargs = {"dtype": t.dtype, "attn_implementation": t.attn_implementation}
+    model_kwargs = {"dtype": t.dtype, "attn_implementation": t.attn_implementation,
+                    "trust_remote_code": params.model.trust_remote_code}  # fmt: skip
     model_kwargs |= folder_overrides(BASE_DIR, params.model.rope_scaling)
     if t.device_map:
         model_kwargs["device_map"] = t.device_map

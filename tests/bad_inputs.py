@@ -15,6 +15,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -32,6 +33,8 @@ CATEGORIES = {
     "train": "Train settings",
     "order": "Stages run out of order",
     "damaged": "Outputs damaged since their stage ran (a stage run by hand)",
+    "journal": "A swap journal no stage wrote (.outputs-journal.json, read at the next stage start)",
+    "during": "Inputs edited while the stage ran (dvc.lock would pair the old outputs with the new inputs)",
 }
 
 
@@ -256,6 +259,22 @@ def edit_train_split(change: Callable) -> Callable[[Path, dict], None]:
     return setup
 
 
+EVIL = "open('pwned', 'w').write('custom code ran')\n"  # what a model folder's own .py would do when imported
+
+
+def custom_code(config: str) -> Callable[[Path], None]:
+    """A change to a model folder: an auto_map in `config` (config.json or tokenizer_config.json) whose classes
+    live in the folder's evil.py."""
+    classes = {"config.json": {"AutoConfig": "evil.Config", "AutoModelForCausalLM": "evil.Model"},
+               "tokenizer_config.json": {"AutoTokenizer": ["evil.Tokenizer", None]}}[config]  # fmt: skip
+
+    def change(folder: Path) -> None:
+        (folder / "evil.py").write_text(EVIL)
+        edit_json(folder / config, lambda c: c.update(auto_map=classes))
+
+    return change
+
+
 def no_eos(folder: Path) -> None:
     def drop(config: dict) -> None:
         config["eos_token"] = None
@@ -350,6 +369,61 @@ def with_password(path: str) -> Callable[[Path, dict], None]:
         {"kind": "url", "url": ctx["url"].replace("//", "//user:SuperSecret@") + path, "sha256": "0" * 64}])
 
 
+def while_running(temp: str, change: Callable[[Path], None]) -> Callable[[Path, dict], None]:
+    """`change` made to the project copy by a thread of the test process once the stage has begun writing (a path
+    matching the glob `temp`, its temp output, appears): an edit made while the stage runs."""
+
+    def setup(repo: Path, ctx: dict) -> None:
+        def watch() -> None:
+            deadline = time.monotonic() + 120
+            while not list(repo.glob(temp)) and time.monotonic() < deadline:
+                time.sleep(0.005)
+            change(repo)
+
+        threading.Thread(target=watch, daemon=True).start()
+
+    return setup
+
+
+def append(rel: str, text: str) -> Callable[[Path], None]:
+    def change(repo: Path) -> None:
+        with open(repo / rel, "a", encoding="utf-8") as f:
+            f.write(text)
+
+    return change
+
+
+DEAD_PID = 2**22 + 7  # above any pid_max: the journal's writer is dead, so the next start would act on it
+
+
+def journal(pairs: Callable[[Path], list] | str) -> Callable[[Path, dict], None]:
+    """.outputs-journal.json holds `pairs(repo)` as a killed stage's swap (this host, a dead pid), or the text."""
+
+    def setup(repo: Path, ctx: dict) -> None:
+        text = pairs if isinstance(pairs, str) else json.dumps(
+            {"host": socket.gethostname(), "pid": DEAD_PID, "pairs": pairs(repo)})  # fmt: skip
+        (repo / ".outputs-journal.json").write_text(text, encoding="utf-8")
+
+    return setup
+
+
+def outside_folder(repo: Path) -> Path:
+    """A folder outside the project copy, with a file a forged journal would move onto data/raw."""
+    folder = repo.parent / f"{repo.name}-outside"
+    folder.mkdir(exist_ok=True)
+    (folder / "train.jsonl").write_text("not the project's\n")
+    return folder
+
+
+def temp_link(repo: Path) -> Path:
+    """data/.raw.tmp-HOST-PID-x, named as a temp folder of data/raw, but a link to outside_folder."""
+    from stages.lib.core.outputs import host_tag
+
+    link = Path("data") / f".raw.tmp-{host_tag()}-{DEAD_PID}-x"
+    (repo / link).symlink_to(outside_folder(repo), target_is_directory=True)
+    return link
+
+
 def deepspeed_json(text: str) -> Callable[[Path, dict], None]:
     """recipes/deepspeed/mine.json holds `text` and train.deepspeed names it."""
     return write("recipes/deepspeed/mine.json", text, train__deepspeed="mine")
@@ -371,6 +445,7 @@ LLAMA3 = {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_fa
 HTML = b"<!DOCTYPE html>\n<html><head><title>Sign in</title></head><body>...</body></html>\n"
 ARROW = "data/tokenized/train/data-00000-of-00001.arrow"
 NO_NET = {"retries": 0, "read_timeout_s": 1, "connect_timeout_s": 1}
+WORKED = {"TQDM_DISABLE": "1"}  # a stage that failed after its work: no progress bars beside the error line
 SECRET_TOKEN = "hf_" + "catalogue" + "SecretTokenThatMustNotLeak"  # never written whole in a file: the scan finds only a leak
 
 # ---------------------------------------------------------------- the catalogue
@@ -454,6 +529,15 @@ CASES = [
          params(model__rope_scaling={"type": "longrope", "factor": 4.0, "short_factor": [1.0] * 16,
                                      "long_factor": [1.0] * 15}),
          "model.rope_scaling: short_factor has 16 values and long_factor 15"),
+    # YAML 1.1 forms: params.yaml is read as DVC records it (YAML 1.2), so these are text, refused by type
+    Case("sexagesimal-minutes", "params", "a time written `1:30` (90 in YAML 1.1, text in YAML 1.2 and dvc.lock)", "train",
+         params_text(lambda t: t.replace("save_minutes: 30", "save_minutes: 1:30")),
+         "'train.save_minutes': Input should be a valid number (got '1:30'; YAML 1.2, which DVC records, reads it as "
+         "text, not base 60: write 90)"),
+    Case("yes-for-true", "params", "`yes` for true (YAML 1.1's boolean, text in YAML 1.2)", "tokenize",
+         params_text(lambda t: t.replace("unknown_markers: false", "unknown_markers: yes")),
+         "'tokenize.unknown_markers': Input should be a valid boolean (got 'yes'; YAML 1.2, which DVC records, reads "
+         "it as text: write true or false)"),
     # data files
     Case("outside-sources", "data", "a data file outside data/sources/", "download",
          write("data/elsewhere.jsonl", jsonl(GOOD), data__sources=[{"kind": "local", "path": "data/elsewhere.jsonl"}]),
@@ -653,6 +737,16 @@ CASES = [
     Case("tokenizer-for-hub-recipe", "models", "model.tokenizer with a Hub recipe", "download",
          both(model_copy(lambda f: None, tokenizer_only=True), params(model__recipe="qwen2.5-7b-instruct")),
          "model.tokenizer is for recipes built from config", slow=True),
+    Case("model-custom-code", "models", "a model folder whose config.json has auto_map (its own code), without opt-in",
+         "download", model_copy(custom_code("config.json")),
+         "models/sources/m/config.json has an auto_map, so loading it runs the folder's own code (evil.py), and "
+         "model.trust_remote_code is false"),
+    Case("tokenizer-custom-code", "models", "a tokenizer folder whose tokenizer_config.json has auto_map, without "
+         "opt-in", "download", model_copy(custom_code("tokenizer_config.json"), tokenizer_only=True),
+         "models/sources/m/tokenizer_config.json has an auto_map"),
+    Case("base-custom-code", "models", "models/base given an auto_map and a .py by hand, then tokenize", "tokenize",
+         lambda repo, ctx: custom_code("tokenizer_config.json")(repo / "models" / "base"),
+         "models/base/tokenizer_config.json has an auto_map, so loading it runs the folder's own code (evil.py)"),
     Case("remote-code-no-opt-in", "models", "a recipe that runs Hub code, without opt-in", "download",
          params(model__recipe="chatglm2-6b", model__convert=False), "set model.trust_remote_code"),
     # templates and tokenizing
@@ -823,6 +917,36 @@ CASES = [
     Case("raw-manifest-list", "damaged", "data/raw/manifest.json replaced by a JSON list", "tokenize",
          lambda repo, ctx: (repo / "data/raw/manifest.json").write_text("[]"),
          "data/raw/manifest.json is damaged (a JSON list, not an object): restore it with"),
+    # a swap journal no stage wrote: checked whole before anything moves
+    Case("journal-outside", "journal", "a journal moving a folder from outside the project onto data/raw", "tokenize",
+         journal(lambda repo: [[str(outside_folder(repo)), "data/raw"]]),
+         ".outputs-journal.json pairs data/raw with '/"),
+    Case("journal-link", "journal", "a journal whose temp folder is a link leading outside", "tokenize",
+         journal(lambda repo: [[str(temp_link(repo)), "data/raw"]]),
+         "which is not the temp path a stage writes beside it: no stage of this project wrote it, and nothing was "
+         "moved; delete it (rm .outputs-journal.json)"),
+    Case("journal-not-an-output", "journal", "a journal replacing a path that is no output (data/sources)", "download",
+         journal(lambda repo: [["data/.sources.tmp-x-1-abc", "data/sources"]]),
+         ".outputs-journal.json names 'data/sources', which is not an output in dvc.yaml"),
+    Case("journal-garbled", "journal", "a garbled journal", "merge", journal('{"host": "x", "pid": 1, "pairs": [["da'),
+         ".outputs-journal.json is not valid JSON: no stage of this project wrote it"),
+    Case("journal-shape", "journal", "a journal of another shape (a list)", "eval", journal("[1, 2]"),
+         ".outputs-journal.json is not of a journal's shape"),
+    # inputs edited while the stage ran: DVC hashes them when it ends, so the stage checks before its swap
+    Case("params-edited-mid-run", "during", "params.yaml edited (a key the stage declares)", "download",
+         while_running("data/.raw.tmp-*", lambda repo: (repo / "params.yaml").write_text(
+             (repo / "params.yaml").read_text().replace("validation_fraction: 0.1 ", "validation_fraction: 0.2 "))),
+         "params.yaml key data.validation_fraction (0.1, now 0.2) changed while stage download "
+         "ran", env=WORKED),
+    Case("source-edited-mid-run", "during", "a data file appended to", "download",
+         both(data_file("x.jsonl", jsonl(GOOD)), while_running("data/.raw.tmp-*", append(
+             "data/sources/x.jsonl", jsonl([{"instruction": "late", "input": "", "output": "record"}])))),
+         "data/sources/x.jsonl (under data/sources, a dependency in dvc.yaml) changed while stage download "
+         "ran", env=WORKED),
+    Case("code-edited-mid-run", "during", "the stage's code edited", "download",
+         while_running("data/.raw.tmp-*", append("stages/lib/data/mix.py", "# edited\n")),
+         "stages/lib/data/mix.py (under stages/lib/data, a dependency in dvc.yaml) changed while stage download "
+         "ran", env=WORKED),
 ]
 
 

@@ -190,21 +190,28 @@ def test_a_redirect_is_followed_and_the_pinned_hash_still_checked(servers, tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl"]  # nothing partial left
 
 
-def test_a_model_folder_with_remote_code_runs_none_of_it(ready, tmp_path):
-    """config.json's auto_map points at a .py file that would leave a marker if imported: download copies the
-    weights and config, never the code, and nothing runs it."""
+@pytest.mark.parametrize("config", ["config.json", "tokenizer_config.json"])
+def test_custom_code_answered_yes_on_stdin_runs_none_of_it(config, ready, tmp_path):
+    """A model (or tokenizer) folder whose auto_map points at a .py file that leaves a marker when imported, and a
+    pipe that answers transformers' "run the custom code? [y/N]" with y: download refuses it, naming the file and
+    model.trust_remote_code, and nothing of the code runs."""
+    from bad_inputs import custom_code
+
     repo = tmp_path / "repo"
     shutil.copytree(ready, repo, symlinks=True, ignore=shutil.ignore_patterns(".git", ".dvc"))
     model = repo / "models" / "sources" / "m"
     shutil.copytree(repo / "models" / "base", model)
-    marker = tmp_path / "code-ran"
-    (model / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
-    config = json.loads((model / "config.json").read_text())
-    config["auto_map"] = {"AutoConfig": "evil.Config", "AutoModelForCausalLM": "evil.Model", "AutoTokenizer": "evil.Tok"}
-    (model / "config.json").write_text(json.dumps(config))
-    set_params(repo, model__path="models/sources/m")
-    run([sys.executable, "-m", "stages.download"], cwd=repo, env={"PYTHONPATH": str(repo)})
-    assert not marker.exists()
+    custom_code(config)(model)
+    subprocess.run([sys.executable, "-c", "import evil"], cwd=model, check=True)  # the marker works
+    (model / "pwned").unlink()
+    set_params(repo, **{"model.tokenizer" if config.startswith("tokenizer") else "model.path": "models/sources/m"})
+    before = digests(repo)
+    proc = subprocess.run([sys.executable, "-m", "stages.download"], cwd=repo, input="y\ny\ny\n", capture_output=True,
+                          text=True, env=env_with_venv() | {"PYTHONPATH": str(repo)}, timeout=300)  # fmt: skip
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr
+    assert proc.stderr.startswith(f"error: model.") and f"models/sources/m/{config} has an auto_map" in proc.stderr
+    assert "model.trust_remote_code is false" in proc.stderr
+    assert not list(repo.rglob("pwned")) and digests(repo) == before
     assert not list((repo / "models" / "base").glob("*.py"))
 
 
@@ -214,14 +221,17 @@ def test_a_swap_cut_short_by_a_kill_is_completed_and_stale_temp_folders_go(tmp_p
     from stages.lib.core import outputs
 
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "dvc.yaml").write_text("stages:\n  s: {cmd: x, outs: [data/raw, data/base]}\n")
     for name in ("raw", "base"):
         (tmp_path / "data" / name).mkdir(parents=True)
         (tmp_path / "data" / name / "v").write_text("old")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
     staged = outputs.StagedOutputs()
     for name in ("raw", "base"):
         (staged.dir(Path("data") / name) / "v").write_text("new")
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
+    for i, (tmp, final) in enumerate(staged.pairs):  # as the dead process named them
+        staged.pairs[i] = (tmp.rename(str(tmp).replace(f"-{os.getpid()}-", f"-{dead.pid}-")), final)
     # the killed stage renamed data/raw, then died before data/base: what its journal and folders look like
     outputs.write_json(outputs.JOURNAL, {"host": socket.gethostname(), "pid": dead.pid,
                                          "pairs": [[str(t), str(f)] for t, f in staged.pairs]})  # fmt: skip
@@ -235,3 +245,63 @@ def test_a_swap_cut_short_by_a_kill_is_completed_and_stale_temp_folders_go(tmp_p
     assert not outputs.JOURNAL.exists() and not stale.exists() and live.exists()
     assert len(done) == 2
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == sorted(["raw", "base", live.name])
+
+
+def forged_journals(tmp_path: Path) -> dict[str, object]:
+    """Journals no stage wrote, each of which would move or delete something if obeyed."""
+    from stages.lib.core import outputs
+
+    host, dead = socket.gethostname(), 2**22 + 7  # above any pid_max: no such process
+    link = Path("data") / f".raw.tmp-{outputs.host_tag()}-{dead}-abc"
+    link.symlink_to(tmp_path / "outside", target_is_directory=True)
+    journal = {"host": host, "pid": dead}
+    return {
+        "outside": journal | {"pairs": [[str(tmp_path / "outside"), "data/raw"]]},
+        "link-beside": journal | {"pairs": [[str(link), "data/raw"]]},
+        "not-an-output": journal | {"pairs": [["data/.sources.tmp-x-1-abc", "data/sources"]]},
+        "escaping": journal | {"pairs": [["data/.x.tmp-x-1-abc", "data/../../x"]]},
+        "other-writer": journal | {"pairs": [[f"data/.raw.tmp-{outputs.host_tag()}-{dead + 1}-abc", "data/raw"]]},
+        "shape": {"host": host, "pid": str(dead), "pairs": []},
+        "list": [["data/.raw.tmp-x-1-abc", "data/raw"]],
+        "garbled": '{"host": "x", "pid": 1, "pairs": [["data/.raw',
+    }
+
+
+@pytest.mark.parametrize("kind", ["outside", "link-beside", "not-an-output", "escaping", "other-writer", "shape", "list",
+                                  "garbled"])  # fmt: skip
+def test_a_forged_or_garbled_journal_moves_nothing(kind, tmp_path, monkeypatch):
+    """A journal is checked whole before any rename: its shape, and each pair an output dvc.yaml declares with
+    the temp path its writer (host, pid) would have made beside it. Anything else is one error naming the file."""
+    from stages.lib.core import outputs
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dvc.yaml").write_text("stages:\n  s: {cmd: x, outs: [data/raw, data/base]}\n")
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "v").write_text("not the project's")
+    (tmp_path / "data" / "raw").mkdir(parents=True)
+    (tmp_path / "data" / "raw" / "v").write_text("the real one")
+    journal = forged_journals(tmp_path)[kind]
+    outputs.JOURNAL.write_text(journal if isinstance(journal, str) else json.dumps(journal))
+    with pytest.raises(outputs.JournalError) as exc:
+        outputs.recover()
+    message = str(exc.value)
+    assert "\n" not in message and message.startswith(".outputs-journal.json ") and "delete it" in message
+    assert (tmp_path / "data" / "raw" / "v").read_text() == "the real one"
+    assert (tmp_path / "outside" / "v").read_text() == "not the project's"
+    assert outputs.JOURNAL.exists()  # left for the user to look at
+
+
+def test_a_journal_the_stage_wrote_passes_the_check(tmp_path, monkeypatch):
+    """Every kind of temp path StagedOutputs makes (a folder, a file, one the stage added) passes read_journal."""
+    from stages.lib.core import outputs
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dvc.yaml").write_text("stages:\n  s: {cmd: x, outs: [data/raw, m/a.json, models/adapter]}\n")
+    staged = outputs.StagedOutputs()
+    staged.dir("data/raw")
+    staged.file("m/a.json").write_text("{}")
+    Path("models").mkdir()
+    staged.add(Path("models/.adapter.partial"), Path("models/adapter"))
+    outputs.write_json(outputs.JOURNAL, {"host": socket.gethostname(), "pid": os.getpid(),
+                                         "pairs": [[str(t), str(f)] for t, f in staged.pairs]})  # fmt: skip
+    assert outputs.read_journal()["pairs"][1] == [str(staged.pairs[1][0]), "m/a.json"]

@@ -238,3 +238,83 @@ def test_a_run_that_could_never_resume_and_unknown_trackers_are_refused():
     with pytest.raises(UserError, match="dvclive is always on"):
         check_reporters(["dvclive"])
     check_reporters([])
+
+
+# ---------------------------------------------------------------- params.yaml read as DVC reads it
+
+MINIMAL = "data:\n  sources:\n    - kind: builtin\nmodel:\n  recipe: tiny-llama\n"
+SLOTS = {  # a key of each type, and the text that puts a scalar there
+    "seed": "seed: {}\n",
+    "train.learning_rate": "train:\n  learning_rate: {}\n",
+    "train.save_minutes": "train:\n  save_minutes: {}\n",
+    "train.packing": "train:\n  packing: {}\n",
+    "tokenize.template": "tokenize:\n  template: {}\n",
+    "train.deepspeed": "train:\n  deepspeed: {}\n",
+}
+# scalars that YAML 1.1 (PyYAML) and YAML 1.2 (ruamel.yaml, which DVC uses) read differently, or nearly so
+SCALARS = ["010", "0010", "00", "-0", "0o10", "0x1f", "0b101", "1_000", "+12", "1:30", "190:20:30", "-1:30", "1:30.5",
+           "yes", "no", "on", "off", "y", "n", "Yes", "NO", "On", "True", "TRUE", "false", ".inf", "-.inf", ".nan",
+           "1e-4", "1E3", "1e30", "1.", ".5", "0.1_0", "~", "Null", "NULL", "''", "2001-12-14", "'010'", "!!float 1",
+           "!!str 010", "!!int '7'", "=", "!!binary aGk=", "0o", "0x", "1__0", "0777", "08", "09.5"]  # fmt: skip
+
+
+def dotted(value, key: str):
+    for part in key.split("."):
+        value = getattr(value, part) if not isinstance(value, dict) else value[part]
+    return value
+
+
+@pytest.mark.parametrize("key", sorted(SLOTS))
+def test_every_value_a_stage_uses_is_the_value_dvc_records(key, tmp_path):
+    """Each scalar of the catalogue at a key of each type: our reader and DVC's own (the function that records
+    params in dvc.lock) give the same value, or ours refuses it naming the key (or, where DVC cannot read the file
+    either, with its line)."""
+    from dvc.dependency.param import read_param_file
+    from dvc.fs import LocalFileSystem
+
+    from stages.lib.core.params import load_params
+
+    path = tmp_path / "params.yaml"
+    agreed = refused = 0
+    for scalar in SCALARS:
+        path.write_text(MINIMAL + SLOTS[key].format(scalar), encoding="utf-8")
+        try:
+            recorded = read_param_file(LocalFileSystem(), str(path), [key], flatten=True)[key]
+        except Exception:  # noqa: BLE001 - DVC cannot read the file: no stage may run on it
+            recorded = None
+            with pytest.raises(ParamsError, match=r"params.yaml, line \d+"):
+                load_params(path)
+            refused += 1
+            continue
+        try:
+            used = dotted(load_params(path), key)
+        except ParamsError as exc:
+            assert "\n" not in str(exc) and key in str(exc), (scalar, str(exc))
+            refused += 1
+            continue
+        assert used == recorded and type(used) is type(recorded) or (
+            isinstance(used, float) and type(recorded) is int and used == recorded), (scalar, used, recorded)  # fmt: skip
+        agreed += 1
+    assert agreed and refused  # each key both takes some of these scalars and refuses others
+
+
+@pytest.mark.parametrize("text", [
+    "base: &b {learning_rate: 0.01, epochs: 2}\ntrain:\n  <<: *b\n  epochs: 3\n",  # a merge key, one value overridden
+    "%YAML 1.1\n---\ntrain:\n  packing: yes\n  save_minutes: 1:30\nseed: 010\n",  # a YAML 1.1 directive
+    "seed: &s 010\ntrain: {save_steps: *s, packing: on}\n",  # an alias of a leading-zero number
+    "'seed': 0x10\n\"train\": {learning_rate: 1E-3, max_steps: 0o17}\n",
+])  # fmt: skip
+def test_whole_documents_read_as_dvc_reads_them(text):
+    """Merge keys, anchors and a `%YAML 1.1` directive (which switches both readers to YAML 1.1) give our reader
+    what DVC's parse_yaml gives, types included."""
+    from dvc.utils.serialize import parse_yaml
+
+    from stages.lib.core.params import read_yaml
+
+    ours, dvcs = read_yaml(Path("params.yaml"), text), parse_yaml(text, "params.yaml")
+    assert ours == dvcs and json.dumps(ours, default=str) == json.dumps(dvcs, default=str)
+
+
+def test_yaml_1_1_forms_are_named_with_what_to_write():
+    assert "write 90" in error_of(with_change("train.save_minutes", "1:30"))
+    assert "write true or false" in error_of(with_change("train.packing", "on"))

@@ -116,6 +116,8 @@ def files_read_by_stage(repo: Path) -> dict[str, set[str]]:
             rel = path.relative_to(repo)
             if rel.parts[0].startswith(".") or rel.parts[0].endswith(".egg-info") or rel.name == "params.yaml":
                 continue
+            if rel.as_posix() == "dvc.yaml":  # the stage's own entry (its declared inputs, checked before the swap)
+                continue
             out.setdefault(main.split(".")[1], set()).add(rel.as_posix())
     return out
 

@@ -241,7 +241,7 @@ def reload(tokenizer, folder: Path):
     from transformers import AutoTokenizer
 
     save_tokenizer(tokenizer, folder)
-    return AutoTokenizer.from_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder, trust_remote_code=type(tokenizer).__module__.startswith("transformers_modules"))  # custom only if loaded so
 
 
 def apply(tokenizer, fmt: ChatFormat) -> None:

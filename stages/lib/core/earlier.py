@@ -74,7 +74,9 @@ def check_model_output(folder: Path, stage: str) -> dict[str, tuple[int, ...]]:
     config.json builds on the meta device (model_files; no weights read). DamagedOutput names the file. Returns
     the tensors' shapes by name, as the safetensors headers give them."""
     from .model_files import ModelFilesError, check_safetensors, check_shapes, read_json
+    from .remote_code import check_no_custom_code
 
+    check_no_custom_code(folder, str(folder))  # its own code runs only with model.trust_remote_code
     shapes: dict = {}
     for path in sorted(folder.glob("*.json")) + sorted(folder.glob("*.safetensors")):
         try:
@@ -206,8 +208,11 @@ def load_tokenizer(folder: Path, output: Path, stage: str):
     first file that does not read (JSON that does not parse, text that is not UTF-8)."""
     from transformers import AutoTokenizer
 
+    from .remote_code import check_no_custom_code, trusted
+
+    check_no_custom_code(folder, str(folder))
     with reading(folder, output, stage, locate=lambda: _first_unreadable(folder)):
-        return AutoTokenizer.from_pretrained(folder)
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=trusted())
 
 
 def _first_unreadable(folder: Path) -> Path | None:

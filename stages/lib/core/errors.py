@@ -23,17 +23,19 @@ def require(*paths, made_by: str) -> None:
 
 def run_stage(main: Callable[[], None]) -> None:
     """Run a stage's `main`: first finish or clean up what a killed run left (head process only: launched ranks
-    share its folders), then turn a UserError into one `error:` line and Ctrl-C into exit 130, both without a
+    share its folders) and note the stage's declared inputs (`provenance`), then turn a UserError into one `error:` line and Ctrl-C into exit 130, both without a
     traceback and with every earlier output as it was."""
     from .outputs import recover
+    from .provenance import remember
     from .quiet import quiet
 
     quiet()
-    if "LOCAL_RANK" not in os.environ:
-        for line in recover():
-            print(f"note: {line}", flush=True)
 
     def stage() -> None:
+        if "LOCAL_RANK" not in os.environ:
+            for line in recover():
+                print(f"note: {line}", flush=True)
+        remember()  # what dvc.yaml says it reads, as it is now: checked again before the outputs are swapped in
         try:
             main()
         except KeyboardInterrupt:

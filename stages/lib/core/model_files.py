@@ -153,7 +153,8 @@ def _build_on_meta(folder: str, mtime_ns: int, size: int):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+        # trust_remote_code=False: meta_model never gets here for a folder with auto_map (its own code)
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder, trust_remote_code=False))
 
 
 def check_shapes(folder: Path, what: str, shapes: dict[str, tuple[int, ...]]) -> None:
@@ -183,11 +184,14 @@ def check_shapes(folder: Path, what: str, shapes: dict[str, tuple[int, ...]]) ->
 
 
 def check_tokenizer(folder: Path, what: str):
-    """The tokenizer loads and has an EOS token; returns it."""
+    """The tokenizer loads (its own code only with model.trust_remote_code) and has an EOS token; returns it."""
     from transformers import AutoTokenizer
 
+    from .remote_code import check_no_custom_code, trusted
+
+    check_no_custom_code(folder, what)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trusted())
     except Exception as exc:  # noqa: BLE001 - each tokenizer backend fails its own way; all mean "not loadable"
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ModelFilesError(f"{what}: the tokenizer does not load ({type(exc).__name__}: {first[:200]}); "
@@ -221,6 +225,9 @@ def check_vocab(folder: Path, what: str, tokenizer) -> None:
 
 def check_model_dir(folder: Path, what: str) -> None:
     """All checks of a model directory (`what` names it in errors, e.g. `model.path models/sources/x`)."""
+    from .remote_code import check_no_custom_code
+
+    check_no_custom_code(folder, what)  # before any file of it is read by transformers
     check_config(folder, what)
     check_shapes(folder, what, check_weights(folder, what))
     check_vocab(folder, what, check_tokenizer(folder, what))

@@ -19,6 +19,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from .errors import UserError
+
 JOURNAL = Path(".outputs-journal.json")  # the swap in progress: [[temp, final], ...], host and pid
 OUTPUT_PARENTS = ("data", "models", "metrics", "eval", "dvclive", "dvclive/train", "dvclive/train/plots")
 _STALE = re.compile(r"^\..+\.(?:tmp|scratch)-(?P<host>.+)-(?P<pid>\d+)-[^-]+$")
@@ -84,10 +86,14 @@ class StagedOutputs:
 @contextmanager
 def staged_outputs() -> Iterator[StagedOutputs]:
     """Collect a stage's outputs in temp paths; on success they replace the finals together, on an exception
-    (or a kill: see `recover`) every final stays as it was."""
+    (or a kill: see `recover`) every final stays as it was. An input dvc.yaml declares that changed while the stage
+    ran is such an exception (provenance.InputsChanged): dvc.lock would pair these outputs with the new version."""
+    from .provenance import check_unchanged
+
     staged = StagedOutputs()
     try:
         yield staged
+        check_unchanged()
     except BaseException:
         staged.discard()
         raise
@@ -118,15 +124,62 @@ def _alive(pid: int) -> bool:
     return True
 
 
+class JournalError(UserError):
+    """.outputs-journal.json is not a swap this project's stages began: nothing is moved."""
+
+
+def _journal_problem(journal: object) -> str | None:
+    """Why `journal` (parsed JSON) is not one that `StagedOutputs.commit` wrote here, or None: its shape, and each
+    pair an output dvc.yaml declares with a temp path of the journal's writer beside it."""
+    pairs = journal.get("pairs") if isinstance(journal, dict) else None
+    if not (isinstance(journal, dict) and set(journal) == {"host", "pid", "pairs"} and isinstance(journal["host"], str)
+            and type(journal["pid"]) is int and isinstance(pairs, list)
+            and all(isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in pairs)):
+        return "is not of a journal's shape ({host, pid, pairs: [[temp, output], ...]})"
+    from .provenance import declared_outputs
+
+    known = declared_outputs()
+    for tmp, final in pairs:
+        if final != os.path.normpath(final) or final not in known:
+            return f"names {final!r}, which is not an output in dvc.yaml"
+        if not _own_temp(Path(tmp), Path(final), journal["host"], journal["pid"]):
+            return f"pairs {final} with {tmp!r}, which is not the temp path a stage writes beside it"
+    return None
+
+
+def _own_temp(tmp: Path, final: Path, host: str, pid: int) -> bool:
+    """`tmp` is a temp path of process `pid` on `host` for `final`, as StagedOutputs names them: a folder
+    `.NAME.tmp-HOST-PID-RANDOM` beside it, a file NAME in a folder `.NAME.d.tmp-HOST-PID-RANDOM` beside it, or the
+    train stage's `.NAME.partial`; never a link (which could lead anywhere)."""
+    staged_file = tmp.name == final.name and tmp.parent.parent == final.parent
+    root = tmp.parent if staged_file else tmp
+    owner = rf"{re.escape(host.replace('-', '_'))}-{pid}-[^-/]+"
+    name = rf"\.{re.escape(final.name)}\.d\.tmp-{owner}" if staged_file else \
+        rf"\.{re.escape(final.name)}\.(?:tmp-{owner}|partial)"  # fmt: skip
+    return root.parent == final.parent and bool(re.fullmatch(name, root.name)) and not (
+        root.is_symlink() or tmp.is_symlink())
+
+
+def read_journal() -> dict:
+    """JOURNAL, checked before anything is moved; JournalError naming it if it is garbled or forged."""
+    try:
+        journal = json.loads(JOURNAL.read_text(encoding="utf-8"))
+        problem = _journal_problem(journal)
+    except (ValueError, UnicodeDecodeError):  # written atomically (write_json): never half-written by a stage
+        problem = "is not valid JSON"
+    if problem:
+        raise JournalError(f"{JOURNAL} {problem}: no stage of this project wrote it, and nothing was moved; delete "
+                           f"it (rm {JOURNAL}) and run the stage again")  # fmt: skip
+    return journal
+
+
 def recover(parents=OUTPUT_PARENTS) -> list[str]:
-    """At a stage's start (project root): finish a swap a killed stage left half-done on this host, then remove
-    temp paths of dead processes of this host. Returns what it did, one phrase per action."""
+    """At a stage's start (project root): finish a swap a killed stage left half-done on this host (after checking
+    its journal: `read_journal`), then remove temp paths of dead processes of this host. Returns what it did, one
+    phrase per action."""
     done = []
-    if JOURNAL.exists():
-        try:
-            journal = json.loads(JOURNAL.read_text(encoding="utf-8"))
-        except ValueError:  # killed while writing the journal: no rename had started
-            journal = {"host": socket.gethostname(), "pid": -1, "pairs": []}
+    if JOURNAL.exists() or JOURNAL.is_symlink():
+        journal = read_journal()
         if journal["host"] == socket.gethostname() and not _alive(journal["pid"]):
             _roll_forward(journal["pairs"])
             JOURNAL.unlink()

@@ -1,7 +1,7 @@
 """The one schema for params.yaml.
 
-Every stage calls `load_params()` first: it imports only pydantic and yaml, so a bad file fails in well under a
-second, before any model, dataset or output is touched.
+Every stage calls `load_params()` first: it imports only pydantic and ruamel.yaml (the YAML reader DVC records
+params.yaml with), so a bad file fails in well under a second, before any model, dataset or output is touched.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
@@ -499,7 +498,27 @@ def _describe(err: dict) -> str:
     if err["type"] == "missing":
         return f"missing required key '{key}'"
     where = f"'{key}'" if key else "params"
-    return f"{where}: {err['msg']} (got {mask_urls(repr(err.get('input')))})"  # a URL's password is not shown
+    got = mask_urls(repr(err.get("input")))  # a URL's password is not shown
+    return f"{where}: {err['msg']} (got {got}{_yaml11_hint(err.get('input'))})"
+
+
+YAML11_BOOLEANS = {"yes", "no", "on", "off", "y", "n"}  # booleans in YAML 1.1 (PyYAML), text in YAML 1.2 (DVC)
+SEXAGESIMAL = re.compile(r"^[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+(?:\.[0-9_]*)?$")  # 1:30 is 90 in YAML 1.1
+
+
+def _yaml11_hint(value: Any) -> str:
+    """For text that YAML 1.1 would have read as a boolean or a base-60 number: what to write instead."""
+    if not isinstance(value, str):
+        return ""
+    if value.lower() in YAML11_BOOLEANS:
+        return "; YAML 1.2, which DVC records, reads it as text: write true or false"
+    if SEXAGESIMAL.match(value):
+        number = 0.0
+        for part in value.lstrip("+-").replace("_", "").split(":"):
+            number = number * 60 + float(part)
+        number = -number if value.startswith("-") else number
+        return f"; YAML 1.2, which DVC records, reads it as text, not base 60: write {number:g}"
+    return ""
 
 
 def validate(raw: Any, source: str = str(PARAMS_FILE)) -> Params:
@@ -527,39 +546,28 @@ def _merge_alternatives(problems: list[str]) -> list[str]:
     return [key.replace("\0", " or ".join(messages)) if messages else key for key, messages in merged.items()]
 
 
-class ParamsLoader(yaml.SafeLoader):
-    """PyYAML's safe loader (no `!!python/...` objects), refusing duplicate keys (where PyYAML keeps the last one
-    silently) and reading `1e-4` as a number as YAML 1.2 does (YAML 1.1 wants `1.0e-4`, and DVC writes `1e-4`)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen: dict = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key '{key}' (first on line {seen[key] + 1}): keep one", key_node.start_mark
-                )
-            seen[key] = key_node.start_mark.line
-        return super().construct_mapping(node, deep=deep)
-
-
-ParamsLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
+DUPLICATE = re.compile(r'found duplicate key "(?P<key>.*)" with value')
 
 
 def read_yaml(path: Path, text: str):
-    """Parse `text` (the file `path`) with ParamsLoader; a syntax error is one ParamsError line with its position."""
+    """Parse `text` (the file `path`) exactly as DVC reads params.yaml into dvc.lock: ruamel.yaml's safe loader,
+    `YAML(typ="safe").load` (dvc.utils.serialize.parse_yaml). So every value a stage uses is the value dvc.lock
+    records (YAML 1.2: `010` is 10, `1:30` and `yes` are text, `1e-4` a number), and no `!!python/...` object is
+    built. A duplicate key or a syntax error is one ParamsError line with its position."""
+    from ruamel.yaml import YAML
+    from ruamel.yaml.error import MarkedYAMLError, YAMLError
+
     try:
-        return yaml.load(text, Loader=ParamsLoader)  # noqa: S506 (a SafeLoader subclass)
-    except yaml.MarkedYAMLError as exc:
+        return YAML(typ="safe").load(text)
+    except MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
+        duplicate = DUPLICATE.match(exc.problem or "")
+        if duplicate:  # where PyYAML kept the last value silently; DVC refuses the file
+            raise ParamsError(f"{path}, {where}: duplicate key '{duplicate['key']}': keep one") from None
         context = f" ({exc.context})" if exc.context else ""
         raise ParamsError(f"{path}, {where}: {exc.problem}{context}") from None
-    except yaml.YAMLError as exc:
+    except YAMLError as exc:
         raise ParamsError(f"{path} is not valid YAML: {' '.join(str(exc).split())}") from None
 
 

@@ -74,7 +74,7 @@ def load_merged(folder: Path = MERGED) -> Talker:
     tokenizer = _tokenizer(folder, "merge")
     stops = GenerationConfig.from_pretrained(folder).eos_token_id
     stops = [tokenizer.eos_token_id] if stops is None else [stops] if isinstance(stops, int) else list(stops)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto").to(_device()).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto", trust_remote_code=False).to(_device()).eval()
     return Talker(model, tokenizer, stops, context_length(model.config), str(folder))
 
 
@@ -98,7 +98,7 @@ def load_with_adapter(adapter: Path = ADAPTER, base: Path = BASE, tokenizer_dir:
     with reading(tokenizer_dir / chat_format.FORMAT_FILE, tokenizer_dir, "tokenize"):
         stops = chat_format.load(tokenizer_dir).stop_ids
     tokenizer = _tokenizer(tokenizer_dir, "tokenize")
-    model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")
+    model = AutoModelForCausalLM.from_pretrained(base, dtype="auto", trust_remote_code=False)
     model = PeftModel.from_pretrained(model, adapter).to(_device()).eval()
     return Talker(model, tokenizer, stops, context_length(model.config), f"{base} + {adapter}")
 

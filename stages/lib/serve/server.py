@@ -59,14 +59,14 @@ class Pinned:
         name = str(folder)
         self.serve = _Built(force_model=name, host=host, port=port, device=device, log_level=log_level,
                             non_blocking=True)  # fmt: skip
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
         if not tokenizer.chat_template:
             from ..core.errors import UserError
 
             raise UserError(f"{folder} has no chat template: serve models/merged (merge writes the training one)")
         generation = GenerationConfig.from_pretrained(folder).to_diff_dict()
         generation.pop("transformers_version", None)
-        self.served = Served(name, tokenizer, context_length(AutoConfig.from_pretrained(folder)),
+        self.served = Served(name, tokenizer, context_length(AutoConfig.from_pretrained(folder, trust_remote_code=False)),
                              {folder.name, str(folder.resolve())}, generation)  # fmt: skip
         config = self.serve.server.config
         _openai_errors(config.app)

@@ -52,7 +52,7 @@ def build_on_meta(path: Path, quantization, dtype: torch.dtype, attn_implementat
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.quantizers import AutoHfQuantizer
 
-    config = AutoConfig.from_pretrained(path, **config_kwargs)
+    config = AutoConfig.from_pretrained(path, **{"trust_remote_code": False} | config_kwargs)  # never None: no prompt
     quantizer = AutoHfQuantizer.from_config(quantization, pre_quantized=False)
     with init_empty_weights(include_buffers=False), _zero3_hidden():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation,
