@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -69,16 +70,16 @@ def training_prompt(row) -> list[int]:
     return row["input_ids"][: row["prompt_length"]]
 
 
-@pytest.fixture(scope="module")
-def server(project):
-    """The server of stages.serve on models/merged, in this process (so that a test can read what its model is
-    given), on a free port of 127.0.0.1."""
+@contextmanager
+def serving(folder: Path):
+    """stages.serve's server on `folder`, in this process (so that a test can read what its model is given), on a
+    free port of 127.0.0.1, up and answering /health: (the Pinned server, its base URL)."""
     import httpx
 
     from stages.lib.serve.server import Pinned
 
     port = free_port()
-    pinned = Pinned(project / "models" / "merged", "127.0.0.1", port, device="cpu")
+    pinned = Pinned(folder, "127.0.0.1", port, device="cpu")
     pinned.start()
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
@@ -90,8 +91,17 @@ def server(project):
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.1)
-    yield pinned, url
-    pinned.stop()
+    try:
+        yield pinned, url
+    finally:
+        pinned.stop()
+
+
+@pytest.fixture(scope="module")
+def server(project):
+    """The server on the default run's models/merged."""
+    with serving(project / "models" / "merged") as running:
+        yield running
 
 
 def client(url: str):

@@ -13,19 +13,19 @@ from __future__ import annotations
 
 import json
 import random
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 from conftest import ROOT, default_params, env_with_project, run
-from test_serve import client, free_port
+from test_serve import client, serving
 
 TOOL = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather of a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}  # fmt: skip
 CITIES = ["Paris", "Oslo", "Lima", "Rome", "Kyiv", "Bern", "Riga", "Doha", "Cairo", "Lagos", "Quito", "Hanoi",
-          "Lyon", "Graz", "Turin", "Baku", "Accra", "Minsk", "Sofia", "Dakar", "Tunis", "Kabul", "Seoul", "Tokyo"]  # fmt: skip
+          "Lyon", "Graz", "Turin", "Baku", "Accra", "Minsk", "Sofia", "Dakar", "Tunis", "Kabul", "Seoul", "Tokyo",
+          "Perth", "Dubai", "Milan", "Porto", "Nice", "Malmo", "Split", "Bonn", "Delhi", "Cusco", "Davos", "Hue"]  # fmt: skip
 
 
 def records() -> list[dict]:
@@ -53,7 +53,7 @@ def tool_project(tmp_path_factory) -> Path:
     params["data"]["sources"] = [{"kind": "local", "path": "data/sources/tools.jsonl", "format": "messages"}]
     params["data"]["validation_fraction"] = 0.05
     params["tokenize"] |= {"template": "qwen3", "max_length": 512}
-    params["train"] |= {"epochs": 40, "batch_size": 8, "eval_steps": None, "save_steps": 100000, "logging_steps": 20}
+    params["train"] |= {"epochs": 60, "batch_size": 8, "eval_steps": None, "save_steps": 100000, "logging_steps": 20}
     (folder / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True))
     for stage in ("download", "tokenize", "train", "merge"):
         run(["python", "-m", f"stages.{stage}"], cwd=folder, env=env_with_project(), timeout=1200)
@@ -62,25 +62,8 @@ def tool_project(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tool_server(tool_project):
-    import httpx
-
-    from stages.lib.serve.server import Pinned
-
-    port = free_port()
-    pinned = Pinned(tool_project / "models" / "merged", "127.0.0.1", port, device="cpu")
-    pinned.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{url}/health").status_code == 200:
-                break
-        except httpx.TransportError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
-    yield url
-    pinned.stop()
+    with serving(tool_project / "models" / "merged") as (_, url):
+        yield url
 
 
 def test_the_server_returns_the_models_tool_call_in_openais_shape(tool_server):
