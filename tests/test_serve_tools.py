@@ -66,39 +66,67 @@ def tool_server(tool_project):
         yield url
 
 
-def test_the_server_returns_the_models_tool_call_in_openais_shape(tool_server):
+def generated_reply(folder: Path, messages: list[dict]):
+    """What the merged model writes for `messages` with the tool (greedy, `model.generate` on the prompt its chat
+    template builds), split by its response template: the reply a server must return."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from stages.lib.chat import reply
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    stops = GenerationConfig.from_pretrained(folder).eos_token_id
+    stops = [stops] if isinstance(stops, int) else stops
+    ids = list(tokenizer.apply_chat_template(messages, tools=[TOOL], add_generation_prompt=True, tokenize=True)["input_ids"])
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             do_sample=False, max_new_tokens=MAX_NEW, eos_token_id=stops,
+                             pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    return reply.parse(tokenizer, out[0, len(ids) :].tolist(), stops, ids)
+
+
+MAX_NEW = 64
+
+
+def test_the_server_returns_the_models_own_tool_call_in_openais_shape(tool_project, tool_server):
+    """Non-streaming and streaming: tool_calls in OpenAI's shape (finish_reason tool_calls, arguments a JSON
+    object as text, no markup left in content), equal to what the model itself writes for that prompt."""
     openai = client(tool_server)
-    trained = CITIES[:6]  # most of them are training records (one may be held out for validation)
-    called = 0
-    for city in trained:
-        answer = openai.chat.completions.create(model="merged", messages=[{"role": "user", "content": f"Weather in {city}?"}],
-                                                tools=[TOOL], temperature=0, max_tokens=64)  # fmt: skip
+    exact = 0
+    for city in CITIES[:6]:
+        messages = [{"role": "user", "content": f"Weather in {city}?"}]
+        own = generated_reply(tool_project / "models" / "merged", messages)
+        assert [c["function"]["name"] for c in own.tool_calls] == ["get_weather"], own  # it learned to call
+        answer = openai.chat.completions.create(model="merged", messages=messages, tools=[TOOL], temperature=0,
+                                                max_tokens=MAX_NEW)  # fmt: skip
         choice = answer.choices[0]
-        calls = choice.message.tool_calls or []
-        if calls:
-            assert choice.finish_reason == "tool_calls"
-            assert calls[0].type == "function" and calls[0].function.name == "get_weather"
-            assert json.loads(calls[0].function.arguments) == {"city": city}
-            assert not (choice.message.content or "").strip()  # the call is the answer, no markup left in the text
-            called += 1
-    assert called >= len(trained) - 1, "the trained model should call the tool for the cities it was trained on"
+        assert choice.finish_reason == "tool_calls" and not (choice.message.content or "").strip()
+        calls = choice.message.tool_calls
+        assert [(c.type, c.function.name) for c in calls] == [("function", "get_weather")]
+        arguments = json.loads(calls[0].function.arguments)
+        assert arguments == own.tool_calls[0]["function"]["arguments"] and set(arguments) == {"city"}
+        assert arguments["city"] in CITIES  # a city of its training set: the model's own words, parsed
+        exact += arguments["city"] == city
+        stream = openai.chat.completions.create(model="merged", messages=messages, tools=[TOOL], temperature=0,
+                                                max_tokens=MAX_NEW, stream=True)  # fmt: skip
+        chunks = [chunk.choices[0] for chunk in stream if chunk.choices]
+        streamed = [tc for ch in chunks for tc in ch.delta.tool_calls or []]
+        assert [json.loads(tc.function.arguments) for tc in streamed] == [arguments]
+        assert chunks[-1].finish_reason == "tool_calls"
+    print(f"calls with the asked city: {exact} of 6")  # the tiny model copies some; the shape is what is tested
 
 
-def test_streamed_tool_call_and_the_answer_after_the_tools_result(tool_server):
+def test_the_answer_after_the_tools_result_is_the_models_own(tool_project, tool_server):
+    """An agent loop's second request: the call (arguments as JSON text, as clients send them) and the tool's
+    result go back; the server answers with content, as the model writes it for that prompt."""
     openai = client(tool_server)
-    city = CITIES[1]
-    stream = openai.chat.completions.create(model="merged", messages=[{"role": "user", "content": f"Weather in {city}?"}],
-                                            tools=[TOOL], temperature=0, max_tokens=64, stream=True)  # fmt: skip
-    calls = [tc for chunk in stream if chunk.choices for tc in chunk.choices[0].delta.tool_calls or []]
-    assert [c.function.name for c in calls] == ["get_weather"]
-    assert json.loads(calls[0].function.arguments) == {"city": city}
-    # the client sends the call back with the tool's result, as an agent loop does (arguments as JSON text)
-    record = next(r for r in records() if r["messages"][0]["content"] == f"Weather in {city}?")
-    result = record["messages"][2]["content"]
-    messages = [{"role": "user", "content": f"Weather in {city}?"},
-                {"role": "assistant", "content": None, "tool_calls": [{"id": calls[0].id or "c1", "type": "function",
-                 "function": {"name": "get_weather", "arguments": calls[0].function.arguments}}]},
-                {"role": "tool", "tool_call_id": calls[0].id or "c1", "content": result}]  # fmt: skip
-    final = openai.chat.completions.create(model="merged", messages=messages, tools=[TOOL], temperature=0, max_tokens=32)
-    assert final.choices[0].message.content == record["messages"][3]["content"]
+    record = records()[1]
+    call = record["messages"][1]["tool_calls"][0]
+    messages = [record["messages"][0], {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": call["id"], "content": record["messages"][2]["content"]}]  # fmt: skip
+    own = generated_reply(tool_project / "models" / "merged", messages)
+    final = openai.chat.completions.create(model="merged", messages=messages, tools=[TOOL], temperature=0,
+                                           max_tokens=MAX_NEW)  # fmt: skip
+    assert final.choices[0].message.content == own.content and own.content
     assert not final.choices[0].message.tool_calls

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from . import lenient
 from .guard import Guard
 from .requests import Served, check_chat, error_body
 
@@ -56,6 +57,7 @@ class Pinned:
             def start_server(self):  # Serve calls this once the app is built (non_blocking): serve it later
                 pass
 
+        lenient.install()  # a reply that does not parse (a malformed tool call) is text, not a 500
         name = str(folder)
         self.serve = _Built(force_model=name, host=host, port=port, device=device, log_level=log_level,
                             non_blocking=True)  # fmt: skip
