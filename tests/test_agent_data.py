@@ -266,3 +266,23 @@ def test_plain_text_trains_every_token_packed_and_long_texts_are_cut_not_lost(tm
     ]:
         with pytest.raises(ParamsError, match=message):
             validate(raw | bad)
+
+
+def test_the_server_parser_puts_reasoning_in_reasoning_content_and_calls_in_tool_calls(tmp_path):
+    """transformers serve's own parsing step (parse_assistant_message) over the tokenizer tokenize saves: a reply
+    with a think block and a call gives reasoning_content, content without the wrapper, and the call."""
+    from transformers import AutoTokenizer
+    from transformers.cli.serving.utils import parse_assistant_message
+
+    from stages.lib.chat import format as chat_format
+    from stages.lib.core.recipes import template_recipe
+
+    tokenizer = chat_format.reload(kinds.build("bpe", tmp_path / "tok"), tmp_path / "saved")
+    chat_format.save(tokenizer, chat_format.decide(tokenizer, template_recipe("qwen3"), "qwen3", []), tmp_path / "saved")
+    saved = AutoTokenizer.from_pretrained(tmp_path / "saved")  # as models/merged ships it
+    prompt = saved.apply_chat_template([{"role": "user", "content": "Q"}], add_generation_prompt=True)["input_ids"]
+    text = '<think>\nFirst look.\n</think>\n\nOn it.\n<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call><|im_end|>'
+    generated = saved(text, add_special_tokens=False)["input_ids"]
+    content, reasoning, calls = parse_assistant_message(saved, None, generated, [prompt])
+    assert (content.strip(), reasoning.strip()) == ("On it.", "First look.")
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [("f", {"x": 1})]
