@@ -838,7 +838,7 @@ CASES = [
          "models/base sets RoPE per layer type"),
     Case("rope-hub-code", "train", "RoPE scaling for a model that runs its Hub code", "train",
          both(lambda repo, ctx: edit_json(repo / "models/base/config.json", lambda c: c.update(auto_map={
-             "AutoModelForCausalLM": "m.M"})), params(model__rope_scaling=LINEAR)),
+             "AutoModelForCausalLM": "m.M"})), params(model__rope_scaling=LINEAR, model__trust_remote_code=True)),
          "model.rope_scaling: the model of models/base runs its own Hub code"),
     Case("rope-longrope-lengths", "train", "longrope factor lists of the wrong length for the model", "train",
          params(model__rope_scaling={"type": "longrope", "factor": 4.0, "short_factor": [1.0] * 3,
