@@ -187,7 +187,7 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server, reference
         ({"temperature": "hot"}, "temperature", None),
         ({"frequency_penalty": -1}, "frequency_penalty", "unsupported_parameter"),
         ({"logit_bias": {"5": 1}}, "logit_bias", "unsupported_parameter"),
-        ({"tools": "nope"}, "messages", None),  # the chat template cannot render it: not a 500
+        ({"tools": "nope"}, "tools", None),  # not a 500 from the chat template
         ({"stop": [".", ""]}, "stop", None),  # an empty stop would end every reply at once
         ({"stop": list("abcde")}, "stop", None),  # OpenAI takes at most 4
         ({"stop": "x" * 1001}, "stop", None),  # a reply is searched for it piece by piece

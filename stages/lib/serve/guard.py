@@ -15,7 +15,7 @@ import threading
 from typing import Callable
 
 from .replies import Replies
-from .requests import RequestError, error_body
+from .requests import RequestError, error_body, parse_json
 
 CHAT = "/v1/chat/completions"
 ROUTES = {"/v1/models": ("GET", "HEAD", "OPTIONS"), "/health": ("GET", "HEAD"), CHAT: ("POST",)}
@@ -71,10 +71,7 @@ class Guard:
             return await self.app(scope, receive, send)
         try:
             raw = await _read_body(receive)
-            try:
-                body = json.loads(raw)
-            except ValueError as exc:
-                raise RequestError(400, f"the request body is not JSON: {exc}") from None
+            body = parse_json(raw)
             from starlette.concurrency import run_in_threadpool
 
             passed = await run_in_threadpool(self._check, body)
