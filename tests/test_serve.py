@@ -71,15 +71,15 @@ def training_prompt(row) -> list[int]:
 
 
 @contextmanager
-def serving(folder: Path):
+def serving(folder: Path, host: str = "127.0.0.1", api_key: str | None = None):
     """stages.serve's server on `folder`, in this process (so that a test can read what its model is given), on a
-    free port of 127.0.0.1, up and answering /health: (the Pinned server, its base URL)."""
+    free port of `host` (reached at 127.0.0.1), up and answering /health: (the Pinned server, its base URL)."""
     import httpx
 
     from stages.lib.serve.server import Pinned
 
     port = free_port()
-    pinned = Pinned(folder, "127.0.0.1", port, device="cpu")
+    pinned = Pinned(folder, host, port, device="cpu", api_key=api_key)
     pinned.start()
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60

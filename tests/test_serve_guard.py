@@ -1,5 +1,5 @@
-"""What `python -m stages.serve` takes: strict request fields (no conversion, no NaN or Infinity, seeds in
-torch's range).
+"""Who may ask `python -m stages.serve`, and in what types: strict request fields (no conversion, no NaN or
+Infinity, seeds in torch's range), the Host header of a loopback server (DNS rebinding), the API key.
 
 Against the real server on the default run's models/merged (tests/test_serve.py's `serving`), spoken to with
 raw HTTP bodies (httpx: a client library would never send most of them) and with the `openai` client.
@@ -8,10 +8,16 @@ raw HTTP bodies (httpx: a client library would never send most of them) and with
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 
 import pytest
-from test_serve import MAX_NEW, client, error_of, generated, training_prompt
+from conftest import env_with_project
+from test_serve import MAX_NEW, client, error_of, free_port, generated, serving, training_prompt
 from test_serve import project, reference, server  # noqa: F401 - test_serve's fixtures, used here
+
+KEY = "sk-test-0123456789abcdef"
 
 
 def chat_request(reference, **change) -> dict:
@@ -145,3 +151,118 @@ def test_what_openai_clients_send_still_works(server, reference):
     ]:  # fmt: skip
         answer = openai.chat.completions.create(**chat_request(reference, messages=messages) | change)
         assert answer.choices[0].message.content == expected, (messages, change)
+
+
+LOOPBACK_HOSTS = ["localhost", "LocalHost:{port}", "127.0.0.1", "127.0.0.1:{port}", "127.8.9.10:{port}", "[::1]",
+                  "[::1]:{port}"]  # fmt: skip
+OTHER_HOSTS = ["rebound.example", "rebound.example:{port}", "127.0.0.1.rebound.example",
+               "localhost.rebound.example:{port}", "[::2]:{port}", "127.1:{port}", "0.0.0.0:{port}",
+               "localhost:{port}:{port}", "192.168.1.1"]  # fmt: skip
+
+
+def test_host_names_of_the_loopback():
+    from stages.lib.serve.guard import listens_on_loopback, loopback_host
+
+    assert all(loopback_host(h.format(port=8000)) for h in LOOPBACK_HOSTS)
+    assert not any(loopback_host(h.format(port=8000)) for h in OTHER_HOSTS + ["", "::1", "localhost:"])
+    assert all(map(listens_on_loopback, ["127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost"]))
+    assert not any(map(listens_on_loopback, ["0.0.0.0", "::", "10.1.2.3", "no-such-host.invalid"]))
+
+
+def test_a_loopback_server_answers_loopback_host_names_only(server, reference):
+    """A page of rebound.example whose DNS now says 127.0.0.1 sends `Host: rebound.example`: refused (403, as
+    Jupyter and Ollama answer), whatever the route."""
+    import httpx
+
+    _, url = server
+    port = url.rsplit(":", 1)[1]
+    for host in LOOPBACK_HOSTS:
+        response = httpx.get(f"{url}/v1/models", headers={"Host": host.format(port=port)}, timeout=60)
+        assert response.status_code == 200, (host, response.text)
+    for host in OTHER_HOSTS:
+        host = host.format(port=port)
+        for response in (httpx.get(f"{url}/v1/models", headers={"Host": host}, timeout=60),
+                         httpx.get(f"{url}/health", headers={"Host": host}, timeout=60),
+                         post(url, chat_request(reference), Host=host)):  # fmt: skip
+            error = error_of(response, 403)
+            assert error["code"] == "host_not_allowed" and "127.0.0.1" in error["message"], (host, error)
+    assert post(url, chat_request(reference)).status_code == 200
+
+
+@pytest.fixture(scope="module")
+def keyed_server(project):
+    """The server on every interface (0.0.0.0: any Host) with an API key."""
+    with serving(project / "models" / "merged", host="0.0.0.0", api_key=KEY) as running:
+        yield running
+
+
+def test_an_api_key_is_required_on_every_route_but_health(keyed_server, reference):
+    import httpx
+    import openai as openai_errors
+    from openai import OpenAI
+
+    pinned, url = keyed_server
+    right = OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=60)
+    assert [m.id for m in right.models.list().data] == [pinned.served.name]
+    row = reference["rows"][0]
+    answer = right.chat.completions.create(**chat_request(reference))
+    assert answer.choices[0].message.content == generated(reference, training_prompt(row))
+    # bound to 0.0.0.0: any Host name is served
+    assert httpx.get(f"{url}/v1/models", headers={"Host": "models.example", "Authorization": f"Bearer {KEY}"},
+                     timeout=60).status_code == 200  # fmt: skip
+
+    for wrong in (KEY[:-1], KEY + "x", "none", KEY.upper()):
+        openai = OpenAI(base_url=f"{url}/v1", api_key=wrong, max_retries=0, timeout=60)
+        for call in (lambda: openai.models.list(), lambda: openai.chat.completions.create(**chat_request(reference))):
+            with pytest.raises(openai_errors.AuthenticationError) as caught:
+                call()
+            assert caught.value.code == "invalid_api_key" and KEY not in str(caught.value.body), caught.value.body
+    for headers in ({}, {"Authorization": KEY}, {"Authorization": "Bearer"}, {"Authorization": f"Basic {KEY}"}):
+        for response in (httpx.get(f"{url}/v1/models", headers=headers, timeout=60),
+                         post(url, chat_request(reference), **headers),
+                         httpx.post(f"{url}/load_model", json={"model": "gpt2"}, headers=headers,
+                                    timeout=60)):  # fmt: skip
+            error = error_of(response, 401)
+            assert error["code"] == "invalid_api_key" and KEY not in response.text, (headers, error)
+            assert response.headers["www-authenticate"] == "Bearer"
+    assert httpx.get(f"{url}/health", timeout=60).status_code == 200  # a liveness probe needs no key
+    assert httpx.get(f"{url}/v1/models", headers={"Authorization": f"bearer {KEY}"}, timeout=60).status_code == 200
+
+
+def test_serve_command_takes_the_key_from_its_environment_variable(project, reference):
+    import httpx
+    import openai as openai_errors
+    from openai import OpenAI
+
+    env = env_with_project()
+    for key, line in [("", "error: DVC_QLORA_API_KEY is empty: give a key, or unset DVC_QLORA_API_KEY to serve "
+                           "without one"),
+                      ("two words", "error: DVC_QLORA_API_KEY: a key is printable ASCII without spaces")]:  # fmt: skip
+        refused = subprocess.run([sys.executable, "-m", "stages.serve"], cwd=project,
+                                 env=env | {"DVC_QLORA_API_KEY": key}, capture_output=True, text=True,
+                                 timeout=120)  # fmt: skip
+        lines = (refused.stdout + refused.stderr).strip().splitlines()
+        assert refused.returncode == 1 and len(lines) == 1 and lines[0].startswith(line), lines
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "stages.serve", "--port", str(port)], cwd=project,
+                            env=env | {"DVC_QLORA_API_KEY": KEY}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "the server did not start in 120 s"
+                time.sleep(0.2)
+        right = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0, timeout=60)
+        assert [m.id for m in right.models.list().data] == ["models/merged"]
+        with pytest.raises(openai_errors.AuthenticationError):
+            OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0).models.list()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    log = proc.stdout.read()
+    assert "requests need `Authorization: Bearer KEY`, the key of DVC_QLORA_API_KEY" in log and KEY not in log, log
