@@ -47,19 +47,15 @@ def error_body(message: str, kind: str = "invalid_request_error", param: str | N
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-class _NotFinite:
-    """Where the parser met NaN, Infinity or a number too large for a float (`text`, as the body spells it)."""
-
-    def __init__(self, text: str):
-        self.text = text
+_NOT_FINITE = object()  # what the parser leaves where it met NaN, Infinity or a number too large for a float
 
 
 def _path_of_not_finite(value) -> tuple:
-    """The place of the first _NotFinite in a parsed document, as a pydantic-style location (keys and indexes)."""
+    """The place of the first _NOT_FINITE in a parsed document, as a pydantic-style location (keys and indexes)."""
     todo = [((), value)]  # iterative: a document may nest as deep as the parser allows
     while todo:
         path, node = todo.pop()
-        if isinstance(node, _NotFinite):
+        if node is _NOT_FINITE:
             return path
         items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
         todo.extend(reversed([(path + (key,), child) for key, child in items]))
@@ -72,9 +68,9 @@ def parse_json(raw: bytes | str, where: str = "the request body"):
     divide by them), named by its place."""
     found: list[str] = []
 
-    def not_finite(text: str) -> _NotFinite:
+    def not_finite(text: str) -> object:
         found.append(text)
-        return _NotFinite(text)
+        return _NOT_FINITE
 
     def number(text: str):
         value = float(text)
