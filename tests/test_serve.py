@@ -71,15 +71,15 @@ def training_prompt(row) -> list[int]:
 
 
 @contextmanager
-def serving(folder: Path):
+def serving(folder: Path, host: str = "127.0.0.1", api_key: str | None = None):
     """stages.serve's server on `folder`, in this process (so that a test can read what its model is given), on a
-    free port of 127.0.0.1, up and answering /health: (the Pinned server, its base URL)."""
+    free port of `host` (reached at 127.0.0.1), up and answering /health: (the Pinned server, its base URL)."""
     import httpx
 
     from stages.lib.serve.server import Pinned
 
     port = free_port()
-    pinned = Pinned(folder, "127.0.0.1", port, device="cpu")
+    pinned = Pinned(folder, host, port, device="cpu", api_key=api_key)
     pinned.start()
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
@@ -187,7 +187,7 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server, reference
         ({"temperature": "hot"}, "temperature", None),
         ({"frequency_penalty": -1}, "frequency_penalty", "unsupported_parameter"),
         ({"logit_bias": {"5": 1}}, "logit_bias", "unsupported_parameter"),
-        ({"tools": "nope"}, "messages", None),  # the chat template cannot render it: not a 500
+        ({"tools": "nope"}, "tools", None),  # not a 500 from the chat template
         ({"stop": [".", ""]}, "stop", None),  # an empty stop would end every reply at once
         ({"stop": list("abcde")}, "stop", None),  # OpenAI takes at most 4
         ({"stop": "x" * 1001}, "stop", None),  # a reply is searched for it piece by piece

@@ -1,7 +1,8 @@
 """transformers serve, pinned to one model folder, behind the route filter and request checks (guard, requests).
 
 `Pinned(folder, host, port)` builds transformers' own server (`transformers serve FOLDER`: FastAPI + uvicorn,
-the model loaded once, before the first request) and puts `guard.Guard` in front of its app. transformers'
+the model loaded once, before the first request) and puts `guard.Guard` in front of its app (loopback Host values
+only when `host` is a loopback address; `api_key`: the key requests must carry). transformers'
 remaining errors (its 422 for a field it does not know, made a 400 as OpenAI's, a failure inside generation) are given OpenAI's error JSON
 too, without a traceback in the response. `run()` serves in this thread until Ctrl-C or SIGTERM; `start()` and
 `stop()` serve from a background thread (tests).
@@ -12,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import lenient
-from .guard import Guard
+from .guard import Guard, listens_on_loopback
 from .requests import Served, check_chat, error_body
 
 
@@ -44,10 +45,10 @@ def _openai_errors(app) -> None:
 class Pinned:
     """transformers serve for the model in `folder` alone, listed under the name `str(folder)`; requests may also
     name it by its folder's name (`merged`) or absolute path. `device`: transformers serve's `--device` (auto, cpu,
-    cuda:0)."""
+    cuda:0); `api_key`: the key every route but GET /health requires (None: no key)."""
 
     def __init__(self, folder: Path, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
-                 log_level: str = "warning"):  # fmt: skip
+                 log_level: str = "warning", api_key: str | None = None):  # fmt: skip
         from transformers import AutoConfig, AutoTokenizer, GenerationConfig
         from transformers.cli.serve import Serve
 
@@ -72,7 +73,8 @@ class Pinned:
                              {folder.name, str(folder.resolve())}, generation)  # fmt: skip
         config = self.serve.server.config
         _openai_errors(config.app)
-        config.app = Guard(config.app, lambda body: check_chat(body, self.served))
+        config.app = Guard(config.app, lambda body: check_chat(body, self.served), listens_on_loopback(host),
+                           api_key)  # fmt: skip
 
     def run(self) -> None:
         """Serve in this thread until Ctrl-C or SIGTERM."""
