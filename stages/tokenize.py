@@ -82,13 +82,20 @@ def encode_conversations(conversations: list[list[dict]], params: Params, tokeni
     holds (`end`). `tools`: each conversation's tool schemas as JSON text (or None)."""
     all_turns = params.tokenize.assistant_turns == "all"
     messages = [conversation.template_messages(c, params.tokenize.reasoning) for c in conversations]
-    trained = [conversation.trained_answers(c, all_turns) for c in conversations]
+    trained = [conversation.trained_answers(c, all_turns, params.tokenize.reasoning) for c in conversations]
     schemas = [conversation.template_tools(t) for t in tools] if tools else None
     rendered = render_all(messages, fmt, tokenizer, all_turns, schemas, trained)
     enc = encode(tokenizer, rendered, fmt, params.tokenize.max_length)
     enc["conversation"] = [r.conversation for r in rendered]  # a row per conversation, or several (render_all)
     enc["end"] = [r.end for r in rendered]
     enc["split_row"] = [r.end < len(conversations[r.conversation]) for r in rendered]
+    # a conversation left with nothing to train (its answers were only reasoning, dropped): one empty row, which
+    # build_splits counts as no answer left, as it counts an answer that tokenize.max_length cut away
+    for c in (c for c, answers in enumerate(trained) if not answers):
+        row = {"input_ids": [fmt.eos_id], "assistant_masks": [0], "prompt_length": 0, "full_length": 1,
+               "conversation": c, "end": len(conversations[c])} | dict.fromkeys(FLAGS, False)  # fmt: skip
+        for key, value in row.items():
+            enc[key].append(value)
     unk = tokenizer.unk_token_id
     enc["length"] = [len(ids) for ids in enc["input_ids"]]
     enc["trained"] = [sum(m) for m in enc["assistant_masks"]]
@@ -123,9 +130,10 @@ def check_expressible(conversations: list[list[dict]], tools: list[str | None], 
     """UserError naming the first record (`where(k)`) whose tool use or reasoning the template cannot render."""
     for k, (turns, schemas) in enumerate(zip(conversations, tools)):
         if not fmt.tools and conversation.uses_tools(turns, schemas):
+            also = "" if name == "tokenizer" else " (or tokenizer, for a model whose own chat template renders tools)"
             raise UserError(
                 f"{where(k)}: tool schemas, calls or results, which template '{name}' cannot render: set "
-                "tokenize.template: qwen3 (or tokenizer, for a model whose own chat template renders tools)"
+                f"tokenize.template: qwen3{also}"
             )
         if not fmt.reasoning and params.tokenize.reasoning == "train" and conversation.has_reasoning(turns):
             raise UserError(

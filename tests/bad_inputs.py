@@ -624,7 +624,7 @@ CASES = [
          "tool_calls[0] has no function name"),  # fmt: skip
     Case("tool-result-first", "agent", "a tool result with no call before it", "download",
          data_file("tr.jsonl", jsonl([{"messages": [CHAT[0], {"role": "tool", "content": "1"}, CHAT[1]]}] * 20),
-                   format="messages"), "turn 1 (tool) cannot follow a user turn"),
+                   format="messages"), "message 1 (tool) cannot follow a user turn"),
     Case("reasoning-twice", "agent", "reasoning as a field and as a <think> block, different", "download",
          data_file("rt.jsonl", jsonl([{"messages": [CHAT[0], {"role": "assistant", "reasoning_content": "a",
              "content": "<think>b</think>c"}]}] * 20), format="messages"), "reasoning given twice"),  # fmt: skip

@@ -129,8 +129,8 @@ def test_the_saved_template_rebuilds_every_prompt_with_its_tools(tmp_path, monke
 
 @pytest.mark.parametrize("name, message", [
     ("preference.jsonl", r"source preference is preference data \(columns 'chosen' and 'rejected'\): SFT would learn "
-                         r"the rejected answers too; train the chosen ones with columns: \{messages: chosen\}"),
-    ("kto.jsonl", r"source kto, record 0: a boolean 'label' beside the conversation is KTO data"),
+                         r"the rejected answers too; train the chosen ones by joining 'prompt' and 'chosen'"),
+    ("kto.jsonl", r"source kto, record 0: a 'label' of True beside the conversation is KTO data"),
     ("images.jsonl", r"source images has a 'images' column .*: this pipeline trains text-only models"),
     ("image_parts.jsonl", r"source image_parts, record 0: 'messages'\[0\]: content\[1\] is a image_url part: this "
                           r"pipeline trains text-only models"),
@@ -286,3 +286,76 @@ def test_the_server_parser_puts_reasoning_in_reasoning_content_and_calls_in_tool
     content, reasoning, calls = parse_assistant_message(saved, None, generated, [prompt])
     assert (content.strip(), reasoning.strip()) == ("On it.", "First look.")
     assert [(c.name, json.loads(c.arguments)) for c in calls] == [("f", {"x": 1})]
+
+
+@pytest.mark.parametrize("content, message", [
+    ("Sure. <think>R</think> 2", "a think block after other text"),
+    ("<think>R never closed 2", "a <think> block that is never closed"),
+    ("<think>R</think>2 <think>S</think>", "a second think block"),
+])  # fmt: skip
+def test_reasoning_markup_that_would_train_as_text_is_refused(content, message):
+    from conftest import normalized
+
+    from stages.lib.data.normalize import RecordError
+
+    with pytest.raises(RecordError, match=rf"record 0: 'messages'\[1\]: the answer has {message}"):
+        normalized([{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": content}]}],
+                   "messages")
+
+
+def test_r1_exports_whose_think_was_a_prefill_read_as_reasoning():
+    from conftest import normalized
+
+    out = normalized([{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "R\n</think>\n\n2"}]}],
+                     "messages")  # fmt: skip
+    assert out["messages"][0][1] == {"role": "assistant", "content": "2", "reasoning": "R"}
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "kto_tag": False},
+     r"a 'kto_tag' of False beside the conversation is KTO data"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "label": 0},
+     r"a 'label' of 0 beside the conversation is KTO data .* keep only the records marked desirable"),
+])  # fmt: skip
+def test_kto_labels_of_every_spelling_are_refused(record, message):
+    from conftest import normalized
+
+    from stages.lib.data.normalize import RecordError
+
+    with pytest.raises(RecordError, match=message):
+        normalized([record], "messages")
+
+
+def test_tool_schemas_reach_the_prompt_or_the_record_is_refused():
+    from conftest import normalized
+
+    from stages.lib.data.normalize import RecordError
+
+    legacy = {"functions": [{"name": "f", "parameters": {"type": "object"}}], "messages": [
+        {"role": "user", "content": "q"}, {"role": "assistant", "content": None, "function_call": {"name": "f",
+         "arguments": "{}"}}]}  # fmt: skip
+    out = normalized([legacy], "messages")  # OpenAI's older `functions` list: the record's tools
+    assert json.loads(out["tools"][0]) == [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    with pytest.raises(RecordError, match="has a 'tools' column .* which format alpaca cannot carry"):
+        normalized([{"instruction": "q", "output": "[]", "tools": "[]"}], "alpaca")
+
+
+def test_an_answer_that_is_only_reasoning_is_not_trained_empty_when_reasoning_is_dropped(tmp_path):
+    from conftest import default_params
+
+    from stages.lib.chat import format as chat_format
+    from stages.lib.core.params import validate
+    from stages.lib.core.recipes import template_recipe
+    from stages.tokenize import encode_conversations
+
+    tokenizer = chat_format.reload(kinds.build("bpe", tmp_path / "tok"), tmp_path / "saved")
+    fmt = chat_format.decide(tokenizer, template_recipe("qwen3"), "qwen3", [])
+    raw = default_params()
+    raw["tokenize"] |= {"template": "qwen3", "reasoning": "drop"}
+    only = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "", "reasoning": "R"}]
+    later = only + [{"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]
+    enc = encode_conversations([only, later], validate(raw), tokenizer, fmt)
+    trained = {c: n for c, n in zip(enc["conversation"], enc["trained"]) if n}
+    assert 0 not in trained and enc["trained"][enc["conversation"].index(0)] == 0  # counted as no answer left
+    rows = [ids for ids, c in zip(enc["input_ids"], enc["conversation"]) if c == 1]
+    assert len(rows) == 1 and "R" not in tokenizer.decode(rows[0])  # only a2 trains; no reasoning anywhere

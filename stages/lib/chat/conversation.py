@@ -42,9 +42,11 @@ def template_tools(tools: str | None) -> list[dict] | None:
     return json.loads(tools) if tools else None
 
 
-def trained_answers(turns: list[dict], all_turns: bool) -> list[int]:
-    """Indices of the assistant turns that carry loss: every one not weighted 0 (or only the last of them)."""
-    answers = [i for i, t in enumerate(turns) if t["role"] == "assistant" and t.get("train") is not False]
+def trained_answers(turns: list[dict], all_turns: bool, reasoning: str = "train") -> list[int]:
+    """Indices of the assistant turns that carry loss: every one not weighted 0 (or only the last of them); with
+    `reasoning: drop`, not an answer that is only reasoning (it would train an empty answer)."""
+    answers = [i for i, t in enumerate(turns) if t["role"] == "assistant" and t.get("train") is not False
+               and (reasoning == "train" or (t.get("content") or "").strip() or t.get("tool_calls"))]  # fmt: skip
     return answers if all_turns else answers[-1:]
 
 

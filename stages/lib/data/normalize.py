@@ -34,6 +34,7 @@ DROP_REASONS = ("empty_answer", "empty_prompt", "no_answer", "no_trained_turn")
 CALL_KEYS = {"tool_calls", "function_call"}  # an assistant message's calls (OpenAI, and its older single call)
 PREFERENCE = (("chosen", "rejected"), ("chosen_messages", "rejected_messages"), ("chosen_response", "rejected_response"))
 MEDIA_COLUMNS = ("images", "image", "videos", "video", "audios", "audio")
+KTO_COLUMNS = ("label", "kto_tag")  # TRL's unpaired preference label, LLaMA-Factory's
 LAYOUTS = ("plain", "tool_calls", "tool_results", "tool_schemas", "reasoning", "content_parts", "weighted_turns")
 
 
@@ -57,11 +58,18 @@ def refuse_layout(label: str, names: set[str], fmt: str) -> None:
     field, target = ("completion", "prompt_completion") if fmt == "prompt_completion" else ("messages", "messages")
     for pair in PREFERENCE:
         if set(pair) <= names:
+            how = (f"train the chosen ones with columns: {{{field}: {pair[0]}}} (format {target})"
+                   if "prompt" not in names or fmt == "prompt_completion" else
+                   f"train the chosen ones by joining 'prompt' and '{pair[0]}' into one messages list per record")
             raise RecordError(
                 f"source {label} is preference data (columns '{pair[0]}' and '{pair[1]}'): SFT would learn the "
-                f"rejected answers too; train the chosen ones with columns: {{{field}: {pair[0]}}} (format {target}), "
-                "or use a preference trainer (DPO) outside this pipeline"
+                f"rejected answers too; {how}, or use a preference trainer (DPO) outside this pipeline"
             )
+    if fmt != "messages" and names & {"tools", "functions"}:
+        column = sorted(names & {"tools", "functions"})[0]
+        raise RecordError(f"source {label} has a '{column}' column (tool schemas), which format {fmt} cannot carry: "
+                          "give the records as format messages (the calls as assistant tool_calls), so the schemas "
+                          "reach the prompt")  # fmt: skip
     media = [c for c in MEDIA_COLUMNS if c in names]
     if media:
         raise RecordError(f"source {label} has a '{media[0]}' column (images, audio or video with the text): "
@@ -82,6 +90,8 @@ class Normalizer:
         self.content_keys = (source.columns["content"],) if "content" in source.columns else ("content", "value")
         if self.fmt == "messages" and "messages" not in source.columns and "messages" not in self.names:
             self.col["messages"] = "conversations"  # ShareGPT
+        if self.fmt == "messages" and "tools" not in source.columns and "tools" not in self.names:
+            self.col["tools"] = "functions"  # OpenAI's older name for the record's tool schemas
         mapped = set(self.col.values()) & self.names
         refuse_layout(label, self.names - mapped, self.fmt)
         required = {"alpaca": ("instruction", "output"), "messages": ("messages",),
@@ -128,11 +138,12 @@ class Normalizer:
         out = {"messages": [], "tools": [], "drop": [], "key": [], "record": list(indices),
                "source": [self.label] * len(rows)}  # fmt: skip
         for row, index in zip(rows, indices):
-            if isinstance(row.get("label"), bool) and "label" not in self.col.values():
+            kto = next((k for k in KTO_COLUMNS if row.get(k) in (True, False, 0, 1) and k not in self.col.values()), None)
+            if kto is not None:
                 raise RecordError(
-                    f"source {self.label}, record {index}: a boolean 'label' beside the conversation is KTO data "
-                    "(label false marks an undesirable answer): SFT would learn those too; keep the label-true "
-                    "records only, or drop the column"
+                    f"source {self.label}, record {index}: a '{kto}' of {row[kto]!r} beside the conversation is KTO "
+                    "data (false or 0 marks an undesirable answer): SFT would learn those too; keep only the records "
+                    "marked desirable, then remove the column"
                 )
             self._parts = False
             messages, reason, tools = getattr(self, f"_{self.fmt}")(row, index)
@@ -202,7 +213,8 @@ class Normalizer:
             if system:
                 raise RecordError(f"{self.where(index, 'system')} is given twice: as a field and as the first message")
             system = out.pop(0)["content"]
-        problem = order_problem([t["role"] for t in out], [bool(t["tool_calls"]) for t in out])
+        offset = len(raw) - len(out)  # a system message popped above
+        problem = order_problem([t["role"] for t in out], [bool(t["tool_calls"]) for t in out], offset)
         if problem:
             raise RecordError(f"{self.where(index, 'messages')}: {problem}")
         if out and out[-1]["role"] != "assistant":
@@ -247,7 +259,7 @@ class Normalizer:
                 raise turns.TurnError(f"a {role} message holds tool calls: only assistant messages call tools")
             turn["tool_calls"] = (turn["tool_calls"] or []) + found
         reasoning += [m[k] for k in turns.REASONING_KEYS if isinstance(m.get(k), str) and m[k].strip()]
-        think, rest = turns.split_think(content) if role == "assistant" else (None, content)
+        think, rest = turns.answer_think(content) if role == "assistant" else (None, content)
         if think is not None:
             reasoning.append(think)
             content = rest
@@ -265,9 +277,10 @@ class Normalizer:
         return turn
 
 
-def order_problem(roles: list[str], calls: list[bool]) -> str | None:
+def order_problem(roles: list[str], calls: list[bool], offset: int = 0) -> str | None:
     """Why the turn order after the system message is not a conversation, or None. A conversation starts with a
-    user turn; an assistant answers a user turn or tool results; tool results follow a turn that called tools."""
+    user turn; an assistant answers a user turn or tool results; tool results follow a turn that called tools.
+    Messages are named by their index in the file's list (`offset`: 1 when a system message came first)."""
     if not roles:
         return "no turns"
     follows = {"user": ("assistant",), "assistant": ("user",), "tool": ("tool", "assistant"), "call": ("tool",)}
@@ -276,11 +289,14 @@ def order_problem(roles: list[str], calls: list[bool]) -> str | None:
     for k in range(1, len(roles)):
         before = "call" if roles[k - 1] == "assistant" and calls[k - 1] else roles[k - 1]
         if roles[k] == "system":
-            return f"turn {k} is a system message: only the first message may be one"
+            return f"message {k + offset} is a system message: only the first message may be one"
         if roles[k] not in follows[before]:
-            what = "an assistant turn that calls tools" if before == "call" else f"a {before} turn"
-            return (f"turn {k} ({roles[k]}) cannot follow {what}; expected {' or '.join(follows[before])} "
-                    f"(roles in order: {', '.join(roles)})")
+            what = "an assistant turn that calls tools" if before == "call" else f"a{'n' * (before == 'assistant')} {before} turn"
+            hint = ("; a tool result follows an assistant turn with tool_calls (or function_call): a call written as "
+                    "text in the answer is not one; tool results kept as user text (<tool_response>) need roles: "
+                    "{tool: user}") if roles[k] == "tool" else ""  # fmt: skip
+            return (f"message {k + offset} ({roles[k]}) cannot follow {what}; expected {' or '.join(follows[before])} "
+                    f"(roles in order: {', '.join(roles)}){hint}")
     return None
 
 

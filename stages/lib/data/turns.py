@@ -163,3 +163,20 @@ def split_think(content: str) -> tuple[str | None, str]:
         return None, content
     inner, _, rest = head[len(THINK_OPEN) :].partition(THINK_CLOSE)
     return inner.strip("\n"), rest.lstrip("\n")
+
+
+def answer_think(content: str) -> tuple[str | None, str]:
+    """An answer's reasoning markup → (reasoning, the rest), or TurnError for markup that would train as text.
+
+    Read: a leading `<think>R</think>` block, and R1-style exports whose `<think>` was a prefill of the template
+    (`R</think>A`). Refused: a think block after other text, one never closed, a second block."""
+    reasoning, rest = split_think(content)
+    if reasoning is None and THINK_CLOSE in content and THINK_OPEN not in content:
+        inner, _, rest = content.partition(THINK_CLOSE)  # the template wrote <think> itself (R1's prefill)
+        reasoning, rest = inner.strip("\n").strip(), rest.lstrip("\n")
+    if THINK_OPEN in rest or THINK_CLOSE in rest:
+        where = "a second think block" if reasoning is not None else (
+            "a <think> block that is never closed" if THINK_CLOSE not in rest else "a think block after other text")
+        raise TurnError(f"the answer has {where}: only one <think>…</think> at the start of an answer is reasoning; "
+                        "move it there (or into reasoning_content), or remove the markup")
+    return reasoning, rest
