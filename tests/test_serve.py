@@ -104,6 +104,21 @@ def server(project):
         yield running
 
 
+def wait_until_healthy(proc, port: int, seconds: float = 120) -> None:
+    """Wait until the server command `proc` answers GET /health on `port`; fail if it exits or takes longer."""
+    import httpx
+
+    deadline = time.monotonic() + seconds
+    while True:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                return
+        except httpx.TransportError:
+            assert time.monotonic() < deadline, f"the server did not start in {seconds:.0f} s"
+            time.sleep(0.2)
+
+
 def client(url: str):
     from openai import OpenAI
 
@@ -293,15 +308,7 @@ def test_serve_command_serves_models_merged_until_ctrl_c(project, reference, tmp
     port = free_port()
     proc = serve_command(project, "--port", str(port))
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "the server did not start in 120 s"
-                time.sleep(0.2)
+        wait_until_healthy(proc, port)
         openai = client(f"http://127.0.0.1:{port}")
         assert [m.id for m in openai.models.list().data] == ["models/merged"]
         row = reference["rows"][1]

@@ -14,7 +14,7 @@ import time
 
 import pytest
 from conftest import env_with_project
-from test_serve import MAX_NEW, client, error_of, free_port, generated, serving, training_prompt
+from test_serve import MAX_NEW, client, error_of, free_port, generated, serving, training_prompt, wait_until_healthy
 from test_serve import project, reference, server  # noqa: F401 - test_serve's fixtures, used here
 
 KEY = "sk-test-0123456789abcdef"
@@ -248,15 +248,7 @@ def test_serve_command_takes_the_key_from_its_environment_variable(project, refe
                             env=env | {"DVC_QLORA_API_KEY": KEY}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)  # fmt: skip
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "the server did not start in 120 s"
-                time.sleep(0.2)
+        wait_until_healthy(proc, port)
         right = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0, timeout=60)
         assert [m.id for m in right.models.list().data] == ["models/merged"]
         with pytest.raises(openai_errors.AuthenticationError):

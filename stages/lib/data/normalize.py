@@ -32,7 +32,8 @@ DEFAULT_ROLES = {
 }  # fmt: skip
 DROP_REASONS = ("empty_answer", "empty_prompt", "no_answer", "no_trained_turn")
 CALL_KEYS = {"tool_calls", "function_call"}  # an assistant message's calls (OpenAI, and its older single call)
-PREFERENCE = (("chosen", "rejected"), ("chosen_messages", "rejected_messages"), ("chosen_response", "rejected_response"))
+PREFERENCE = (("chosen", "rejected"), ("chosen_messages", "rejected_messages"),
+              ("chosen_response", "rejected_response"))  # fmt: skip
 MEDIA_COLUMNS = ("images", "image", "videos", "video", "audios", "audio")
 KTO_COLUMNS = ("label", "kto_tag")  # TRL's unpaired preference label, LLaMA-Factory's
 LAYOUTS = ("plain", "tool_calls", "tool_results", "tool_schemas", "reasoning", "content_parts", "weighted_turns")
@@ -138,7 +139,8 @@ class Normalizer:
         out = {"messages": [], "tools": [], "drop": [], "key": [], "record": list(indices),
                "source": [self.label] * len(rows)}  # fmt: skip
         for row, index in zip(rows, indices):
-            kto = next((k for k in KTO_COLUMNS if row.get(k) in (True, False, 0, 1) and k not in self.col.values()), None)
+            kto = next((k for k in KTO_COLUMNS if row.get(k) in (True, False, 0, 1) and k not in self.col.values()),
+                       None)  # fmt: skip
             if kto is not None:
                 raise RecordError(
                     f"source {self.label}, record {index}: a '{kto}' of {row[kto]!r} beside the conversation is KTO "
@@ -161,9 +163,11 @@ class Normalizer:
     def layouts_of(self, messages: list[dict], tools: str) -> list[str]:
         """The layouts a kept record shows (LAYOUTS), `plain` when none."""
         found = [name for name, has in (
-            ("tool_calls", any(m["tool_calls"] for m in messages)), ("tool_results", any(m["role"] == "tool" for m in messages)),
+            ("tool_calls", any(m["tool_calls"] for m in messages)),
+            ("tool_results", any(m["role"] == "tool" for m in messages)),
             ("tool_schemas", bool(tools)), ("reasoning", any(m["reasoning"] for m in messages)),
-            ("content_parts", self._parts), ("weighted_turns", any(m["train"] is False for m in messages))) if has]  # fmt: skip
+            ("content_parts", self._parts), ("weighted_turns", any(m["train"] is False for m in messages)),
+        ) if has]  # fmt: skip
         return found or ["plain"]
 
     def _get(self, row: dict, field: str):
@@ -291,7 +295,8 @@ def order_problem(roles: list[str], calls: list[bool], offset: int = 0) -> str |
         if roles[k] == "system":
             return f"message {k + offset} is a system message: only the first message may be one"
         if roles[k] not in follows[before]:
-            what = "an assistant turn that calls tools" if before == "call" else f"a{'n' * (before == 'assistant')} {before} turn"
+            article = "an" if before == "assistant" else "a"
+            what = "an assistant turn that calls tools" if before == "call" else f"{article} {before} turn"
             hint = ("; a tool result follows an assistant turn with tool_calls (or function_call): a call written as "
                     "text in the answer is not one; tool results kept as user text (<tool_response>) need roles: "
                     "{tool: user}") if roles[k] == "tool" else ""  # fmt: skip
@@ -307,7 +312,8 @@ def _first(m: dict, keys: tuple[str, ...]):
 def _empty(messages: list[dict]) -> str | None:
     """An empty answer anywhere would train just its end marker (an answer that calls tools or reasons is not
     empty); an empty last user prompt has nothing to answer; answers all weighted 0 leave nothing to train."""
-    if any(not (m["content"].strip() or m["tool_calls"] or m["reasoning"]) for m in messages if m["role"] == "assistant"):
+    answers = [m for m in messages if m["role"] == "assistant"]
+    if any(not (m["content"].strip() or m["tool_calls"] or m["reasoning"]) for m in answers):
         return "empty_answer"
     if len(messages) > 1 and messages[-2]["role"] == "user" and not messages[-2]["content"].strip():
         return "empty_prompt"
