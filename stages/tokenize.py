@@ -96,6 +96,11 @@ def encode_conversations(conversations: list[list[dict]], params: Params, tokeni
                "conversation": c, "end": len(conversations[c])} | dict.fromkeys(FLAGS, False)  # fmt: skip
         for key, value in row.items():
             enc[key].append(value)
+    return with_counts(enc, tokenizer)
+
+
+def with_counts(enc: dict[str, list], tokenizer) -> dict[str, list]:
+    """Rows' `length`, `trained` and `unk` token counts added to `enc` (which is returned)."""
     unk = tokenizer.unk_token_id
     enc["length"] = [len(ids) for ids in enc["input_ids"]]
     enc["trained"] = [sum(m) for m in enc["assistant_masks"]]
@@ -109,7 +114,6 @@ def encode_texts(texts: list[str], params: Params, tokenizer, fmt) -> dict[str, 
     prompt: `prompt_length` 0; `conversation` the text's index)."""
     size = params.tokenize.max_length
     bodies = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    unk = tokenizer.unk_token_id
     out: dict[str, list] = {k: [] for k in ("input_ids", "assistant_masks", "conversation", "full_length")}
     for k, body in enumerate(bodies):
         ids = fmt.prefix_ids + body + [fmt.eos_id]
@@ -119,10 +123,7 @@ def encode_texts(texts: list[str], params: Params, tokenizer, fmt) -> dict[str, 
                 out[key].append(value)
     n = len(out["input_ids"])
     out |= {"prompt_length": [0] * n, "end": [1] * n, **{flag: [False] * n for flag in FLAGS}}
-    out["length"] = [len(ids) for ids in out["input_ids"]]
-    out["trained"] = [sum(m) for m in out["assistant_masks"]]
-    out["unk"] = [ids.count(unk) if unk is not None else 0 for ids in out["input_ids"]]
-    return out
+    return with_counts(out, tokenizer)
 
 
 def check_expressible(conversations: list[list[dict]], tools: list[str | None], params: Params, fmt, name: str,
@@ -169,8 +170,9 @@ def _batch_fn(params: Params, tokenizer, fmt, validation: bool, name: str):
     return fn
 
 
-def tokenize_split(name: str, params: Params, tokenizer, fmt, cache: Path):
-    """data/raw/<name>.jsonl → a Dataset of encoded rows (Arrow files under `cache`)."""
+def tokenize_split(name: str, params: Params, tokenizer, fmt, cache: Path, template: str):
+    """data/raw/<name>.jsonl → a Dataset of encoded rows (Arrow files under `cache`); `template`: the format's
+    name, for errors."""
     import datasets
 
     datasets.disable_progress_bars()  # reading back our own JSON Lines: no bar
@@ -179,12 +181,10 @@ def tokenize_split(name: str, params: Params, tokenizer, fmt, cache: Path):
         ds = datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=str(cache))
     if "tools" not in ds.column_names:  # no record of data/raw has tools
         ds = ds.add_column("tools", [""] * len(ds))
-
     workers = min(os.cpu_count() or 1, 8) if len(ds) >= PARALLEL_FROM else None
     if len(ds) >= PROGRESS_FROM:  # datasets' own bar (records done, records/s) where encoding takes a while
         phase("tokenize", f"encoding {len(ds)} {name} records")
         datasets.enable_progress_bars()
-    template = template_name(params, "chat")
     return ds.map(_batch_fn(params, tokenizer, fmt, name == "validation", template), batched=True, batch_size=500,
                   remove_columns=ds.column_names, new_fingerprint=f"encode-{name}",
                   load_from_cache_file=False, num_proc=workers)  # fmt: skip
@@ -250,7 +250,8 @@ def source_counts(manifest: dict, per_source: dict) -> dict:
         mine = per_source.get(name, {"train": 0, "validation": 0, "no_answer_left": 0})
         dropped = c["dropped"] | {"no_answer_left": mine["no_answer_left"]}
         out[name] = {"read": c["read"], "kept": c["kept"], "duplicates": c.get("duplicates", 0), "dropped": dropped,
-                     "layouts": c.get("layouts", {}), "train": mine["train"], "validation": mine["validation"]}  # fmt: skip
+                     "layouts": c.get("layouts", {}), "train": mine["train"],
+                     "validation": mine["validation"]}  # fmt: skip
     return out
 
 
@@ -283,7 +284,8 @@ def main() -> None:
     require(RAW_DIR / "manifest.json", BASE_DIR, made_by="download")
     manifest = read_json(RAW_DIR / "manifest.json", RAW_DIR, "download", keys=("format", "sources"))
     check_digests(RAW_DIR, manifest.get("sha256", {}), RAW_DIR / "manifest.json", "download")
-    template_recipe(template_name(params, manifest["format"]))  # a bad template fails before the slow imports
+    template = template_name(params, manifest["format"])
+    template_recipe(template)  # a bad template fails before the slow imports
 
     with staged_outputs() as out:
         tmp = out.dir(OUT_DIR)
@@ -293,7 +295,8 @@ def main() -> None:
             print(f"tokenize: {note}", flush=True)
         cache = scratch_dir(OUT_DIR.parent, "tokenize")
         try:
-            encoded = [tokenize_split(name, params, tokenizer, fmt, cache) for name in ("train", "validation")]
+            encoded = [tokenize_split(name, params, tokenizer, fmt, cache, template)
+                       for name in ("train", "validation")]  # fmt: skip
             train, validation, summary = build_splits(*encoded)
             if not summary["records"]:
                 raise nothing_left(params, len(encoded[0]) + len(encoded[1]))
@@ -309,7 +312,7 @@ def main() -> None:
             shutil.rmtree(cache, ignore_errors=True)
         chat_format.save(tokenizer, fmt, tmp / TOKENIZER.name)
         summary |= {
-            "template": template_name(params, manifest["format"]),
+            "template": template,
             "stop_tokens": tokenizer.convert_ids_to_tokens(fmt.stop_ids),
             "sources": source_counts(manifest, summary.pop("per_source")),
         }

@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import json
 
-REASONING_MODES = ("train", "drop")
-
-
 def template_messages(turns: list[dict], reasoning: str = "train") -> list[dict]:
     """Turns (keys that do not apply absent or None) → template messages; `reasoning: drop` leaves reasoning out."""
     out = []

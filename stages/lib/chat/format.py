@@ -241,7 +241,8 @@ def reload(tokenizer, folder: Path):
     from transformers import AutoTokenizer
 
     save_tokenizer(tokenizer, folder)
-    return AutoTokenizer.from_pretrained(folder, trust_remote_code=type(tokenizer).__module__.startswith("transformers_modules"))  # custom only if loaded so
+    custom = type(tokenizer).__module__.startswith("transformers_modules")  # loaded with remote code: it stays so
+    return AutoTokenizer.from_pretrained(folder, trust_remote_code=custom)
 
 
 def apply(tokenizer, fmt: ChatFormat) -> None:

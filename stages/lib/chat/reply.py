@@ -8,7 +8,6 @@ up to the first stop token with special tokens dropped, and a leading <think> bl
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 
 from ..data.turns import split_think
@@ -19,16 +18,6 @@ class Reply:
     content: str
     reasoning: str | None = None
     tool_calls: list[dict] = field(default_factory=list)  # OpenAI's shape: {"type", "function": {"name", "arguments"}}
-
-    def shown(self) -> str:
-        """The reply for a person: reasoning in brackets, then the content, then each call as name(arguments)."""
-        lines = [f"[reasoning] {self.reasoning.strip()}"] if self.reasoning and self.reasoning.strip() else []
-        lines += [self.content] if self.content else []
-        for c in self.tool_calls:
-            f = c.get("function", c)
-            args = f.get("arguments")
-            lines.append(f"[tool call] {f.get('name')}({json.dumps(args, ensure_ascii=False) if not isinstance(args, str) else args})")
-        return "\n".join(lines)
 
 
 def parse(tokenizer, new_ids: list[int], stop_ids: list[int], prompt_ids: list[int] | None = None) -> Reply:
@@ -42,7 +31,8 @@ def parse(tokenizer, new_ids: list[int], stop_ids: list[int], prompt_ids: list[i
         except Exception:  # noqa: BLE001 - a malformed generation (a call that is no JSON): keep it as text
             parsed = None
         if isinstance(parsed, dict):
-            calls = [c if "function" in c else {"type": "function", "function": c} for c in parsed.get("tool_calls") or []]
+            calls = [c if "function" in c else {"type": "function", "function": c}
+                     for c in parsed.get("tool_calls") or []]  # fmt: skip
             content = parsed.get("content") or ""
             return Reply(content.strip(), parsed.get("reasoning_content") or parsed.get("thinking"), calls)
     text = tokenizer.decode(new_ids[:end], skip_special_tokens=True)

@@ -16,11 +16,6 @@ from .reply import Reply
 THINK_OPEN, THINK_CLOSE, CALL_OPEN = "<think>", "</think>", "<tool_call>"
 
 
-def _could_start(text: str, marker: str) -> bool:
-    """True when `text` ends with a proper prefix of `marker` (more text may complete it)."""
-    return any(text.endswith(marker[:k]) for k in range(1, len(marker)))
-
-
 class ReadableStream:
     """Turns a reply's text, piece by piece, into what a person reads (see the module docstring)."""
 
@@ -69,6 +64,7 @@ class ReadableStream:
         for c in reply.tool_calls:
             f = c.get("function", c)
             args = f.get("arguments")
-            lines.append(f"[tool call] {f.get('name')}({args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)})")
+            shown = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
+            lines.append(f"[tool call] {f.get('name')}({shown})")
         text = "\n".join(lines)
         return "\n" + text if self.started and reply.tool_calls else text

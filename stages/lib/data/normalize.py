@@ -254,10 +254,7 @@ class Normalizer:
             content = ""
         elif not isinstance(content, str):
             raise turns.TurnError(f"content is a {type(content).__name__}, not text or a list of parts")
-        found = []
-        for key in ("tool_calls", "function_call"):
-            if m.get(key):
-                found += turns.calls(m[key], key) if key == "tool_calls" else [turns.call(m[key], key)]
+        found = [c for key in ("tool_calls", "function_call") if m.get(key) for c in turns.calls(m[key], key)]
         if found:
             if role != "assistant":
                 raise turns.TurnError(f"a {role} message holds tool calls: only assistant messages call tools")
