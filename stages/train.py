@@ -15,7 +15,6 @@ import shutil
 import signal
 import socket
 import sys
-import time
 from pathlib import Path
 
 from stages.lib.core.earlier import check_model_output, load_saved, load_tokenizer
@@ -25,7 +24,7 @@ from stages.lib.core.params import Params, load_params
 from stages.lib.core.recipes import deepspeed_config, model_recipe
 from stages.lib.core.model_files import meta_model
 from stages.lib.core.rope import folder_config, folder_overrides
-from stages.lib.train.fit import apply_cap, check_weights_fit, size
+from stages.lib.train.fit import apply_cap, check_weights_fit
 from stages.lib.train.preflight import check_context, check_kernels, check_lora_targets, check_reporters, longest_sample
 
 TOKENIZED = Path("data/tokenized")
@@ -37,33 +36,23 @@ LIVE_DIR = Path("dvclive/train")
 METRICS = Path("metrics/train.json")  # quality: a DVC metric
 SPEED = Path("metrics/train_speed.json")  # tokens/s, step time, memory: changes run to run, so not a DVC metric
 NEVER = 10**12  # a step count no run reaches
-SHARDED_LOAD_ENV = "TRAIN_SHARDED_LOAD"  # 0: under ZeRO-3, load the 4-bit base whole on every rank (the old way)
 TRACKER_LOGS = "logs/tensorboard"  # train.report_to: [tensorboard] writes here (git-ignored, not a DVC output)
 
 
-def lora_config(params: Params):
+def lora_config(params: Params, model=None):
+    """PEFT's LoraConfig from train.lora; `model` (the loaded base, else models/base on the meta device) names
+    each expert stack that train.lora.target_parameters asks for (experts_4bit.lora_target_parameters)."""
     from peft import LoraConfig
+
+    from stages.lib.train.experts_4bit import lora_target_parameters
 
     lora = params.train.lora
     targets = lora.target_modules or model_recipe(params.model.recipe).lora_targets
-    return LoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, task_type="CAUSAL_LM"
-    )
-
-
-def quantization_config(params: Params):
-    import torch
-    from transformers import BitsAndBytesConfig
-
-    t = params.train
-    dtype = getattr(torch, t.dtype)
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=t.quant.type,
-        bnb_4bit_use_double_quant=t.quant.double_quant,
-        bnb_4bit_compute_dtype=dtype,
-        bnb_4bit_quant_storage=getattr(torch, t.quant.storage_dtype or t.dtype),
-    )
+    stacks = None
+    if lora.target_parameters:
+        stacks = lora_target_parameters(model or meta_model(BASE_DIR, "models/base"), lora.target_parameters)
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+                      target_parameters=stacks, task_type="CAUSAL_LM")  # fmt: skip
 
 
 def leaf_modules_safe(zero: dict) -> bool:
@@ -142,7 +131,8 @@ def sft_config(params: Params, output_dir: Path, **overrides):
 
 
 # logged values worth a curve; the rest (epoch, runtimes, samples/s, total_flos, the run's mean loss) is not
-PLOTTED = ("loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_s", "entropy", "mean_token_accuracy")
+PLOTTED = ("loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_s", "entropy", "mean_token_accuracy",
+           "aux_loss")  # aux_loss: a mixture of experts' router load-balancing loss (TRL logs it)
 
 
 def dvclive_callbacks(live_dir: Path, resume: bool = False) -> list:
@@ -188,24 +178,29 @@ def build_trainer(params: Params, output_dir: Path, callbacks: list, **overrides
     splits = load_saved(TOKENIZED, "tokenize")
     train_set = splits["train"]
     eval_set = splits["validation"] if args.eval_strategy != "no" and len(splits["validation"]) else None
+    from stages.lib.train.base_load import base_weights_gib, load_4bit, quantization_config
     from stages.lib.train.checkpoints import KeepAdapterDtype
     from stages.lib.train.cpu_4bit import keep_4bit_layout
+    from stages.lib.train.experts_4bit import add_lora_placeholders, experts_modules
 
     if t.token_metrics:
         base_class = SFTTrainer
     else:
         from stages.lib.train.lean_trainer import LeanSFTTrainer as base_class
     trainer_class = type("StageTrainer", (KeepAdapterDtype, base_class), {})
-    model = load_sharded(params) if t.method == "qlora" else None
+    model = load_4bit(params, BASE_DIR) if t.method == "qlora" else None
     if model is not None:
         args.model_init_kwargs = None  # the model is built: TRL would warn that these go unused
+        if t.lora.target_parameters:  # PEFT wraps the 4-bit expert stacks through zero placeholders
+            for _, experts in experts_modules(model):
+                add_lora_placeholders(experts)
     trainer = trainer_class(
         model=str(BASE_DIR) if model is None else model,
         args=args,
         train_dataset=train_set,
         eval_dataset=eval_set,
         processing_class=load_tokenizer(TOKENIZER, TOKENIZED, "tokenize"),
-        peft_config=None if t.method == "full" else lora_config(params),
+        peft_config=None if t.method == "full" else lora_config(params, model),
         quantization_config=quantization_config(params) if t.method == "qlora" and model is None else None,
         callbacks=callbacks,
     )
@@ -217,44 +212,6 @@ def build_trainer(params: Params, output_dir: Path, callbacks: list, **overrides
 
         trainer.add_callback(Zero3EarlyRelease(trainer))  # acts only under ZeRO-3
     return trainer
-
-
-def load_sharded(params: Params):
-    """Under ZeRO-3, the 4-bit base loaded so that each rank keeps only its shard (stages/lib/train/sharded_load.py);
-    None elsewhere, with TRAIN_SHARDED_LOAD=0, or for a checkpoint whose tensor names that loader does not know
-    (TRL then loads it whole on every rank)."""
-    from transformers.integrations.deepspeed import deepspeed_config, is_deepspeed_zero3_enabled
-
-    if not is_deepspeed_zero3_enabled() or os.environ.get(SHARDED_LOAD_ENV) == "0":
-        return None
-    import torch
-
-    from stages.lib.train import sharded_load
-
-    from transformers import AutoConfig
-
-    t = params.train
-    trust = params.model.trust_remote_code
-    rope = folder_overrides(BASE_DIR, params.model.rope_scaling)
-    config = AutoConfig.from_pretrained(BASE_DIR, trust_remote_code=trust, **rope)
-    partition = sharded_load.ZeroPartitioner(deepspeed_config(), config)
-    start = time.perf_counter()
-    model = sharded_load.load(BASE_DIR, quantization_config(params), getattr(torch, t.dtype), t.attn_implementation,
-                              device=partition.device, place=partition, trust_remote_code=trust, **rope)  # fmt: skip
-    if model is not None and int(os.environ.get("RANK", "0")) == 0:
-        print(f"train: ZeRO-3: each rank loaded its shard of the 4-bit base in {time.perf_counter() - start:.0f} s "
-              f"(rank 0 holds {size(sharded_load.resident_bytes(model) / sharded_load.GIB)} of weights)", flush=True)
-    if model is None and int(os.environ.get("RANK", "0")) == 0:
-        print("train: models/base's tensor names are not its model's parameter names; every rank loads the whole "
-              "4-bit model before ZeRO-3 partitions it")
-    return model
-
-
-def base_weights_gib(model) -> float:
-    """GiB of base-model weights this rank holds (LoRA parameters left out); see sharded_load.resident_bytes."""
-    from stages.lib.train.sharded_load import GIB, resident_bytes
-
-    return resident_bytes(model, skip=lambda name: "lora_" in name) / GIB
 
 
 def check_labels(prepared, tokenized) -> None:

@@ -164,7 +164,7 @@ def one_rank_load_gib(project: Path, raw: dict) -> float:
 
     from stages.lib.core.params import Params
     from stages.lib.train import sharded_load
-    from stages.train import quantization_config
+    from stages.lib.train.base_load import quantization_config
 
     params = Params.model_validate(raw)
     model = sharded_load.load(project / "models" / "base", quantization_config(params), getattr(torch, params.train.dtype))

@@ -165,9 +165,14 @@ def check_shapes(folder: Path, what: str, shapes: dict[str, tuple[int, ...]]) ->
     model = meta_model(folder, what)
     if model is None:
         return
-    prefix = f"{model.base_model_prefix}."
-    for name, param in model.named_parameters():  # tied weights appear once
-        stored = shapes.get(name, shapes.get(name.removeprefix(prefix)))
+    from .checkpoint_names import converted_shapes
+
+    # a mixture of experts stores its experts one by one and the model fuses them: compare after transformers'
+    # own conversion (checkpoint_names), as from_pretrained loads them
+    converted, unmatched = converted_shapes(model, shapes)
+    expected = model.state_dict()  # tied weights appear once per name: a checkpoint may hold either
+    for name, param in model.named_parameters():
+        stored = converted.get(name)
         if stored is None:
             raise ModelFilesError(f"{what}: the weights have no tensor {name}, which config.json's model needs "
                                   "(renamed or missing): copy the model folder again")  # fmt: skip
@@ -175,9 +180,8 @@ def check_shapes(folder: Path, what: str, shapes: dict[str, tuple[int, ...]]) ->
             raise ModelFilesError(f"{what}: tensor {name} has shape {list(stored)} but config.json makes it "
                                   f"{list(param.shape)}: the config and the weights are of different models")  # fmt: skip
     # then tensors the model lacks: a renamed tensor is named above as missing, a config with fewer layers here
-    known = set(model.state_dict()) | {k.removeprefix(prefix) for k in model.state_dict()}  # tied ones included
     ignored = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []]
-    extra = sorted(k for k in shapes if k not in known and not any(p.search(k) for p in ignored))
+    extra = sorted(k for k in unmatched if k not in expected and not any(p.search(k) for p in ignored))
     if extra:
         raise ModelFilesError(f"{what}: the weights hold {len(extra)} tensor(s) that config.json's model does not "
                               f"have, e.g. {extra[0]}: the config describes another (smaller?) model")  # fmt: skip

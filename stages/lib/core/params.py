@@ -224,6 +224,18 @@ class LoraParams(Strict):
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.05
     # null: the model recipe's; an empty list is refused (it read as null, silently)
     target_modules: Annotated[list[str], Field(min_length=1)] | Literal["all-linear"] | None = None
+    # PEFT's target_parameters: a mixture of experts' 3-D expert stacks by name suffix (mlp.experts.gate_up_proj,
+    # mlp.experts.down_proj); [] leaves the experts frozen
+    target_parameters: list[Annotated[str, Field(min_length=1)]] = []
+
+    @model_validator(mode="after")
+    def _parameters(self) -> "LoraParams":
+        if self.target_parameters and self.dropout:
+            raise ValueError(
+                f"train.lora.dropout must be 0 with train.lora.target_parameters (it is {self.dropout}): PEFT cannot "
+                "apply dropout inside a LoRA on a parameter"
+            )
+        return self
 
 
 class LaunchParams(Strict):

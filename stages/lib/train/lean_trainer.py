@@ -19,11 +19,18 @@ class LeanSFTTrainer(SFTTrainer):
         add_fused_lm_head(model, outputs=("log_probs",))  # the outer wrapper now serves fused_lm_head=True
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.aux_loss_enabled:  # a mixture of experts: the router's load-balancing loss, as SFTTrainer adds it
+            inputs = {**inputs, "output_router_logits": True}
         outputs = model(**inputs, fused_lm_head=True)
         count = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
         loss = -outputs.log_probs.sum() / torch.as_tensor(count).clamp(min=1)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # as Trainer: DDP averages gradients across ranks
+        if self.aux_loss_enabled:
+            steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+            loss = loss + self.router_aux_loss_coef * outputs.aux_loss / steps
+            mode = "train" if model.training else "eval"
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss.detach()).mean().item())
         if model.training:
             mask = inputs.get("attention_mask")
             local = mask.sum() if mask is not None else torch.tensor(inputs["position_ids"].size(1))

@@ -12,9 +12,10 @@ The quantization statistics (absmax and code, about 1/32 of the 4-bit bytes with
 on every rank: bitsandbytes dequantizes the gathered weight with them. DeepSpeed's engine later finds the base
 parameters already partitioned and converts only the LoRA parameters PEFT added.
 
-Used only when the checkpoint's tensor names are exactly the model's parameter names (every local save by the
-download stage, and Hub checkpoints of the common architectures); otherwise `load` returns None and the caller
-falls back to transformers' whole-model load.
+Checkpoint tensors become parameters by transformers' own conversion mapping (stages/lib/core/checkpoint_names.py):
+a mixture of experts' per-expert tensors are stacked as `from_pretrained` stacks them, and each stack is stored in
+4 bits (stages/lib/train/experts_4bit.py). Where the mapping cannot place every parameter, `load` returns None and
+the caller falls back to transformers' whole-model load.
 """
 
 from __future__ import annotations
@@ -127,40 +128,35 @@ def load(path: Path, quantization, dtype: torch.dtype, attn_implementation: str 
     checkpoint's tensor names are not the model's parameter names (the caller then loads the usual way).
     Raises OSError for an unreadable safetensors file.
     """
-    import bitsandbytes as bnb
     from safetensors import safe_open
     from transformers import GenerationConfig
+
+    from stages.lib.core.checkpoint_names import targets
+    from stages.lib.train import experts_4bit
 
     index = checkpoint_index(path)
     if index is None:
         return None
     model, quantizer = build_on_meta(path, quantization, dtype, attn_implementation, **config_kwargs)
     params = dict(model.named_parameters())  # tied weights appear once, under their first name
-    prefix = f"{model.base_model_prefix}."
-    stored = {name: name if name in index else name.removeprefix(prefix) for name in params}  # a bare model's save
-    if not set(stored.values()) <= set(index):
+    found, _ = targets(model, index)  # checkpoint names → parameters, as from_pretrained renames and fuses them
+    if not set(params) <= set(found):
         return None
     device = torch.device(device)
-    by_file: dict[str, list[str]] = {}
-    for name in params:
-        by_file.setdefault(index[stored[name]], []).append(name)
-    for file, names in by_file.items():
-        with safe_open(str(path / file), framework="pt", device="cpu") as f:
-            for name in names:
-                module_name, _, attr = name.rpartition(".")
-                module = model.get_submodule(module_name)
-                old = module._parameters[attr]
-                value = f.get_tensor(stored[name])
-                if isinstance(module, bnb.nn.Linear4bit) and attr == "weight":
-                    value = value.to(device=device, dtype=dtype)  # from_pretrained casts before it quantizes
-                    new = bnb.nn.Params4bit(value, requires_grad=False, **old.__dict__).to(device)
-                else:  # kept in 16 bits: cast as from_pretrained does, to the dtype the model was built with
-                    new = torch.nn.Parameter(value.to(old.dtype), requires_grad=old.requires_grad)
-                    if place is None:
-                        new.data = new.data.to(device)
-                module._parameters[attr] = new
-                if place is not None:
-                    place(new)
+    experts = {f"{n}.{p}" for n, m in experts_4bit.experts_modules(model) for p in experts_4bit.projections(m)}
+    with contextlib.ExitStack() as files:
+        opened = {}
+
+        def read(name: str) -> torch.Tensor:
+            file = index[name]
+            if file not in opened:
+                opened[file] = files.enter_context(safe_open(str(path / file), framework="pt", device="cpu"))
+            return opened[file].get_tensor(name)
+
+        for target in sorted(found.values(), key=lambda t: (index[t.sources[0]], t.sources[0])):  # file by file
+            for name, value in target.tensors(model, read).items():
+                if name in params:
+                    _place(model, name, value, dtype, device, place, quantization, name in experts)
     for module in model.modules():  # buffers were built on the CPU; 4-bit statistics stay whole on each rank
         for key, buffer in module._buffers.items():
             if buffer is not None:
@@ -176,6 +172,32 @@ def load(path: Path, quantization, dtype: torch.dtype, attn_implementation: str 
     return model.eval()
 
 
+def _place(model, name: str, value: torch.Tensor, dtype, device, place, quantization, expert: bool) -> None:
+    """Give parameter `name` its checkpoint `value`: 4-bit where the model's quantizer made a `Linear4bit` or where
+    it is an expert stack (experts_4bit), else cast as from_pretrained casts; then `place` it."""
+    import bitsandbytes as bnb
+
+    from stages.lib.train import experts_4bit
+
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    old = module._parameters[attr]
+    if expert:
+        new = experts_4bit.quantize(value, quantization, device)
+        experts_4bit.install(module, attr, new, value.shape)
+    elif isinstance(module, bnb.nn.Linear4bit) and attr == "weight":
+        value = value.to(device=device, dtype=dtype)  # from_pretrained casts before it quantizes
+        new = bnb.nn.Params4bit(value, requires_grad=False, **old.__dict__).to(device)
+        module._parameters[attr] = new
+    else:  # kept in 16 bits: cast as from_pretrained does, to the dtype the model was built with
+        new = torch.nn.Parameter(value.to(old.dtype), requires_grad=old.requires_grad)
+        if place is None:
+            new.data = new.data.to(device)
+        module._parameters[attr] = new
+    if place is not None:
+        place(new)
+
+
 def resident_bytes(model: torch.nn.Module, skip=lambda name: False) -> int:
     """Bytes of model weights this process holds now: parameters (a ZeRO-3 parameter: its partition) plus the
     4-bit quantization statistics, on any device; buffers are not weights. `skip(name)` leaves parameters out."""
@@ -186,7 +208,8 @@ def resident_bytes(model: torch.nn.Module, skip=lambda name: False) -> int:
             continue
         seen.add(id(param))
         shard = getattr(param, "ds_tensor", None)
-        total += param.data.nbytes + (shard.nbytes if shard is not None else 0)
+        # min: a stride-0 placeholder (experts_4bit's, for expert LoRA) owns one element whatever its shape
+        total += min(param.data.nbytes, param.data.untyped_storage().nbytes()) + (shard.nbytes if shard is not None else 0)
         state = getattr(param, "quant_state", None)
         if state is not None:
             total += sum(t.nbytes for t in _state_tensors(state))
