@@ -17,6 +17,7 @@ from stages.lib.core.rope import folder_overrides
 from stages.lib.train.fit import size
 
 SHARDED_LOAD_ENV = "TRAIN_SHARDED_LOAD"  # 0: under ZeRO-3, load the 4-bit base whole on every rank (the old way)
+EXPERTS_4BIT_ENV = "TRAIN_EXPERTS_4BIT"  # 0: a mixture of experts' experts stay 16-bit (the old way, for benchmarks)
 
 
 def quantization_config(params: Params):
@@ -59,7 +60,7 @@ def load_4bit(params: Params, base_dir: Path):
     from stages.lib.train import sharded_load
 
     zero3 = is_deepspeed_zero3_enabled() and os.environ.get(SHARDED_LOAD_ENV) != "0"
-    moe = has_experts(base_dir)
+    moe = os.environ.get(EXPERTS_4BIT_ENV) != "0" and has_experts(base_dir)
     if not zero3 and not moe:
         return None
     t = params.train

@@ -40,6 +40,24 @@ def experts_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]
     return [(n, m) for n, m in model.named_modules() if projections(m) or getattr(m, "_4bit_shapes", None)]
 
 
+def expert_stacks(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The 16-bit 3-D expert stacks of a model (e.g. on the meta device), in module order."""
+    return [m._parameters[n] for _, m in experts_modules(model) for n in projections(m)]
+
+
+def moe_shape(model: torch.nn.Module) -> tuple[int, int, int] | None:
+    """(experts per layer, experts active per token, one expert's intermediate width) of a 16-bit mixture of
+    experts (meta device is enough); None for a dense model."""
+    found = experts_modules(model)
+    if not found:
+        return None
+    module = found[0][1]
+    down = module._parameters["down_proj"]  # [experts, hidden, inter], or [experts, inter, hidden] transposed
+    inter = down.shape[1] if getattr(module, "is_transposed", False) else down.shape[2]
+    config = model.config.get_text_config()
+    return down.shape[0], int(getattr(config, "num_experts_per_tok", None) or 1), int(inter)
+
+
 def quantize(value: torch.Tensor, quantization, device) -> torch.nn.Parameter:
     """The 3-D expert stack `value` as one 4-bit parameter on `device`, quantized as bitsandbytes quantizes a
     `Linear4bit` weight under `quantization` (a transformers BitsAndBytesConfig); `.expert_shape` keeps the

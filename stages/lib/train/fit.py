@@ -38,16 +38,21 @@ class WeightBytes:
 def weight_bytes(model, four_bit: bool, dtype_bytes: int, double_quant: bool, part=None) -> WeightBytes:
     """Count a meta-device `model`'s weights as the train stage loads them (only submodule `part`'s, if given).
 
-    4-bit: every `nn.Linear` except the output embedding becomes 0.5 byte per weight plus its absmax (4 bytes per
-    64 weights, or 1 byte with double quantization, whose second level adds 4 bytes per 256 absmax values) and
-    code books, as transformers' bitsandbytes integration converts them. Everything else: `dtype_bytes` per value.
-    Equals `sharded_load.resident_bytes` of the loaded model (checked in tests/test_fit.py).
+    4-bit: every `nn.Linear` except the output embedding, and each 3-D expert stack of a mixture of experts
+    (experts_4bit), becomes 0.5 byte per weight plus its absmax (4 bytes per 64 weights, or 1 byte with double
+    quantization, whose second level adds 4 bytes per 256 absmax values) and code books, as bitsandbytes quantizes
+    them. Everything else: `dtype_bytes` per value. Equals `sharded_load.resident_bytes` of the loaded model
+    (checked in tests/test_fit.py).
     """
     import torch
+
+    from .experts_4bit import expert_stacks
 
     head = model.get_output_embeddings()
     quantized = {id(m.weight) for m in model.modules()
                  if four_bit and isinstance(m, torch.nn.Linear) and m is not head}  # fmt: skip
+    if four_bit:
+        quantized |= {id(p) for p in expert_stacks(model)}
     sharded = whole = 0
     seen: set[int] = set()
     for param in (part or model).parameters():

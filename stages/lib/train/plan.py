@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..core.params import Params
+from .experts_4bit import expert_stacks, moe_shape
 from .fit import GIB, size, weight_bytes
 
 # Fitted: 7B QLoRA, 8,192-token rows, H200: 44.18 GiB without checkpointing, 9.09 with (bench/RESULTS.md §2, §1c)
@@ -87,6 +88,7 @@ class Plan:
     tokens_per_gpu: int
     advice: list[str] = field(default_factory=list)
     samples: str = ""  # the longest sample against the model's positions (samples_line)
+    moe: str = ""  # a mixture of experts' total and active parameters (moe_line)
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,8 @@ class Shape:
     vocab: int
     layer: object  # one decoder layer (a meta module)
     embeddings: list  # input and output embedding weights (one if tied)
+    experts: int = 0  # a mixture of experts: experts per layer (0: dense)
+    active: int = 0  # experts each token goes through
 
 
 def shape(model) -> Shape:
@@ -113,8 +117,39 @@ def shape(model) -> Shape:
     embeddings = {id(w): w for w in (model.get_input_embeddings().weight, model.get_output_embeddings().weight)}
     intermediate = (getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
                     or 4 * config.hidden_size)  # GPT-2 style configs: n_inner, null for 4 x hidden
-    return Shape(len(layers), config.hidden_size, intermediate, kv,
-                 model.get_output_embeddings().weight.shape[0], layers[0], list(embeddings.values()))  # fmt: skip
+    moe = moe_shape(model)
+    layer = max(layers, key=lambda m: sum(p.numel() for p in m.parameters()))  # an MoE layer, if some are dense
+    experts = active = 0
+    if moe:  # the active path: each token's experts, plus any shared expert (a plain MLP beside them)
+        experts, active, inter = moe
+        shared = sum(m.in_features for n, m in layer.named_modules()
+                     if "shared" in n and n.endswith("down_proj") and hasattr(m, "in_features"))  # fmt: skip
+        intermediate = active * inter + shared
+    return Shape(len(layers), config.hidden_size, intermediate, kv, model.get_output_embeddings().weight.shape[0],
+                 layer, list(embeddings.values()), experts, active)  # fmt: skip
+
+
+def parameter_counts(model) -> tuple[int, int]:
+    """(total, active per token) parameters of a meta-device model; equal for a dense model. Active counts each
+    layer's `active` of its `experts` expert weights."""
+    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    moe = moe_shape(model)
+    if not moe:
+        return total, total
+    experts, active, _ = moe
+    stacked = sum(p.numel() for p in expert_stacks(model))
+    return total, total - stacked + stacked * active // experts
+
+
+def moe_line(model) -> str:
+    """One line for the plan: a mixture of experts' total and active parameters ("" for a dense model)."""
+    moe = moe_shape(model)
+    if not moe:
+        return ""
+    total, active = parameter_counts(model)
+    count = lambda n: f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"  # noqa: E731
+    return (f"mixture of experts: {moe[0]} experts per layer, {moe[1]} active per token; {count(total)} parameters, "
+            f"{count(active)} active; QLoRA keeps the experts in 4 bits and dequantizes one layer's at a time")
 
 
 def deepspeed_kind(name: str) -> tuple[int, bool, bool, float]:
@@ -163,6 +198,12 @@ def trainable_params(model, params: Params, targets: list[str] | str) -> int:
     r = params.train.lora.r
     head = model.get_output_embeddings()
     total = 0
+    wanted = params.train.lora.target_parameters  # expert stacks [experts, out, in]: r x experts x (in + out)
+    for name, module in model.named_modules():
+        for pname, param in module.named_parameters(recurse=False):
+            full = f"{name}.{pname}"
+            if param.dim() == 3 and any(full == w or full.endswith(f".{w}") for w in wanted):
+                total += r * param.shape[0] * (param.shape[1] + param.shape[2])
     for name, module in model.named_modules():
         if not isinstance(module, torch.nn.Linear) or module is head:
             continue
@@ -196,7 +237,20 @@ def layer_activation_bytes(s: Shape, dtype_bytes: int, dropout_inputs: int) -> f
     tensors, and LoRA dropout's copies of its inputs (`dropout_inputs` values), scaled by ACTIVATION_SCALE."""
     d = dtype_bytes
     counted = d * (6 * s.hidden + 4 * s.kv + 4 * s.intermediate) + 8 * s.hidden + (d + 1) * dropout_inputs
+    if s.experts:  # routing: float32 router probabilities, each token's hidden state gathered and weighted per expert
+        counted += 8 * s.experts + 2 * d * s.active * s.hidden
     return ACTIVATION_SCALE * counted
+
+
+def dequantized_experts(model, s: Shape, params: Params, dtype_bytes: int) -> float:
+    """Bytes of one layer's experts in 16 bits while it runs (experts_4bit dequantizes a layer's stacks for its
+    forward, and again for its backward); with expert LoRA also the delta B·A and the sum, and their gradients.
+    0 for a dense model or 16-bit experts."""
+    if not s.experts or params.train.method != "qlora":
+        return 0.0
+    layer_stacks = sum(p.numel() for n, p in s.layer.named_parameters() if p.dim() == 3)
+    lora = bool(params.train.lora.target_parameters)
+    return layer_stacks * dtype_bytes * (4 if lora else 1)
 
 
 def estimate(model, params: Params, setting: Setting, targets: list[str] | str, tokens: int | None = None) -> Estimate:
@@ -226,6 +280,7 @@ def estimate(model, params: Params, setting: Setting, targets: list[str] | str, 
                              if isinstance(m, torch.nn.Linear) and (targets == "all-linear" or n.split(".")[-1] in targets))  # fmt: skip
     per_layer = layer_activation_bytes(s, d, dropout_inputs) * tokens
     working = (1 + BACKWARD_LAYERS if setting.checkpointing else BACKWARD_LAYERS) * per_layer
+    working += dequantized_experts(model, s, params, d)
     saved = s.layers * (s.hidden * d * tokens if setting.checkpointing else per_layer)
     activations = saved + working
     loss = min(tokens, TILE_TOKENS) * min(s.vocab, TILE_VOCAB) * d + tokens * s.hidden * (2 * d + 8)
@@ -240,8 +295,8 @@ def estimate(model, params: Params, setting: Setting, targets: list[str] | str, 
         gathers = max(2 * layer_bytes + head_bytes * (leaves and setting.gpus > 1), embeddings - working)
     largest = max(p.numel() for p in model.parameters()) * d  # the one tensor being read or quantized
     head = model.get_output_embeddings()
-    largest_quantized = max((m.weight.numel() for m in model.modules()
-                             if isinstance(m, torch.nn.Linear) and m is not head), default=0) * d  # fmt: skip
+    largest_quantized = max([m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
+                            + [p.numel() for p in expert_stacks(model)], default=0) * d  # fmt: skip
     if param_offload:
         load = 2 * largest_quantized if four_bit else largest
     else:
@@ -295,6 +350,7 @@ def make_plan(model, params: Params, targets: list[str] | str, gpus: int, nodes:
     tokenize.max_length with the positions of the model (of `where`) under model.rope_scaling."""
     plan = _plan(model, params, targets, gpus, nodes, capacity_gib, single_process)
     plan.samples = samples_line(model.config, params, where)
+    plan.moe = moe_line(model)
     return plan
 
 
@@ -391,6 +447,8 @@ def table(plan: Plan) -> str:
                  "each GPU moves per micro-batch")
     if plan.samples:
         lines.append(f"  {plan.samples}")
+    if plan.moe:
+        lines.append(f"  {plan.moe}")
     if plan.chosen:
         lines.append(f"choice: {plan.chosen.setting.label} ({plan.reason})")
     elif plan.capacity_gib is not None:
