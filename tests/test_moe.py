@@ -1,0 +1,114 @@
+"""A mixture of experts under QLoRA: the checkpoint layout passes download, the experts train in 4 bits, expert
+LoRA merges and loads in PEFT, the planner counts the 4-bit stacks exactly.
+
+The model is recipes/models/tiny-qwen3-moe.yaml (16 experts of width 128, 2 active, experts 88 % of its weights),
+saved by the download stage the way transformers saves every MoE (experts one by one, as on the Hub).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import clone, dvc, edit_params
+
+from stages.lib.core.model_files import ModelFilesError, check_model_dir, meta_model
+
+EXPERT_LORA = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+
+@pytest.fixture(scope="module")
+def moe_run(tmp_path_factory) -> Path:
+    """The whole pipeline on the tiny MoE with LoRA on attention and on the experts, 40 steps."""
+    repo = clone(tmp_path_factory.mktemp("moe") / "repo")
+    edit_params(repo, **{"model.recipe": "tiny-qwen3-moe", "train.max_steps": 40, "train.logging_steps": 5,
+                         "train.lora.dropout": 0.0, "train.lora.target_parameters": EXPERT_LORA})  # fmt: skip
+    dvc("repro", cwd=repo)
+    return repo
+
+
+def test_the_pipeline_trains_4bit_experts_and_their_lora(moe_run: Path):
+    config = json.loads((moe_run / "models" / "adapter" / "train_config.json").read_text())
+    model = meta_model(moe_run / "models" / "base", "models/base")
+    fp32 = sum(p.numel() for p in model.parameters()) * 4 / 2**30
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    assert experts / sum(p.numel() for p in model.parameters()) >= 0.8
+    # resident after load: the 4-bit stacks, not 16-bit experts (16-bit experts alone would be 0.44 x fp32)
+    assert config["load_weights_gib_per_rank"][0] <= 0.35 * fp32, (config["load_weights_gib_per_rank"], fp32)
+    losses = [h["loss"] for h in config["loss_history"]]
+    assert len(losses) >= 5 and losses[-1] < 0.7 * losses[0], losses
+    adapter = json.loads((moe_run / "models" / "adapter" / "adapter_config.json").read_text())
+    assert adapter["target_parameters"] == [f"model.layers.{i}.mlp.experts.{p}" for i in range(2)
+                                            for p in ("gate_up_proj", "down_proj")]  # fmt: skip
+    merge = json.loads((moe_run / "metrics" / "merge.json").read_text())
+    assert merge["max_abs_logit_diff"] <= merge["tolerance"]
+    aux = (moe_run / "dvclive" / "train" / "plots" / "metrics" / "aux_loss.tsv").read_text().splitlines()
+    assert len(aux) > 2  # the router's load-balancing loss, logged beside the loss
+    assert json.loads((moe_run / "metrics" / "eval.json").read_text())
+
+
+def test_the_adapter_with_expert_lora_loads_in_peft_and_changes_the_experts(moe_run: Path):
+    """PEFT alone (no code of ours) puts the adapter on the 16-bit model; merged, it equals models/merged."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(moe_run / "models" / "base", dtype=torch.float32)
+    before = base.model.layers[0].mlp.experts.gate_up_proj.detach().clone()
+    merged = PeftModel.from_pretrained(base, moe_run / "models" / "adapter").merge_and_unload()
+    after = merged.model.layers[0].mlp.experts.gate_up_proj.detach()
+    assert (after - before).abs().max() > 0  # the experts' LoRA is in the merge
+    saved = AutoModelForCausalLM.from_pretrained(moe_run / "models" / "merged", dtype=torch.float32)
+    assert torch.allclose(saved.model.layers[0].mlp.experts.gate_up_proj, after, atol=1e-6)
+    stored = load_file(moe_run / "models" / "merged" / "model.safetensors")
+    assert "model.layers.0.mlp.experts.0.gate_proj.weight" in stored  # the checkpoint layout, as on the Hub
+
+
+def test_the_4bit_forward_follows_the_model_and_the_estimate_is_exact(moe_run: Path):
+    """Experts dequantized a layer at a time give the 16-bit model's logits up to NF4's rounding, and the planner's
+    weight count is what the loader holds."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from stages.lib.train import fit, sharded_load
+    from stages.lib.train.experts_4bit import experts_modules
+
+    folder = moe_run / "models" / "base"
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.float32)  # fmt: skip
+    mine = sharded_load.load(folder, q, torch.float32)
+    assert all(not m._parameters.get("gate_up_proj") for _, m in experts_modules(mine))
+    assert sharded_load.resident_bytes(mine) == sum(fit.weight_bytes(meta_model(folder, "b"), True, 4, True).__dict__.values())
+    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    ids = torch.randint(0, ref.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = mine(input_ids=ids).logits, ref(input_ids=ids).logits
+    assert torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1] > 0.95
+
+
+def test_a_checkpoint_missing_an_expert_is_named_at_download(moe_run: Path, tmp_path: Path):
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for f in (moe_run / "models" / "base").iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    check_model_dir(folder, "model.path x")  # the per-expert layout as saved passes
+    tensors = load_file(folder / "model.safetensors")
+    del tensors["model.layers.1.mlp.experts.3.up_proj.weight"]
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelFilesError, match=re.escape("no tensor model.layers.1.mlp.experts.gate_up_proj")):
+        check_model_dir(folder, "model.path x")
+
+
+def test_expert_lora_needs_no_dropout_in_one_line():
+    from conftest import default_params
+
+    from stages.lib.core.params import Params
+
+    raw = default_params()
+    raw["train"]["lora"] |= {"target_parameters": EXPERT_LORA, "dropout": 0.05}
+    with pytest.raises(ValueError, match="train.lora.dropout must be 0 with train.lora.target_parameters"):
+        Params.model_validate(raw)
