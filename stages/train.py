@@ -330,10 +330,12 @@ def summary_line(config: dict, speed: dict) -> str:
 
 
 def sort_target_modules(path: Path) -> None:
-    """PEFT writes target_modules from a set, in a different order each run: sorted, equal adapters hash equal."""
+    """PEFT writes target_modules and target_parameters from sets, in a different order each run: sorted, equal
+    adapters hash equal."""
     config = json.loads(path.read_text(encoding="utf-8"))
-    if isinstance(config.get("target_modules"), list):
-        config["target_modules"] = sorted(config["target_modules"])
+    lists = [k for k in ("target_modules", "target_parameters") if isinstance(config.get(k), list)]
+    if lists:
+        config |= {k: sorted(config[k]) for k in lists}
         write_text(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
@@ -403,6 +405,28 @@ def resolved_config(params: Params, trainer, result, resume: Path | None = None)
     }
 
 
+def check_expert_targets(params: Params, model) -> None:
+    """train.lora.target_parameters names expert stacks models/base has, and is not combined with ZeRO-3 over
+    4-bit experts (PEFT's placeholder would be partitioned like a weight); a line for experts kept in 16 bits."""
+    from stages.lib.core.errors import UserError
+    from stages.lib.train.experts_4bit import lora_target_parameters, unsupported_experts
+
+    if model is None:
+        return
+    wanted = params.train.lora.target_parameters
+    if wanted and not lora_target_parameters(model, wanted):
+        raise UserError(f"train.lora.target_parameters {wanted} matches no expert weight of models/base (a mixture "
+                        "of experts' 3-D stacks, e.g. mlp.experts.gate_up_proj): remove it or fix the names")
+    zero3 = params.train.deepspeed and deepspeed_config(params.train.deepspeed).get("zero_optimization", {}).get("stage") == 3
+    if wanted and zero3 and params.train.method == "qlora":
+        raise UserError("train.lora.target_parameters with ZeRO-3 over 4-bit experts is not built: train the experts' "
+                        "LoRA with train.deepspeed null or zero2, or leave target_parameters empty under zero3")
+    kept = unsupported_experts(model)
+    if kept and params.train.method == "qlora":
+        print(f"train: note: {', '.join(kept)} keep their 3-D expert weights in 16 bits (transformers does not "
+              "dispatch these experts through its ExpertsInterface, which the 4-bit experts use)", flush=True)
+
+
 def check_sample_lengths(params: Params, splits) -> None:
     """The tokenized samples fit models/base's positions under model.rope_scaling (preflight.check_context: a
     UserError for a longer sample, a warning when only tokenize.max_length is longer); a model that needs its Hub
@@ -435,6 +459,7 @@ def main() -> None:
     key = "train.lora.target_modules" if chosen else f"lora_targets of model recipe '{params.model.recipe}'"
     check_lora_targets(chosen or model_recipe(params.model.recipe).lora_targets, key, BASE_DIR)
     check_weights_fit(params, BASE_DIR, meta_model(BASE_DIR, "models/base"))
+    check_expert_targets(params, meta_model(BASE_DIR, "models/base"))
     # a damaged file fails here: before any rank starts or checkpoint is hashed
     splits = load_saved(TOKENIZED, "tokenize")
     load_tokenizer(TOKENIZER, TOKENIZED, "tokenize")

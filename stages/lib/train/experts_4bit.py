@@ -35,6 +35,13 @@ def projections(module: torch.nn.Module) -> list[str]:
     return [n for n, p in module.named_parameters(recurse=False) if p.dim() == 3]
 
 
+def unsupported_experts(model: torch.nn.Module) -> list[str]:
+    """Class names of modules holding 3-D weights that transformers does not dispatch through `ExpertsInterface`
+    (their experts stay in 16 bits)."""
+    return sorted({type(m).__name__ for m in model.modules() if not projections(m)
+                   and any(p.dim() == 3 for p in m.parameters(recurse=False))})  # fmt: skip
+
+
 def experts_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     """(qualified name, module) of every experts module with 16-bit or 4-bit expert weights."""
     return [(n, m) for n, m in model.named_modules() if projections(m) or getattr(m, "_4bit_shapes", None)]
