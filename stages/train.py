@@ -25,7 +25,8 @@ from stages.lib.core.recipes import deepspeed_config, model_recipe
 from stages.lib.core.model_files import meta_model
 from stages.lib.core.rope import folder_config, folder_overrides
 from stages.lib.train.fit import apply_cap, check_weights_fit
-from stages.lib.train.preflight import check_context, check_kernels, check_lora_targets, check_reporters, longest_sample
+from stages.lib.train.preflight import (check_context, check_expert_targets, check_kernels, check_lora_targets,
+                                       check_reporters, longest_sample)
 
 TOKENIZED = Path("data/tokenized")
 TOKENIZER = TOKENIZED / "tokenizer"  # the training tokenizer, written by tokenize (chat template, pad token)
@@ -403,28 +404,6 @@ def resolved_config(params: Params, trainer, result, resume: Path | None = None)
         "loss_history": [{"step": h["step"], "loss": h["loss"]} for h in losses],
         "versions": {m.__name__: m.__version__ for m in (torch, transformers, trl, peft)},
     }
-
-
-def check_expert_targets(params: Params, model) -> None:
-    """train.lora.target_parameters names expert stacks models/base has, and is not combined with ZeRO-3 over
-    4-bit experts (PEFT's placeholder would be partitioned like a weight); a line for experts kept in 16 bits."""
-    from stages.lib.core.errors import UserError
-    from stages.lib.train.experts_4bit import lora_target_parameters, unsupported_experts
-
-    if model is None:
-        return
-    wanted = params.train.lora.target_parameters
-    if wanted and not lora_target_parameters(model, wanted):
-        raise UserError(f"train.lora.target_parameters {wanted} matches no expert weight of models/base (a mixture "
-                        "of experts' 3-D stacks, e.g. mlp.experts.gate_up_proj): remove it or fix the names")
-    zero3 = params.train.deepspeed and deepspeed_config(params.train.deepspeed).get("zero_optimization", {}).get("stage") == 3
-    if wanted and zero3 and params.train.method == "qlora":
-        raise UserError("train.lora.target_parameters with ZeRO-3 over 4-bit experts is not built: train the experts' "
-                        "LoRA with train.deepspeed null or zero2, or leave target_parameters empty under zero3")
-    kept = unsupported_experts(model)
-    if kept and params.train.method == "qlora":
-        print(f"train: note: {', '.join(kept)} keep their 3-D expert weights in 16 bits (transformers does not "
-              "dispatch these experts through its ExpertsInterface, which the 4-bit experts use)", flush=True)
 
 
 def check_sample_lengths(params: Params, splits) -> None:

@@ -67,25 +67,33 @@ def test_the_adapter_with_expert_lora_loads_in_peft_and_changes_the_experts(moe_
     assert "model.layers.0.mlp.experts.0.gate_proj.weight" in stored  # the checkpoint layout, as on the Hub
 
 
-def test_the_4bit_forward_follows_the_model_and_the_estimate_is_exact(moe_run: Path):
-    """Experts dequantized a layer at a time give the 16-bit model's logits up to NF4's rounding, and the planner's
-    weight count is what the loader holds."""
+def test_the_4bit_forward_is_the_models_own_on_the_dequantized_stacks_and_the_estimate_is_exact(moe_run: Path):
+    """An experts module in 4 bits computes what the model's own 16-bit module computes with the dequantized
+    stacks (same routing), and the planner's weight count is what the loader holds."""
+    import bitsandbytes.functional as bnbf
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from stages.lib.train import fit, sharded_load
-    from stages.lib.train.experts_4bit import experts_modules
+    from stages.lib.train.experts_4bit import SUFFIX, experts_modules
 
     folder = moe_run / "models" / "base"
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                            bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.float32)  # fmt: skip
     mine = sharded_load.load(folder, q, torch.float32)
-    assert all(not m._parameters.get("gate_up_proj") for _, m in experts_modules(mine))
     assert sharded_load.resident_bytes(mine) == sum(fit.weight_bytes(meta_model(folder, "b"), True, 4, True).__dict__.values())
     ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    ids = torch.randint(0, ref.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    ref.config._experts_implementation = "eager"  # the class's own loop, the plainest reference
+    four, plain = experts_modules(mine)[0][1], experts_modules(ref)[0][1]
+    assert "gate_up_proj" not in four._parameters and plain.gate_up_proj.dim() == 3
     with torch.no_grad():
-        a, b = mine(input_ids=ids).logits, ref(input_ids=ids).logits
-    assert torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1] > 0.95
+        for name in ("gate_up_proj", "down_proj"):
+            packed = four._parameters[name + SUFFIX]
+            getattr(plain, name).copy_(bnbf.dequantize_4bit(packed.data, packed.quant_state).view(getattr(plain, name).shape))
+        gen = torch.Generator().manual_seed(0)
+        hidden = torch.randn(10, plain.hidden_dim, generator=gen)
+        index = torch.stack([torch.randperm(plain.num_experts, generator=gen)[:2] for _ in range(10)])
+        weights = torch.rand(10, 2, generator=gen)
+        assert torch.allclose(four(hidden, index, weights), plain(hidden, index, weights), atol=1e-5)
 
 
 def test_a_checkpoint_missing_an_expert_is_named_at_download(moe_run: Path, tmp_path: Path):

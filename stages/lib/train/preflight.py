@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..core.errors import UserError
+from ..core.params import Params
 
 
 def check_reporters(names: list[str]) -> None:
@@ -100,3 +101,26 @@ def check_context(config, scaling, longest: int, max_length: int, where: str) ->
                 f"{fix}")  # fmt: skip
     raise UserError(f"data/tokenized holds a sample of {longest} tokens, but the {config.model_type} model of {where} "
                     f"has {context} positions: {fix}")  # fmt: skip
+
+
+def check_expert_targets(params: Params, model) -> None:
+    """train.lora.target_parameters names expert stacks models/base has, and is not combined with ZeRO-3 over
+    4-bit experts (PEFT's placeholder would be partitioned like a weight); a line for experts kept in 16 bits."""
+    from .experts_4bit import lora_target_parameters, unsupported_experts
+
+    if model is None:
+        return
+    from ..core import recipes
+
+    wanted = params.train.lora.target_parameters
+    if wanted and not lora_target_parameters(model, wanted):
+        raise UserError(f"train.lora.target_parameters {wanted} matches no expert weight of models/base (a mixture "
+                        "of experts' 3-D stacks, e.g. mlp.experts.gate_up_proj): remove it or fix the names")
+    zero3 = params.train.deepspeed and recipes.deepspeed_config(params.train.deepspeed).get("zero_optimization", {}).get("stage") == 3
+    if wanted and zero3 and params.train.method == "qlora":
+        raise UserError("train.lora.target_parameters with ZeRO-3 over 4-bit experts is not built: train the experts' "
+                        "LoRA with train.deepspeed null or zero2, or leave target_parameters empty under zero3")
+    kept = unsupported_experts(model)
+    if kept and params.train.method == "qlora":
+        print(f"train: note: {', '.join(kept)} keep their 3-D expert weights in 16 bits (transformers does not "
+              "dispatch these experts through its ExpertsInterface, which the 4-bit experts use)", flush=True)
