@@ -120,3 +120,32 @@ def test_expert_lora_needs_no_dropout_in_one_line():
     raw["train"]["lora"] |= {"target_parameters": EXPERT_LORA, "dropout": 0.05}
     with pytest.raises(ValueError, match="train.lora.dropout must be 0 with train.lora.target_parameters"):
         Params.model_validate(raw)
+
+
+def test_chat_and_serve_answer_from_the_merged_moe(moe_run: Path):
+    """The merged MoE talks: chat gives the same greedy answers merged and as base + adapter (PEFT, unmerged),
+    and the server answers an OpenAI request with what transformers generates from models/merged."""
+    from test_serve import chat_command, client, free_port, serve_command, wait_until_healthy
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    prompts = ["把这句话翻译成英文：你好", "Translate into Chinese: thank you"]
+    merged = chat_command(moe_run, [prompts[0], "/reset", prompts[1]])
+    assert len(merged) == 2
+    assert chat_command(moe_run, [prompts[0], "/reset", prompts[1]], "--adapter", "models/adapter") == merged
+    folder = moe_run / "models" / "merged"
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    messages = [{"role": "user", "content": prompts[1]}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**ids, max_new_tokens=16, do_sample=False)
+    expected = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    port = free_port()
+    proc = serve_command(moe_run, "--port", str(port))
+    try:
+        wait_until_healthy(proc, port)
+        reply = client(f"http://127.0.0.1:{port}").chat.completions.create(
+            model="models/merged", messages=messages, max_tokens=16, temperature=0)
+        assert reply.choices[0].message.content.strip() == expected.strip()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
