@@ -15,6 +15,7 @@ import shutil
 import signal
 import socket
 import sys
+import time
 from pathlib import Path
 
 from stages.lib.core.earlier import check_model_output, load_saved, load_tokenizer
@@ -35,7 +36,10 @@ ADAPTER_DIR = Path("models/adapter")
 CHECKPOINTS = Path("models/checkpoints")  # an interrupted run resumes from here (stages/lib/train/checkpoints.py)
 LIVE_DIR = Path("dvclive/train")
 METRICS = Path("metrics/train.json")  # quality: a DVC metric
-SPEED = Path("metrics/train_speed.json")  # tokens/s, step time, memory: changes run to run, so not a DVC metric
+# timings change run to run: not DVC outputs (dvc.lock names only what the same inputs reproduce), git-ignored
+SPEED = Path("metrics/train_speed.json")  # tokens/s, step time, memory
+SPEED_CURVE = Path("logs/tokens_per_s.tsv")  # each logging window's tokens/s, drawn by dvc.yaml's plots
+RUNS = Path("logs/train_runs.jsonl")  # one line per completed run: when, resumed from which step, how long
 NEVER = 10**12  # a step count no run reaches
 TRACKER_LOGS = "logs/tensorboard"  # train.report_to: [tensorboard] writes here (git-ignored, not a DVC output)
 
@@ -132,7 +136,7 @@ def sft_config(params: Params, output_dir: Path, **overrides):
 
 
 # logged values worth a curve; the rest (epoch, runtimes, samples/s, total_flos, the run's mean loss) is not
-PLOTTED = ("loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_s", "entropy", "mean_token_accuracy",
+PLOTTED = ("loss", "eval_loss", "learning_rate", "grad_norm", "entropy", "mean_token_accuracy",
            "aux_loss")  # aux_loss: a mixture of experts' router load-balancing loss (TRL logs it)
 
 
@@ -180,7 +184,7 @@ def build_trainer(params: Params, output_dir: Path, callbacks: list, **overrides
     train_set = splits["train"]
     eval_set = splits["validation"] if args.eval_strategy != "no" and len(splits["validation"]) else None
     from stages.lib.train.base_load import base_weights_gib, load_4bit, quantization_config
-    from stages.lib.train.checkpoints import KeepAdapterDtype
+    from stages.lib.train.checkpoints import CarryLogWindow, KeepAdapterDtype
     from stages.lib.train.cpu_4bit import keep_4bit_layout
     from stages.lib.train.experts_4bit import add_lora_placeholders, experts_modules
 
@@ -188,7 +192,7 @@ def build_trainer(params: Params, output_dir: Path, callbacks: list, **overrides
         base_class = SFTTrainer
     else:
         from stages.lib.train.lean_trainer import LeanSFTTrainer as base_class
-    trainer_class = type("StageTrainer", (KeepAdapterDtype, base_class), {})
+    trainer_class = type("StageTrainer", (CarryLogWindow, KeepAdapterDtype, base_class), {})
     model = load_4bit(params, BASE_DIR) if t.method == "qlora" else None
     if model is not None:
         args.model_init_kwargs = None  # the model is built: TRL would warn that these go unused
@@ -262,7 +266,10 @@ def train(params: Params, planned: dict | None = None) -> None:
         shutil.rmtree(live_partial, ignore_errors=True)
         if resume and (resume / "dvclive").is_dir():
             shutil.copytree(resume / "dvclive", live_partial)  # the curves up to the checkpoint's step
-    telemetry = Telemetry()
+    if rank == 0 and resume is None:
+        SPEED_CURVE.unlink(missing_ok=True)  # a fresh run's curve; a resumed one continues it
+    telemetry = Telemetry(str(SPEED_CURVE))
+    started = time.time()
     saver = SaveAndStop(params.train.save_minutes)
     marker = checkpoints.complete_after_save(identity, live_partial, params.train.save_total_limit)
     callbacks = [telemetry, saver, marker, *dvclive_callbacks(live_partial, resume=resume is not None)]
@@ -287,7 +294,7 @@ def train(params: Params, planned: dict | None = None) -> None:
             path = partial / extra
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
         sort_target_modules(partial / "adapter_config.json")
-        config = resolved_config(params, trainer, result, resume) | {"load_weights_gib_per_rank": load_gib}
+        config = resolved_config(params, trainer, result) | {"load_weights_gib_per_rank": load_gib}
         if (partial / "adapter_config.json").is_file():  # merge checks them: an edited alpha or weight shows
             config["files"] = {f.name: sha256_file(f) for f in sorted(partial.iterdir()) if f.is_file()}
         if planned:
@@ -297,9 +304,10 @@ def train(params: Params, planned: dict | None = None) -> None:
         with staged_outputs() as out:  # the adapter, its metrics and its curves arrive together
             out.add(partial, ADAPTER_DIR)
             write_json(out.file(METRICS), quality_metrics(config, trainer.state.log_history, planned))
-            write_json(out.file(SPEED), telemetry.summary)
             if live_partial.exists():
                 out.add(live_partial, LIVE_DIR)
+        write_json(SPEED, telemetry.summary)
+        record_run(resume, started, result.global_step)
     if dist.is_initialized():
         dist.barrier()
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
@@ -381,11 +389,21 @@ def resume_point(params: Params):
     return identity, resume
 
 
-def resolved_config(params: Params, trainer, result, resume: Path | None = None) -> dict:
+def record_run(resume: Path | None, started: float, steps: int) -> None:
+    """One line in logs/train_runs.jsonl: this run's history, which no DVC output holds (a resumed run's outputs
+    equal an uninterrupted run's, so dvc.lock cannot tell them apart)."""
+    RUNS.parent.mkdir(parents=True, exist_ok=True)
+    line = {"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": round(time.time() - started, 1),
+            "resumed_from_step": int(resume.name.split("-")[1]) if resume else None, "global_steps": steps}  # fmt: skip
+    with open(RUNS, "a", encoding="utf-8") as f:
+        f.write(json.dumps(line) + "\n")
+
+
+def resolved_config(params: Params, trainer, result) -> dict:
     """What actually ran: params after recipe defaults, world size, steps and library versions.
 
-    After a resume the loss history (restored with the trainer state) covers the whole run, and train_loss is
-    the mean of its logged losses, not only of the steps since the resume.
+    After a resume the loss history (restored with the trainer state, its cut window carried by CarryLogWindow)
+    is the uninterrupted run's, and so is this record: where the run resumed is in logs/train_runs.jsonl.
     """
     import peft
     import torch
@@ -399,7 +417,6 @@ def resolved_config(params: Params, trainer, result, resume: Path | None = None)
         "lora_target_modules": sorted(lora.target_modules) if lora else None,
         "world_size": trainer.args.world_size,
         "global_steps": result.global_step,
-        "resumed_from_step": int(resume.name.split("-")[1]) if resume else None,
         "train_loss": sum(h["loss"] for h in losses) / len(losses) if losses else None,  # all logged steps
         "loss_history": [{"step": h["step"], "loss": h["loss"]} for h in losses],
         "versions": {m.__name__: m.__version__ for m in (torch, transformers, trl, peft)},

@@ -3,6 +3,7 @@ uninterrupted run ends, bit for bit on the CPU; a changed param or changed data 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -18,7 +19,8 @@ from conftest import ROOT, clone, dvc, edit_params, env_with_project, env_with_v
 
 ADAPTER = Path("models/adapter/adapter_model.safetensors")
 LOSS_CURVE = Path("dvclive/train/plots/metrics/train/loss.tsv")
-SHORT_RUN = {"train.max_steps": 30, "train.save_steps": 6, "train.eval_steps": 6, "train.logging_steps": 3}
+# logging every 4 steps, saving every 6: a resume from checkpoint 6 or 18 continues a cut logging window
+SHORT_RUN = {"train.max_steps": 30, "train.save_steps": 6, "train.eval_steps": 6, "train.logging_steps": 4}
 
 
 def make_project(root: Path, **params) -> tuple[Path, dict]:
@@ -27,10 +29,16 @@ def make_project(root: Path, **params) -> tuple[Path, dict]:
     edit_params(repo, **(SHORT_RUN | params))
     run(["git", "commit", "-qam", "short run"], cwd=repo)
     dvc("repro", "train", cwd=repo)
-    reference = {"adapter": (repo / ADAPTER).read_bytes(), "curve": (repo / LOSS_CURVE).read_text()}
+    reference = {"adapter": (repo / ADAPTER).read_bytes(), "curve": (repo / LOSS_CURVE).read_text(),
+                 "lock": train_lock(repo)}
     run(["git", "add", "-A"], cwd=repo)
     run(["git", "commit", "-qm", "trained"], cwd=repo)
     return repo, reference
+
+
+def train_lock(repo: Path) -> dict:
+    """dvc.lock's entry for train: the hash of every dependency, param and output."""
+    return yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["train"]
 
 
 @pytest.fixture(scope="module")
@@ -108,14 +116,12 @@ def stop_and_resume_twice(repo: Path, reference: dict) -> None:
     out = dvc("repro", "train", cwd=repo).stdout
     assert resumed_step(out) == stopped
     assert (repo / ADAPTER).read_bytes() == reference["adapter"]
-    # the curve continues from each checkpoint's copy; only the logging window the stop cut averages fewer steps
-    window = SHORT_RUN["train.logging_steps"]
-    cut = -(-stopped // window) * window if stopped % window else None
-
-    def rows(text: str) -> dict:
-        return {int(r.split("\t")[0]): r for r in text.splitlines()[1:] if int(r.split("\t")[0]) != cut}
-
-    assert rows((repo / LOSS_CURVE).read_text()) == rows(reference["curve"])
+    # the curve continues from each checkpoint's copy, the window a stop cut included (CarryLogWindow); dvc.lock
+    # records what the uninterrupted run recorded, output hashes and all
+    assert (repo / LOSS_CURVE).read_text() == reference["curve"]
+    assert train_lock(repo) == reference["lock"]
+    runs = [json.loads(x) for x in (repo / "logs" / "train_runs.jsonl").read_text().splitlines()]
+    assert runs[-1]["resumed_from_step"] == stopped  # the run's history: an untracked file
     assert [p.name for p in (repo / "models" / "checkpoints").iterdir()] == ["ABOUT.txt"]  # emptied once complete
     assert dvc("status", "train", cwd=repo).stdout.strip() == "Data and pipelines are up to date."
 

@@ -2,7 +2,9 @@
 
 Each `checkpoint-<step>/` is what transformers' Trainer writes (adapter, optimizer, scheduler, per-rank RNG state,
 trainer_state.json; under DeepSpeed `global_step<step>/` with every rank's ZeRO shard), plus two entries of ours:
-`dvclive/` (the curves up to that step) and `run.json`, written last, once every rank has saved. A folder without
+`dvclive/` (the curves up to that step), `log_window-rank<r>.json` (the losses summed since the last logged step,
+so that the resumed run logs what the uninterrupted one logs) and `run.json`, written last, once every rank has
+saved. A folder without
 run.json is a save that was cut short: it is never loaded, and it is deleted at the next start.
 
 run.json holds the run identity: the params that change the weights, a SHA-256 of data/tokenized and of
@@ -30,6 +32,7 @@ from ..core.outputs import write_json
 from ..core.params import Params
 
 RECORD = "run.json"
+WINDOW = "log_window-rank{rank}.json"
 HASH_CACHE = ".file_hashes.json"  # (size, mtime, inode) -> SHA-256, so that a resumed 70B is not hashed again
 PATTERN = re.compile(r"^checkpoint-(\d+)$")
 # train params that change what is logged or when it is saved, never the weights
@@ -223,3 +226,56 @@ class KeepAdapterDtype:
         for name, param in target.named_parameters():
             if name in dtypes and param.dtype != dtypes[name]:
                 param.data = param.data.to(dtypes[name])
+
+
+class CarryLogWindow:
+    """A Trainer mixin: a run resumed from a checkpoint logs the losses an uninterrupted run logs.
+
+    The Trainer logs the mean loss of the steps since its last log, from a running float32 sum (`_tr_loss`) and the
+    step of that log (`_globalstep_last_logged`); a checkpoint keeps neither, so after a resume the window the stop
+    cut averaged only the steps since the resume, and the curve, train_config.json's loss history and the adapter's
+    hash differed from the uninterrupted run's. Each rank saves both (and TRL's per-window metric lists) with the
+    checkpoint and puts them back before the first resumed step: the sum then continues from the same float32
+    value, term by term as before.
+    """
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+        window = {"loss_sum": float(self._tr_loss.item()), "last_logged": self._globalstep_last_logged,
+                  "metrics": {k: list(v) for k, v in getattr(self, "_metrics", {}).get("train", {}).items()}}  # fmt: skip
+        write_json(folder / WINDOW.format(rank=self.args.process_index), window)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = Path(resume_from_checkpoint) / WINDOW.format(rank=self.args.process_index)
+        self._carried_window = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+        if not getattr(self, "_restores_window", False):
+            self.add_callback(_RestoreWindow(self))
+            self._restores_window = True
+
+
+def _restore_window(trainer) -> None:
+    import torch
+
+    window = getattr(trainer, "_carried_window", None)
+    if window is None:
+        return
+    trainer._carried_window = None
+    trainer._tr_loss = torch.tensor(window["loss_sum"], dtype=trainer._tr_loss.dtype, device=trainer._tr_loss.device)
+    trainer._globalstep_last_logged = window["last_logged"]
+    metrics = getattr(trainer, "_metrics", None)
+    if metrics is not None:
+        for key, values in window["metrics"].items():
+            metrics["train"][key] = values + list(metrics["train"].get(key, []))
+
+
+def _RestoreWindow(trainer):
+    """A callback that puts the carried window back once the Trainer has reset it (at train begin)."""
+    from transformers import TrainerCallback
+
+    class RestoreWindow(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            _restore_window(trainer)
+
+    return RestoreWindow()

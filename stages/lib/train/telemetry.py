@@ -19,7 +19,7 @@ class Telemetry(TrainerCallback):
     Token counts are TRL's `num_tokens`: non-padding tokens summed over all ranks.
     """
 
-    def __init__(self):
+    def __init__(self, curve: str | None = None):
         self.first = None  # (time, tokens, step) at the first log that has a token count
         self.last = None
         self.mark = None  # when the last optimizer step ended
@@ -28,6 +28,7 @@ class Telemetry(TrainerCallback):
         self.at_first_step = 0.0  # GiB allocated once the model is loaded and sharded
         self.weights: dict = {}
         self.summary: dict = {}
+        self.curve = curve  # a TSV file rank 0 appends each window's tokens/s to (step, tokens_per_s)
 
     def on_train_begin(self, args, state, control, **kwargs):
         import torch
@@ -48,6 +49,10 @@ class Telemetry(TrainerCallback):
             if self.last and point[2] > self.last[2] and point[1] > self.last[1]:
                 seconds = point[0] - self.last[0] - self.paused  # evaluation and checkpoint time left out
                 logs["tokens_per_s"] = (point[1] - self.last[1]) / seconds  # this window's, all ranks together
+                if self.curve and args.process_index == 0:
+                    os.makedirs(os.path.dirname(self.curve) or ".", exist_ok=True)
+                    with open(self.curve, "a", encoding="utf-8") as f:
+                        f.write(("step\ttokens_per_s\n" if f.tell() == 0 else "") + f"{state.global_step}\t{logs['tokens_per_s']}\n")
             self.first = self.first or point
             self.last = point
             self.paused = 0.0
