@@ -55,7 +55,7 @@ def test_dvc_plots_draws_the_intended_charts_only(repo):
         "Answer-token loss, training and validation",
         "Learning rate",
         "Gradient norm (before clipping)",
-        "Training tokens per second (all ranks; logs/ is this machine's, not versioned: timings change run to run)",
+        "Training tokens per second (all ranks; logs/, not versioned)",
         "Eval scores, base vs tuned",
         "Eval BLEU and chrF, base vs tuned",
         "Multiple-choice accuracy per benchmark, base vs tuned",
