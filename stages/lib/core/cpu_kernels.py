@@ -19,7 +19,7 @@ SWITCH = "DVC_QLORA_CPU_KERNELS"  # "native": no pinning
 PINNED = {
     "ATEN_CPU_CAPABILITY": "avx2",  # torch's own vectorized kernels
     "MKL_ENABLE_INSTRUCTIONS": "AVX2",  # MKL's matrix products (torch's CPU BLAS)
-    "MKL_CBWR": "AVX2",  # MKL: the same code path on Intel and AMD
+    "MKL_CBWR": "AVX2,STRICT",  # MKL: the same code path on Intel and AMD, whatever the number of threads
     "ONEDNN_MAX_CPU_ISA": "AVX2",  # oneDNN (mkldnn) convolutions and matrix products
 }
 

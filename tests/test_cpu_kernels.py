@@ -1,0 +1,66 @@
+"""The embedded default reproduces the committed dvc.lock bit for bit on this CPU, whatever instruction sets and
+threads it has: every stage pins torch, MKL and oneDNN to AVX2 kernels and MKL's strict reproducible mode
+(stages/lib/core/cpu_kernels.py). Without the pin, an AVX-512 CPU trains another adapter."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import dvc, env_with_venv, run
+
+from stages.lib.core.cpu_kernels import PINNED, SWITCH
+
+
+def train_entry(repo: Path) -> dict:
+    return yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["train"]
+
+
+def cpu_flags() -> set[str]:
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    line = next((x for x in text.splitlines() if x.startswith("flags")), "")
+    return set(line.split(":", 1)[-1].split())
+
+
+def retrain(repo: Path, **env: str) -> dict:
+    """`dvc repro -f -s train` with `env` on top of a clean one (no kernel variables of the caller's)."""
+    base = {k: v for k, v in env_with_venv().items() if k not in PINNED and k != SWITCH}
+    dvc("repro", "-f", "-s", "train", cwd=repo, env=base | env)
+    return train_entry(repo)
+
+
+def test_the_default_run_reproduces_the_committed_lock(default_run):
+    """The session's default run (a fresh clone, `dvc repro`) wrote exactly the committed dvc.lock."""
+    diff = run(["git", "diff", "HEAD~1", "--", "dvc.lock"], cwd=default_run.repo).stdout
+    assert diff == "", diff[:3000]
+
+
+def test_the_pin_holds_across_instruction_sets_and_threads(default_run):
+    """Native kernels differ from the pinned ones on an AVX-512 CPU (so the pin is what makes AVX2 and AVX-512
+    machines agree); pinned, the train stage gives the committed entry with 1 and 4 threads."""
+    repo = default_run.repo
+    committed = train_entry(repo)
+    try:
+        if "avx512f" in cpu_flags():
+            native = retrain(repo, **{SWITCH: "native"})
+            assert native["outs"] != committed["outs"]  # AVX-512 kernels round otherwise
+        for threads in ("1", "4"):
+            assert retrain(repo, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads) == committed, threads
+    finally:
+        run(["git", "checkout", "HEAD", "--", "dvc.lock", "metrics", "dvclive"], cwd=repo)
+        dvc("checkout", "--force", cwd=repo)
+
+
+def test_the_pin_is_set_before_torch_and_leaves_users_settings():
+    code = ("import os, stages, torch; print(torch.backends.cpu.get_cpu_capability(), os.environ['MKL_CBWR'], "
+            "os.environ['ONEDNN_MAX_CPU_ISA'])")  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in PINNED and k != SWITCH}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["AVX2", "AVX2,STRICT", "AVX2"]
+    mine = env | {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE"}
+    out = subprocess.run([sys.executable, "-c", code], env=mine, capture_output=True, text=True, check=True).stdout
+    assert out.split()[2] == "AVX512_CORE"
