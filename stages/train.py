@@ -423,6 +423,23 @@ def resolved_config(params: Params, trainer, result) -> dict:
     }
 
 
+def check_same_vocabulary(training_tokenizer, params: Params) -> None:
+    """data/tokenized was made with models/base's tokenizer: every token of models/base's vocabulary has the same id
+    in the training tokenizer (tokenize may only add tokens). Otherwise the ids would index another model's
+    embeddings: `dvc repro -s download` followed by `dvc repro -s train`, say, skipping tokenize."""
+    from transformers import AutoTokenizer
+
+    from stages.lib.core.errors import UserError
+
+    base = AutoTokenizer.from_pretrained(BASE_DIR, trust_remote_code=params.model.trust_remote_code).get_vocab()
+    mine = training_tokenizer.get_vocab()
+    moved = next((token for token, i in base.items() if mine.get(token) != i), None)
+    if moved is not None:
+        raise UserError(f"data/tokenized was made with another tokenizer than models/base's (token {moved!r} has id "
+                        f"{mine.get(moved)} there, {base[moved]} in models/base): run `dvc repro -s tokenize` "
+                        "(or `dvc repro`, which runs the stages in order)")
+
+
 def check_sample_lengths(params: Params, splits) -> None:
     """The tokenized samples fit models/base's positions under model.rope_scaling (preflight.check_context: a
     UserError for a longer sample, a warning when only tokenize.max_length is longer); a model that needs its Hub
@@ -458,7 +475,7 @@ def main() -> None:
     check_expert_targets(params, meta_model(BASE_DIR, "models/base"))
     # a damaged file fails here: before any rank starts or checkpoint is hashed
     splits = load_saved(TOKENIZED, "tokenize")
-    load_tokenizer(TOKENIZER, TOKENIZED, "tokenize")
+    check_same_vocabulary(load_tokenizer(TOKENIZER, TOKENIZED, "tokenize"), params)
     check_sample_lengths(params, splits)
     if params.train.neftune_noise_alpha and params.train.packing:  # transformers sees one packed row per batch
         print("train: note: with train.packing, NEFTune's noise is alpha / sqrt(tokens x hidden size) over all the "

@@ -141,6 +141,17 @@ def model_copy(change: Callable[[Path], None], tokenizer_only: bool = False) -> 
     return setup
 
 
+def swap_two_tokens(folder: Path) -> None:
+    """Another tokenizer of the same size: two tokens of tokenizer.json's vocabulary trade ids."""
+
+    def change(tok: dict) -> None:
+        vocab = tok["model"]["vocab"]
+        a, b = sorted(vocab, key=vocab.get)[100:102]
+        vocab[a], vocab[b] = vocab[b], vocab[a]
+
+    edit_json(folder / "tokenizer.json", change)
+
+
 def edit_json(path: Path, change: Callable[[dict], None]) -> None:
     data = json.loads(path.read_text(encoding="utf-8"))
     change(data)
@@ -856,6 +867,8 @@ CASES = [
     # stages run out of order (python -m stages.X without dvc repro)
     Case("tokenize-no-raw", "order", "tokenize before download", "tokenize", remove("data/raw"), "data/raw"),
     Case("train-no-tokenized", "order", "train before tokenize", "train", remove("data/tokenized"), "data/tokenized"),
+    Case("train-other-tokenizer", "order", "download re-run with another tokenizer, then train without tokenize",
+         "train", lambda repo, ctx: swap_two_tokens(repo / "models" / "base"), "`dvc repro -s tokenize`"),
     Case("merge-no-adapter", "order", "merge before train", "merge", remove("models/adapter"), "models/adapter"),
     Case("eval-no-merged", "order", "eval before merge", "eval", remove("models/merged"), "models/merged"),
     # outputs damaged since their stage wrote them, then a later stage run by hand (python -m stages.X)
