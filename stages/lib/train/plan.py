@@ -32,6 +32,9 @@ from .fit import GIB, size, weight_bytes
 ACTIVATION_SCALE = 0.78  # share of the counted per-layer tensors autograd really keeps (some are views or freed)
 BACKWARD_LAYERS = 0.34  # layers' worth of activation gradients alive at once in the backward pass
 TILE_TOKENS, TILE_VOCAB = 4096, 32768  # TRL 1.16's chunked log-prob: tokens x vocab per logits tile
+# Fitted: 8 layers of Qwen3-30B-A3B, 8,192-token rows, H100 (bench/RESULTS.md §MoE): expert LoRA's peak lay 0.74 GiB
+# above attention-only LoRA's besides its optimizer states, 0.66 of one layer's 16-bit experts (1.125 GiB)
+EXPERT_LORA_LAYERS = 1.66
 HEADROOM = 0.9  # of a GPU's memory: allocator fragmentation and the CUDA context need the rest
 # tokens/s per GPU against one GPU without DeepSpeed, 7B QLoRA, 8,192-token rows, 2 x H200 (bench/RESULTS.md §1c, §1d)
 # (zero3 recipes with leaf modules, session 10: 16,832 and 12,828 tokens/s on 2 GPUs against 10,478 on one)
@@ -244,13 +247,13 @@ def layer_activation_bytes(s: Shape, dtype_bytes: int, dropout_inputs: int) -> f
 
 def dequantized_experts(model, s: Shape, params: Params, dtype_bytes: int) -> float:
     """Bytes of one layer's experts in 16 bits while it runs (experts_4bit dequantizes a layer's stacks for its
-    forward, and again for its backward); with expert LoRA also the delta B·A and the sum, and their gradients.
-    0 for a dense model or 16-bit experts."""
+    forward, and again for its backward); with expert LoRA also the delta B·A and the sum, and their gradients,
+    EXPERT_LORA_LAYERS layers' worth in all. 0 for a dense model or 16-bit experts."""
     if not s.experts or params.train.method != "qlora":
         return 0.0
     layer_stacks = sum(p.numel() for n, p in s.layer.named_parameters() if p.dim() == 3)
     lora = bool(params.train.lora.target_parameters)
-    return layer_stacks * dtype_bytes * (4 if lora else 1)
+    return layer_stacks * dtype_bytes * (EXPERT_LORA_LAYERS if lora else 1)
 
 
 def estimate(model, params: Params, setting: Setting, targets: list[str] | str, tokens: int | None = None) -> Estimate:
