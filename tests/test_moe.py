@@ -149,3 +149,33 @@ def test_chat_and_serve_answer_from_the_merged_moe(moe_run: Path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "olmoe"])
+def test_other_families_load_with_4bit_experts(tmp_path: Path, family: str):
+    """Mixtral (checkpoints name its experts block_sparse_moe.experts.N.w1/w2/w3) and OLMoE: saved as transformers
+    saves them, they pass download's check and load with every expert stack in 4 bits; a forward runs."""
+    from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
+
+    from stages.lib.train import sharded_load
+    from stages.lib.train.experts_4bit import experts_modules
+
+    experts = {"mixtral": {"num_local_experts": 4}, "olmoe": {"num_experts": 4}}[family]
+    config = AutoConfig.for_model(family, vocab_size=300, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, num_experts_per_tok=2, **experts)  # fmt: skip
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    names = json.loads((tmp_path / "model.safetensors").read_bytes()[8:8 + int.from_bytes(
+        (tmp_path / "model.safetensors").read_bytes()[:8], "little")])  # fmt: skip
+    assert any(".experts.0." in n for n in names)  # the per-expert layout
+    from stages.lib.core.model_files import check_shapes, check_weights
+
+    check_shapes(tmp_path, "model.path x", check_weights(tmp_path, "model.path x"))
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.float32)  # fmt: skip
+    model = sharded_load.load(tmp_path, q, torch.float32)
+    found = experts_modules(model)
+    assert len(found) == 2 and all(m._4bit_shapes and not any(p.dim() == 3 for p in m.parameters(recurse=False))
+                                   for _, m in found)  # fmt: skip
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=torch.arange(10)[None]).logits).all()
