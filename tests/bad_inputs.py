@@ -868,7 +868,7 @@ CASES = [
     Case("tokenize-no-raw", "order", "tokenize before download", "tokenize", remove("data/raw"), "data/raw"),
     Case("train-no-tokenized", "order", "train before tokenize", "train", remove("data/tokenized"), "data/tokenized"),
     Case("train-other-tokenizer", "order", "download re-run with another tokenizer, then train without tokenize",
-         "train", lambda repo, ctx: swap_two_tokens(repo / "models" / "base"), "`dvc repro -s tokenize`"),
+         "train", lambda repo, ctx: swap_two_tokens(repo / "models" / "base"), "dvc repro -s tokenize"),
     Case("merge-no-adapter", "order", "merge before train", "merge", remove("models/adapter"), "models/adapter"),
     Case("eval-no-merged", "order", "eval before merge", "eval", remove("models/merged"), "models/merged"),
     # outputs damaged since their stage wrote them, then a later stage run by hand (python -m stages.X)
