@@ -149,6 +149,9 @@ def main() -> None:
     if args.one:
         print("RESULT " + json.dumps(one_variant(args.one)), flush=True)
         return
+    sys.path.insert(0, str(Path(__file__).parent))
+    from throughput import record_result
+
     shape = TINY if args.tiny else SHAPE
     base = prepare(args.work, args.data.resolve(), args.layers, args.steps, args.packed_length, shape)
     for name in args.variants.split(","):
@@ -158,15 +161,7 @@ def main() -> None:
         (base / "params.yaml").write_text(yaml.safe_dump(params))
         cmd = [sys.executable, str(Path(__file__).resolve()), "--one", name]
         proc = subprocess.run(cmd, cwd=base, capture_output=True, text=True, env=os.environ | env)
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-        if proc.returncode or not lines:
-            print(f"{name}: failed ({proc.returncode})\n{proc.stderr[-3000:]}", flush=True)
-            continue
-        result = json.loads(lines[-1][len("RESULT "):])
-        print(json.dumps(result), flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(json.dumps(result) + "\n")
+        record_result(name, proc, args.out)
     for line in whole_model_plan(base):
         print(line, flush=True)
 

@@ -126,15 +126,21 @@ def main() -> None:
         if args.logs:
             args.logs.mkdir(parents=True, exist_ok=True)
             (args.logs / f"{name}.log").write_text(proc.stdout + "\n--- stderr\n" + proc.stderr)
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-        if proc.returncode or not lines:
-            print(f"{name}: failed ({proc.returncode})\n{proc.stderr[-4000:]}", flush=True)
-            continue
-        result = json.loads(lines[-1][len("RESULT ") :])
-        print(json.dumps(result), flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(json.dumps(result) + "\n")
+        record_result(name, proc, args.out)
+
+
+def record_result(name: str, proc: subprocess.CompletedProcess, out: Path | None) -> dict | None:
+    """A variant process's `RESULT {json}` line: printed, appended to `out`; None (and its stderr) if it failed."""
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        print(f"{name}: failed ({proc.returncode})\n{proc.stderr[-4000:]}", flush=True)
+        return None
+    result = json.loads(lines[-1][len("RESULT ") :])
+    print(json.dumps(result), flush=True)
+    if out:
+        with open(out, "a") as f:
+            f.write(json.dumps(result) + "\n")
+    return result
 
 
 if __name__ == "__main__":
