@@ -100,10 +100,11 @@ def chat(talker: talk.Talker, turns, system: str | None, max_new_tokens: int, te
 
     start = [{"role": "system", "content": system}] if system else []
     messages = list(start)
+    refused = asked = 0
     for text in turns:
         command = text.strip()
         if command == "/exit":
-            return
+            break
         if command == "/reset":
             messages = list(start)
             print("(a new conversation)", file=sys.stderr, flush=True)
@@ -111,6 +112,7 @@ def chat(talker: talk.Talker, turns, system: str | None, max_new_tokens: int, te
         if not command:
             continue
         turn = messages + [{"role": "user", "content": text}]
+        asked += 1
         try:
             ids = talk.prompt_ids(talker.tokenizer, turn)
             if interactive:
@@ -121,6 +123,9 @@ def chat(talker: talk.Talker, turns, system: str | None, max_new_tokens: int, te
             print(streamer.readable.finish(answer), flush=True)
         except UserError as exc:  # this turn cannot be answered; the conversation stays as it was
             print(f"error: {exc}", file=sys.stderr, flush=True)
+            refused += 1
+            if not interactive:  # piped: an empty answer line keeps the answers in step with the turns
+                print(flush=True)
             continue
         except KeyboardInterrupt:  # Ctrl-C while answering: drop the turn, keep the conversation
             print("\n(stopped; this turn is forgotten)", file=sys.stderr, flush=True)
@@ -129,6 +134,9 @@ def chat(talker: talk.Talker, turns, system: str | None, max_new_tokens: int, te
             print(f"(cut at --max-new-tokens {max_new_tokens} or the context)", file=sys.stderr, flush=True)
         said = {"role": "assistant", "content": answer.content}  # the history a client keeps: no reasoning
         messages = turn + [said | ({"tool_calls": answer.tool_calls} if answer.tool_calls else {})]
+    if refused and not interactive:  # a script reading the answers must not take them all for answered
+        raise UserError(f"{refused} of {asked} turns got no answer (an empty line on standard output each; the "
+                        "reason is on standard error above)")
 
 
 def main(argv: list[str] | None = None) -> None:

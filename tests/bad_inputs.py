@@ -498,6 +498,21 @@ CASES = [
          params(train__attn_implementation="varlen", train__packing=False), "needs train.packing: true"),
     Case("no-save", "params", "both checkpoint keys null", "train", params(train__save_steps=None, train__save_minutes=None),
          "train.save_steps and train.save_minutes are both null"),
+    Case("endless-steps", "params", "max_steps of 10^30 (trains forever at a learning rate of ~0)", "train",
+         params(train__max_steps=10**30), "'train.max_steps': Input should be less than or equal to 1000000000"),
+    Case("huge-batch", "params", "a batch size of 10^30", "train", params(train__batch_size=10**30),
+         "'train.batch_size': Input should be less than or equal to 65536"),
+    Case("key-of-another-section", "params", "train.max_length (it is tokenize's)", "train",
+         params(train__max_length=256), "it belongs to another section: 'tokenize.max_length'"),
+    Case("look-alike-key", "params", "a key with a Cyrillic letter (trаin.seed)", "download",
+         params_text(lambda t: t + "\ntr\u0430in_x: 1\n"), "unknown key 'tr\\u0430in_x'"),
+    Case("megabyte-value", "params", "a 1 MB string where a number belongs", "download",
+         params(seed="x" * 1_000_000), "… (1000002 characters)"),
+    Case("alias-bomb", "params", "YAML aliases that expand to 387 million values", "download",
+         params_text(lambda t: t + "".join(f"\nb{i}: &b{i} [" + ", ".join([f"*b{i - 1}" if i else "x"] * 9) + "]"
+                                          for i in range(9)) + "\n"), "expands to more than 100000 values"),  # fmt: skip
+    Case("deep-nesting", "params", "lists nested 5,000 deep", "download",
+         params_text(lambda t: t + "\nx: " + "[" * 5000 + "]" * 5000 + "\n"), "nested too deeply"),
     Case("nodes-no-deepspeed", "params", "two nodes without DeepSpeed", "train", params(train__launch__nodes=2),
          "needs train.deepspeed"),
     Case("packed-too-short", "params", "packed rows shorter than a sample", "train", params(train__packed_length=16),
@@ -550,6 +565,8 @@ CASES = [
          "'tokenize.unknown_markers': Input should be a valid boolean (got 'yes'; YAML 1.2, which DVC records, reads "
          "it as text: write true or false)"),
     # data files
+    Case("tiny-weight", "data", "a source weight that rounds to no record", "download",
+         params(data__sources__0__weight=0.0001), "data.sources.0.weight 0.0001"),
     Case("outside-sources", "data", "a data file outside data/sources/", "download",
          write("data/elsewhere.jsonl", jsonl(GOOD), data__sources=[{"kind": "local", "path": "data/elsewhere.jsonl"}]),
          "is outside data/sources/"),

@@ -354,3 +354,16 @@ def test_chat_command_answers_as_generate_and_keeps_the_conversation(project, re
     assert chat_command(project, turns) == [one, two, three]
     # base + adapter, unmerged (PEFT): the same answers as the merged model
     assert chat_command(project, [first, "/reset", third], "--adapter", "models/adapter") == [one, three]
+
+
+def test_piped_chat_keeps_answers_in_step_with_turns_when_one_is_refused(project, reference):
+    """A turn the model cannot take (longer than its context) leaves an empty answer line, the next turn is answered
+    on the next line, and the command exits 1 saying how many turns got no answer."""
+    row = reference["rows"][0]
+    first = row["messages"][0]["content"]
+    text = "字" * 3000 + "\n" + first + "\n"
+    proc = subprocess.run([sys.executable, "-m", "stages.chat", "--max-new-tokens", str(MAX_NEW)], cwd=project,
+                          env=env_with_project(), input=text, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stdout.splitlines() == ["", generated(reference, training_prompt(row))]
+    assert "error: 1 of 2 turns got no answer" in proc.stderr and "Traceback" not in proc.stderr

@@ -263,10 +263,11 @@ class TrainParams(Strict):
     max_grad_norm: Annotated[float, Field(ge=0)] = 1.0
     # NEFTune: uniform noise of alpha / sqrt(tokens x hidden size) on the input embeddings in training steps only
     neftune_noise_alpha: Annotated[float, Field(gt=0)] | None = None
-    epochs: Annotated[float, Field(gt=0)] = 1
-    max_steps: int = -1  # > 0 overrides epochs
-    batch_size: Annotated[int, Field(ge=1)] = 8
-    grad_accum: Annotated[int, Field(ge=1)] = 1
+    # upper bounds: beyond them a run is a typo (1e30 steps train forever at a learning rate of ~0)
+    epochs: Annotated[float, Field(gt=0, le=10**6)] = 1
+    max_steps: Annotated[int, Field(ge=-1, le=10**9)] = -1  # > 0 overrides epochs; -1: by epochs
+    batch_size: Annotated[int, Field(ge=1, le=2**16)] = 8
+    grad_accum: Annotated[int, Field(ge=1, le=2**16)] = 1
     packing: bool = True  # padding-free BFD packing; attention never crosses samples
     packed_length: Annotated[int, Field(ge=8, le=2**22)] | None = None  # tokens per packed row; null: tokenize.max_length
     gradient_checkpointing: bool | Literal["auto"] = False  # auto: the planner's choice (python -m stages.plan)
@@ -277,12 +278,12 @@ class TrainParams(Strict):
     ] = "sdpa"
     liger: bool = False
     token_metrics: bool = True  # TRL's per-step entropy and token accuracy; false is faster
-    logging_steps: Annotated[int, Field(ge=1)] = 10
+    logging_steps: Annotated[int, Field(ge=1, le=10**9)] = 10
     # checkpoints (models/checkpoints) that an interrupted run resumes from; deleted when the run completes
-    save_steps: Annotated[int, Field(ge=1)] | None = None  # every N optimizer steps; null: by time only
+    save_steps: Annotated[int, Field(ge=1, le=10**9)] | None = None  # every N optimizer steps; null: by time only
     save_minutes: Annotated[float, Field(gt=0)] | None = 30  # also after N minutes since the last one; null: by steps only
     save_total_limit: Annotated[int, Field(ge=1)] = 2  # complete checkpoints kept (the newest)
-    eval_steps: Annotated[int, Field(ge=1)] | None = None  # answer loss on the validation split every N steps
+    eval_steps: Annotated[int, Field(ge=1, le=10**9)] | None = None  # answer loss on the validation split every N steps
     report_to: list[str] = []  # trackers besides DVCLive: transformers' integration names (wandb, mlflow, ...)
     device_map: Literal["auto"] | None = None
     deepspeed: str | None = None  # a name in recipes/deepspeed or a path to a JSON file; auto: the planner's choice
@@ -391,9 +392,9 @@ class BenchmarkParams(Strict):
 
 
 class EvalParams(Strict):
-    max_samples: Annotated[int, Field(ge=1)] = 100
-    max_new_tokens: Annotated[int, Field(ge=1)] | None = None  # null: twice the longest reference answer (min 16)
-    batch_size: Annotated[int, Field(ge=1)] = 16
+    max_samples: Annotated[int, Field(ge=1, le=10**7)] = 100
+    max_new_tokens: Annotated[int, Field(ge=1, le=2**20)] | None = None  # null: twice the longest reference answer (min 16)
+    batch_size: Annotated[int, Field(ge=1, le=2**16)] = 16
     benchmarks: list[BenchmarkParams] = []  # multiple-choice sets: accuracy of base and tuned
 
     @model_validator(mode="after")
@@ -494,13 +495,36 @@ def _suggest(name: str, known: list[str]) -> str | None:
     return next((k for k in known if name.startswith(k) or k.startswith(name)), None)
 
 
+ECHO = 120  # characters of a value or key an error line repeats; longer ones are cut (a 1 MB string, say)
+
+
+def shown(text: str) -> str:
+    """`text` as an error line repeats it: invisible and look-alike characters escaped (a Cyrillic 'а' in a key
+    shows as \\u0430), cut to ECHO characters with the full length said."""
+    escaped = text.encode("ascii", "backslashreplace").decode("ascii") if not text.isascii() or not text.isprintable() else text
+    escaped = "".join(c if c.isprintable() else repr(c)[1:-1] for c in escaped)
+    return escaped if len(escaped) <= ECHO else f"{escaped[:ECHO]}… ({len(text)} characters)"
+
+
+def _elsewhere(name: str, section: str) -> str | None:
+    """The full key of field `name` in another top-level section (train.max_length → tokenize.max_length)."""
+    for other, field in Params.model_fields.items():
+        model = field.annotation if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel) else None
+        if other != section and model is not None and name in model.model_fields:
+            return f"{other}.{name}"
+    return None
+
+
 def _describe(err: dict) -> str:
     keys, owner = _walk(tuple(err["loc"]))
-    key = ".".join(keys)
+    key = shown(".".join(keys))
     if err["type"] == "extra_forbidden":
         known = list(owner.model_fields) if owner else []
-        close = _suggest(keys[-1], known)
+        elsewhere = _elsewhere(keys[-1], keys[0]) if len(keys) == 2 else None
+        close = None if elsewhere else _suggest(keys[-1], known)
         hint = f"; did you mean '{'.'.join([*keys[:-1], close])}'?" if close else ""
+        if elsewhere:
+            hint = f"; it belongs to another section: '{elsewhere}'"
         if key in MOVED:
             hint = f"; it moved to {MOVED[key]}"
         return f"unknown key '{key}'{hint} (allowed here: {', '.join(known)})"
@@ -510,7 +534,7 @@ def _describe(err: dict) -> str:
     if err["type"] == "missing":
         return f"missing required key '{key}'"
     where = f"'{key}'" if key else "params"
-    got = mask_urls(repr(err.get("input")))  # a URL's password is not shown
+    got = shown(mask_urls(repr(err.get("input"))))  # a URL's password is not shown
     return f"{where}: {err['msg']} (got {got}{_yaml11_hint(err.get('input'))})"
 
 
@@ -570,7 +594,9 @@ def read_yaml(path: Path, text: str):
     from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
     try:
-        return YAML(typ="safe").load(text)
+        raw = YAML(typ="safe").load(text)
+    except RecursionError:
+        raise ParamsError(f"{path} is nested too deeply for a params file: write it out flat") from None
     except MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
@@ -580,7 +606,30 @@ def read_yaml(path: Path, text: str):
         context = f" ({exc.context})" if exc.context else ""
         raise ParamsError(f"{path}, {where}: {exc.problem}{context}") from None
     except YAMLError as exc:
-        raise ParamsError(f"{path} is not valid YAML: {' '.join(str(exc).split())}") from None
+        raise ParamsError(f"{path} is not valid YAML: {shown(' '.join(str(exc).split()))}") from None
+    _check_size(raw, path)
+    return raw
+
+
+MAX_VALUES, MAX_DEPTH = 100_000, 32  # far above any real params.yaml; an alias bomb expands past them at once
+
+
+def _check_size(raw, path: Path) -> None:
+    """ParamsError when the parsed file, with its YAML aliases expanded (as every reader of it expands them),
+    holds more than MAX_VALUES values or nests deeper than MAX_DEPTH: a "billion laughs" file is refused in
+    milliseconds instead of expanding to gigabytes in an error message or in DVC."""
+    count = 0
+    stack = [(raw, 1)]
+    while stack:
+        node, depth = stack.pop()
+        count += 1
+        if count > MAX_VALUES or depth > MAX_DEPTH:
+            what = f"more than {MAX_VALUES} values" if count > MAX_VALUES else f"nesting deeper than {MAX_DEPTH}"
+            raise ParamsError(f"{path} expands to {what} (YAML aliases repeating aliases?): write the values out")
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for v in node.values())
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node)
 
 
 def load_params(path: str | Path = PARAMS_FILE) -> Params:

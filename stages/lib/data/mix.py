@@ -104,7 +104,7 @@ def build_raw(data: DataParams, seed: int, out: Path, workdir: Path, net: Networ
     held_out = validation_keys({k for col in key_cols for k in col}, data, seed)
     train_parts, val_parts, seen, known = [], [], set(), set()
     rng = np.random.default_rng(seed)
-    for (ds, counts), src, key_col in zip(parts, data.sources, key_cols):
+    for number, ((ds, counts), src, key_col) in enumerate(zip(parts, data.sources, key_cols)):
         counts["duplicates"] = len(key_col) - len(set(key_col) - known)  # same content as a record before it
         known.update(key_col)
         val_rows = []
@@ -114,6 +114,10 @@ def build_raw(data: DataParams, seed: int, out: Path, workdir: Path, net: Networ
                 val_rows.append(i)
         train_rows = np.array([i for i, k in enumerate(key_col) if k not in held_out], dtype=np.int64)
         picked = train_rows[weighted(len(train_rows), src.weight, rng)]
+        if len(train_rows) and not len(picked):  # a weight so small that nothing of the source is trained
+            raise UserError(f"data.sources.{number}.weight {src.weight:g} takes {src.weight * len(train_rows):.2g} of "
+                            f"its {len(train_rows)} training records, which rounds to none: raise the weight to at "
+                            f"least {0.5 / len(train_rows):.2g} or remove the source")  # fmt: skip
         counts |= {"validation": len(val_rows), "train": len(picked), "weight": src.weight}
         val_parts.append(ds.select(val_rows))
         train_parts.append(ds.select(picked))
