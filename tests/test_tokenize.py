@@ -148,3 +148,44 @@ def test_a_template_the_tokenizer_cannot_write_is_refused_unless_allowed(project
     project(template="chatml", unknown_markers=True)
     out, summary = run_tokenize(capsys)
     assert summary["unk_tokens"] > 0.01 * summary["tokens"] and "of the tokens are <unk>" in out
+
+
+@pytest.mark.parametrize("where", ["prompt", "answer"])
+def test_a_huge_record_is_tokenized_only_as_far_as_max_length_can_reach(tiny_tokenizer, monkeypatch, where: str):
+    """Rows are clipped before tokenizing (memory stays bounded); the ids, masks and flags within max_length are
+    those of the whole text."""
+    from stages.lib.chat import encode
+
+    huge = "red cat blue dog 红色的猫 " * 2000  # 40,000 characters
+    record = {"instruction": huge if where == "prompt" else "Translate.", "output": huge if where == "answer" else "猫"}
+    records = [record, toy_zh_en(0)[0]]
+    params = params_with("chatml", max_length=64)
+    monkeypatch.setattr(encode, "CHARS_FLOOR", 10**9)
+    whole = encoded(records, params, tiny_tokenizer)
+    monkeypatch.setattr(encode, "CHARS_FLOOR", 0)  # clip at 4 x 64 x the longest token
+    assert 4 * 64 * encode.longest_token(tiny_tokenizer) < len(huge)
+    clipped = encoded(records, params, tiny_tokenizer)
+    for key in ("input_ids", "assistant_masks", "truncated", "answer_cut", "prompt_mismatch"):
+        assert clipped[key] == whole[key], key
+
+
+def test_tokenize_memory_stays_bounded_for_a_record_of_20_megabytes(tmp_path):
+    """The tester's case (a 50 MB record took tokenize above 10.7 GB for 222 s, to be cut to 128 tokens), at 20 MB:
+    the peak resident memory of tokenizing it stays below 1.5 GiB."""
+    import subprocess
+    import sys
+
+    code = ("import resource, sys, json\n"
+            "from stages.download import train_tokenizer\n"
+            "from stages.lib.data.toy_task import toy_zh_en\n"
+            "sys.path.insert(0, 'tests')\n"
+            "from test_tokenize import encoded, params_with\n"
+            "tok = train_tokenizer([v for r in toy_zh_en(0) for v in r.values()], 600)\n"
+            "rec = {'instruction': 'red cat blue dog ' * 1_250_000, 'output': '猫'}\n"
+            "out = encoded([rec], params_with('chatml', max_length=128), tok)\n"
+            "print(json.dumps([out['truncated'][0], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss]))\n")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env=os.environ | {"PYTHONPATH": str(ROOT)})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    truncated, peak_kib = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert truncated and peak_kib < 1.5 * 2**20, peak_kib

@@ -127,6 +127,24 @@ def _common(a: list[int], b: list[int]) -> int:
     return n
 
 
+CHARS_FLOOR = 1_000_000  # characters of a row always tokenized whole, whatever max_length
+
+
+def longest_token(tokenizer) -> int:
+    """Characters of the longest token string in the vocabulary (its raw form, which is at least as long as the
+    text it stands for: byte-level tokens use one character per byte)."""
+    return max(map(len, tokenizer.get_vocab()), default=1)
+
+
+def clip(r: Rendered, limit: int) -> Rendered:
+    """`r` cut to its first `limit` characters, its spans clipped there (one empty span kept at the cut, so the row
+    still has a last answer: the cut leaves it nothing to train)."""
+    if len(r.text) <= limit:
+        return r
+    spans = [(min(a, limit), min(b, limit)) for a, b in r.spans if a < limit] or [(limit, limit)]
+    return Rendered(r.text[:limit], spans, r.conversation, r.end)
+
+
 def encode(tokenizer, rendered: list[Rendered], fmt: ChatFormat, max_length: int) -> dict:
     """Batched tokenization: `input_ids`, `assistant_masks`, `prompt_length` (tokens before the last answer).
 
@@ -135,8 +153,14 @@ def encode(tokenizer, rendered: list[Rendered], fmt: ChatFormat, max_length: int
     the prompt's ids + the rest's ids, if that decodes to the same text; otherwise the row is listed in
     `prompt_mismatch`, and the token across the boundary is trained as the answer's first. Per-row flags:
     `prompt_mismatch`, `prompt_repaired`, `truncated` (cut to max_length tokens), `answer_cut` (the cut removed
-    trained tokens) and `full_length` (tokens before the cut).
+    trained tokens) and `full_length` (tokens before the cut; for a row longer than the clip, before the clip).
+
+    Memory stays bounded: a row is tokenized up to max(CHARS_FLOOR, 4 x max_length x the longest token's
+    characters) only. That many characters make at least 4 x max_length tokens, so the first max_length ids are
+    those of the whole text; a 50 MB record no longer takes gigabytes to be cut to a few hundred tokens.
     """
+    limit = max(CHARS_FLOOR, 4 * max_length * longest_token(tokenizer))
+    rendered = [clip(r, limit) for r in rendered]
     cuts = [[p for span in r.spans for p in span] for r in rendered]  # start and end of every trained span
     whole = tokenizer([r.text for r in rendered], add_special_tokens=False)["input_ids"]
     inner = [r.text[:p] for r, c in zip(rendered, cuts) for p in c if p < len(r.text)]
