@@ -780,6 +780,10 @@ CASES = [
     # templates and tokenizing
     Case("no-chat-template", "templates", "template `tokenizer` with a tokenizer that has no chat template", "tokenize",
          no_chat_template, "tokenize.template"),
+    Case("template-fails-when-run", "templates", "a tokenizer chat template that parses but fails when rendered",
+         "download", model_copy(lambda folder: (folder / "chat_template.jinja").write_text(
+             "{% for m in messages %}{{ m['content'] | int // 0 }}{% endfor %}"), tokenizer_only=True),
+         "models/sources/m: the tokenizer's chat template fails on a user turn and an answer"),
     Case("unknown-template", "templates", "an unknown template", "tokenize", params(tokenize__template="alpaca-x"),
          "tokenize.template: no recipe 'alpaca-x'"),
     Case("bad-template-recipe", "templates", "a template recipe without {content}", "tokenize",

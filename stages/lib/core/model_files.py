@@ -211,10 +211,27 @@ def check_tokenizer(folder: Path, what: str):
             except TemplateError as exc:
                 raise ModelFilesError(f"{what}: the tokenizer's chat template is not valid Jinja ({exc}): fix "
                                       "chat_template.jinja (or tokenizer_config.json's chat_template)") from None
+        check_renders(tokenizer, what)
     if tokenizer.eos_token is None:
         raise ModelFilesError(f"{what}: the tokenizer has no EOS token, which ends every trained answer: set "
                               "\"eos_token\" in its tokenizer_config.json (e.g. \"</s>\" or \"<|endoftext|>\")")  # fmt: skip
     return tokenizer
+
+
+PROBE = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi."}]
+
+
+def check_renders(tokenizer, what: str) -> None:
+    """The tokenizer's chat template renders the plainest conversation (a user turn and an answer), in
+    transformers' Jinja sandbox as tokenize and every server render it: a template that parses but fails when
+    run (an undefined filter, a division by zero, a loop over a number) fails here, at download."""
+    try:
+        tokenizer.apply_chat_template(PROBE, tokenize=False)
+    except Exception as exc:  # noqa: BLE001 - Jinja and the template's own raise_exception fail their own ways
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelFilesError(f"{what}: the tokenizer's chat template fails on a user turn and an answer "
+                              f"({type(exc).__name__}: {first[:160]}): fix chat_template.jinja (or "
+                              "tokenizer_config.json's chat_template), or train with tokenize.template chatml") from None
 
 
 def check_vocab(folder: Path, what: str, tokenizer) -> None:
