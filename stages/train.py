@@ -51,11 +51,18 @@ def lora_config(params: Params, model=None):
 
     from stages.lib.train.experts_4bit import lora_target_parameters
 
+    from stages.lib.train.experts_4bit import experts_modules, linear_names
+
     lora = params.train.lora
     targets = lora.target_modules or model_recipe(params.model.recipe).lora_targets
     stacks = None
+    built = model or meta_model(BASE_DIR, "models/base")
     if lora.target_parameters:
-        stacks = lora_target_parameters(model or meta_model(BASE_DIR, "models/base"), lora.target_parameters)
+        stacks = lora_target_parameters(built, lora.target_parameters)
+    if targets == "all-linear" and built is not None and experts_modules(built):
+        # PEFT's all-linear would add the router and the expert stacks of a mixture of experts by bare name; here
+        # it means the linear layers, and expert stacks come only from train.lora.target_parameters
+        targets = linear_names(built)
     return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
                       target_parameters=stacks, task_type="CAUSAL_LM")  # fmt: skip
 
@@ -293,7 +300,8 @@ def train(params: Params, planned: dict | None = None) -> None:
                       "chat_template.jinja"):  # merge takes the tokenizer from data/tokenized/tokenizer
             path = partial / extra
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-        sort_target_modules(partial / "adapter_config.json")
+        if (partial / "adapter_config.json").is_file():  # method full saves the model, not an adapter
+            sort_target_modules(partial / "adapter_config.json")
         config = resolved_config(params, trainer, result) | {"load_weights_gib_per_rank": load_gib}
         if (partial / "adapter_config.json").is_file():  # merge checks them: an edited alpha or weight shows
             config["files"] = {f.name: sha256_file(f) for f in sorted(partial.iterdir()) if f.is_file()}

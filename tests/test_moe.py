@@ -179,3 +179,33 @@ def test_other_families_load_with_4bit_experts(tmp_path: Path, family: str):
                                    for _, m in found)  # fmt: skip
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=torch.arange(10)[None]).logits).all()
+
+
+def test_expert_targets_are_checked_name_by_name_and_all_linear_means_linear_layers(moe_run: Path, tmp_path: Path):
+    """One misspelt stack name among good ones is refused; target_parameters with method full is refused; on a
+    mixture of experts "all-linear" targets the linear layers only (PEFT alone would add the router and the expert
+    stacks by bare name, and refuse the default dropout there)."""
+    from conftest import default_params
+    from peft import get_peft_model
+
+    from stages.lib.core.errors import UserError
+    from stages.lib.core.params import Params
+    from stages.lib.train.preflight import check_expert_targets
+    from stages.train import lora_config
+
+    model = meta_model(moe_run / "models" / "base", "models/base")
+    raw = default_params()
+    raw["train"]["lora"] |= {"dropout": 0.0, "target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.dwn_proj"]}
+    with pytest.raises(UserError, match="'mlp.experts.dwn_proj' matches no expert weight"):
+        check_expert_targets(Params.model_validate(raw), model)
+    raw["train"]["method"] = "full"
+    with pytest.raises(ValueError, match="train.lora.target_parameters is LoRA's"):
+        Params.model_validate(raw)
+    raw = default_params()
+    raw["train"]["lora"] |= {"target_modules": "all-linear", "dropout": 0.05}
+    config = lora_config(Params.model_validate(raw), model)
+    assert sorted(config.target_modules) == ["k_proj", "o_proj", "q_proj", "v_proj"] and not config.target_parameters
+    from transformers import AutoModelForCausalLM
+
+    wrapped = get_peft_model(AutoModelForCausalLM.from_pretrained(moe_run / "models" / "base"), config)
+    assert not [n for n, _ in wrapped.named_parameters() if "lora_" in n and (".gate." in n or ".experts." in n)]

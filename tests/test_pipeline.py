@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import assert_merged_prompts_are_the_training_prompts, clone, dvc, edit_params, run
+from conftest import assert_merged_prompts_are_the_training_prompts, clone, dvc, edit_params, env_with_project, run
 
 
 def lock(repo: Path) -> dict:
@@ -307,3 +307,45 @@ def test_pipeline_on_a_sentencepiece_model_without_a_pad_token(shared_data, tmp_
         assert "im_end" not in json.loads(line)["tuned"]
     metrics = json.loads((repo / "metrics" / "eval.json").read_text())
     assert metrics["tuned"]["loss"] < metrics["base"]["loss"]
+
+
+@pytest.mark.parametrize("stage", ["merge", "train"])
+def test_a_write_the_machine_refuses_is_one_line_and_keeps_the_outputs(default_run, tmp_path, stage):
+    """A file size limit (ulimit -f) plays a full disk, which a test cannot fill: safetensors' save in merge (a Rust
+    io error) and torch's checkpoint writer in train fail; the stage says so in one line and keeps its outputs."""
+    import resource
+    import signal
+
+    repo = tmp_path / "repo"
+    shutil.copytree(default_run.repo, repo, symlinks=True, ignore=shutil.ignore_patterns(".git", ".dvc"))
+    if stage == "train":
+        edit_params(repo, **{"train.max_steps": 4, "train.save_steps": 2})
+    kept = {p: p.read_bytes() for p in (repo / "models").rglob("*") if p.is_file() and "checkpoints" not in p.parts}
+
+    size = 1 << 20 if stage == "merge" else 200 << 10  # below the merged weights (5 MB), the adapter (330 kB)
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past it fails with EFBIG instead of killing
+
+    proc = subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=repo, env=env_with_project(),
+                          capture_output=True, text=True, timeout=600, preexec_fn=limit)  # fmt: skip
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: a file grew past this process's file size limit"), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert {p: p.read_bytes() for p in kept} == kept
+
+
+def test_full_fine_tuning_trains_and_merges(default_run, tmp_path):
+    """train.method full: every weight trains, models/adapter holds the whole model, merge takes it as it is."""
+    repo = tmp_path / "repo"
+    shutil.copytree(default_run.repo, repo, symlinks=True, ignore=shutil.ignore_patterns(".git", ".dvc"))
+    edit_params(repo, **{"train.method": "full", "train.max_steps": 2, "train.dtype": "float32"})
+    for stage in ("train", "merge"):
+        proc = subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=repo, env=env_with_project(),
+                              capture_output=True, text=True, timeout=600)  # fmt: skip
+        assert proc.returncode == 0, f"{stage}: {proc.stderr[-3000:]}"
+    assert (repo / "models" / "adapter" / "model.safetensors").is_file()
+    assert not (repo / "models" / "adapter" / "adapter_config.json").exists()
+    assert (repo / "models" / "merged" / "model.safetensors").is_file()

@@ -361,7 +361,7 @@ def test_piped_chat_keeps_answers_in_step_with_turns_when_one_is_refused(project
     on the next line, and the command exits 1 saying how many turns got no answer."""
     row = reference["rows"][0]
     first = row["messages"][0]["content"]
-    text = "字" * 3000 + "\n" + first + "\n"
+    text = "字" * 3000 + "\n" + first.replace("\n", "\\\n") + "\n"  # a line break inside a turn: backslash
     proc = subprocess.run([sys.executable, "-m", "stages.chat", "--max-new-tokens", str(MAX_NEW)], cwd=project,
                           env=env_with_project(), input=text, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 1, proc.stderr

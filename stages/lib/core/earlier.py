@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .errors import UserError
+from .errors import UserError, environment_error
 from .outputs import sha256_file
 
 
@@ -41,6 +41,9 @@ def reading(path: str | Path, output: str | Path, stage: str,
     except (UserError, MemoryError):
         raise
     except Exception as exc:  # json, pyarrow, datasets and tokenizers each raise their own kinds
+        said = environment_error(exc)  # a full disk (datasets' cache) or an unreadable folder is no damage
+        if said is not None:
+            raise said from None
         raise damaged((locate and locate()) or path, _reason(exc), output, stage) from None
 
 

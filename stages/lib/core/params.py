@@ -299,6 +299,9 @@ class TrainParams(Strict):
             )
         if self.method == "qlora" and self.dtype == "float16" and self.deepspeed:
             raise ValueError("train.dtype float16 with QLoRA under DeepSpeed is not supported: use bfloat16")
+        if self.lora.target_parameters and self.method == "full":
+            raise ValueError("train.lora.target_parameters is LoRA's: with train.method full every weight trains "
+                             "already; empty it or use method qlora or lora")
         if self.attn_implementation == "varlen" and not self.packing:
             raise ValueError(
                 "train.attn_implementation 'varlen' needs train.packing: true (it reads the sample boundaries of "
@@ -593,6 +596,9 @@ def read_yaml(path: Path, text: str):
     from ruamel.yaml import YAML
     from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
+    if _bracket_depth(text) > MAX_DEPTH:  # the parser would recurse thousands deep first (seconds)
+        raise ParamsError(f"{path} is nested too deeply for a params file (brackets more than {MAX_DEPTH} deep): "
+                          "write it out flat")
     try:
         raw = YAML(typ="safe").load(text)
     except RecursionError:
@@ -604,11 +610,36 @@ def read_yaml(path: Path, text: str):
         if duplicate:  # where PyYAML kept the last value silently; DVC refuses the file
             raise ParamsError(f"{path}, {where}: duplicate key '{duplicate['key']}': keep one") from None
         context = f" ({exc.context})" if exc.context else ""
-        raise ParamsError(f"{path}, {where}: {exc.problem}{context}") from None
+        long_key = mark is not None and mark.column >= 1024 and "expected ':'" in (exc.problem or "")
+        hint = "; a key longer than 1024 characters, which YAML does not allow?" if long_key else ""
+        raise ParamsError(f"{path}, {where}: {exc.problem}{context}{hint}") from None
     except YAMLError as exc:
         raise ParamsError(f"{path} is not valid YAML: {shown(' '.join(str(exc).split()))}") from None
     _check_size(raw, path)
     return raw
+
+
+def _bracket_depth(text: str) -> int:
+    """The deepest nesting of [ and { in `text`, quoted strings and comments skipped (a cheap scan before the
+    YAML parser)."""
+    depth = deepest = 0
+    quote = None
+    comment = False
+    for c in text:
+        if comment:
+            comment = c != "\n"
+        elif quote:
+            quote = None if c == quote else quote
+        elif c in "\"'":
+            quote = c
+        elif c == "#":
+            comment = True
+        elif c in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c in "]}":
+            depth = max(0, depth - 1)
+    return deepest
 
 
 MAX_VALUES, MAX_DEPTH = 100_000, 32  # far above any real params.yaml; an alias bomb expands past them at once
@@ -625,7 +656,8 @@ def _check_size(raw, path: Path) -> None:
         count += 1
         if count > MAX_VALUES or depth > MAX_DEPTH:
             what = f"more than {MAX_VALUES} values" if count > MAX_VALUES else f"nesting deeper than {MAX_DEPTH}"
-            raise ParamsError(f"{path} expands to {what} (YAML aliases repeating aliases?): write the values out")
+            raise ParamsError(f"{path} expands to {what} (a list that long, or YAML aliases that repeat aliases): "
+                              "no params file needs it; write the values out")
         if isinstance(node, dict):
             stack.extend((v, depth + 1) for v in node.values())
         elif isinstance(node, list):

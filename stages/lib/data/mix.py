@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections import Counter
 from pathlib import Path
 
@@ -115,9 +116,11 @@ def build_raw(data: DataParams, seed: int, out: Path, workdir: Path, net: Networ
         train_rows = np.array([i for i, k in enumerate(key_col) if k not in held_out], dtype=np.int64)
         picked = train_rows[weighted(len(train_rows), src.weight, rng)]
         if len(train_rows) and not len(picked):  # a weight so small that nothing of the source is trained
-            raise UserError(f"data.sources.{number}.weight {src.weight:g} takes {src.weight * len(train_rows):.2g} of "
-                            f"its {len(train_rows)} training records, which rounds to none: raise the weight to at "
-                            f"least {0.5 / len(train_rows):.2g} or remove the source")  # fmt: skip
+            digits = 2 - math.floor(math.log10(1 / len(train_rows)))  # 1/n rounded up at 3 significant digits
+            least = math.ceil(10**digits / len(train_rows)) / 10**digits
+            raise UserError(f"data.sources.{number}.weight {src.weight:g} asks for {src.weight * len(train_rows):.3g} "
+                            f"of its {len(train_rows)} training records, which rounds to none: raise it to at least "
+                            f"{least:.3g} (one record) or remove the source")  # fmt: skip
         counts |= {"validation": len(val_rows), "train": len(picked), "weight": src.weight}
         val_parts.append(ds.select(val_rows))
         train_parts.append(ds.select(picked))

@@ -153,6 +153,13 @@ def register() -> None:
         ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, _forward)
 
 
+def linear_names(model: torch.nn.Module) -> list[str]:
+    """The last names of every linear layer but the output head (what "all-linear" means: q_proj, ...,
+    shared_expert.gate_proj), for PEFT's target_modules. bitsandbytes' 4-bit layers are linear layers."""
+    head = model.get_output_embeddings()
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head})
+
+
 def lora_target_parameters(model: torch.nn.Module, wanted: list[str]) -> list[str]:
     """PEFT `target_parameters` for `wanted` (suffixes such as `mlp.experts.gate_up_proj`), as full names of each
     matching parameter. PEFT matches a re-parametrized tensor by its full name only, and the full list keeps the

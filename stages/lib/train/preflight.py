@@ -113,9 +113,11 @@ def check_expert_targets(params: Params, model) -> None:
     from ..core import recipes
 
     wanted = params.train.lora.target_parameters
-    if wanted and not lora_target_parameters(model, wanted):
-        raise UserError(f"train.lora.target_parameters {wanted} matches no expert weight of models/base (a mixture "
-                        "of experts' 3-D stacks, e.g. mlp.experts.gate_up_proj): remove it or fix the names")
+    unmatched = [w for w in wanted if not lora_target_parameters(model, [w])]
+    if unmatched:
+        raise UserError(f"train.lora.target_parameters: {unmatched[0]!r} matches no expert weight of models/base (a "
+                        "mixture of experts' 3-D stacks, e.g. mlp.experts.gate_up_proj, mlp.experts.down_proj): fix "
+                        "the name or remove it")  # fmt: skip
     zero3 = params.train.deepspeed and recipes.deepspeed_config(params.train.deepspeed).get("zero_optimization", {}).get("stage") == 3
     if wanted and zero3 and params.train.method == "qlora":
         raise UserError("train.lora.target_parameters with ZeRO-3 over 4-bit experts is not built: train the experts' "
