@@ -90,7 +90,8 @@ def merge(params: Params):
 
 def main() -> None:
     params = load_params()
-    require(ADAPTER_DIR / "adapter_config.json", made_by="train")
+    trained = "config.json" if params.train.method == "full" else "adapter_config.json"  # full: the whole model
+    require(ADAPTER_DIR / trained, made_by="train")
     require(TOKENIZER, made_by="tokenize")
     from stages.lib.chat import format as chat_format
 
