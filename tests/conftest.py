@@ -87,7 +87,7 @@ def default_run(tmp_path_factory) -> DefaultRun:
     dvc("repro", cwd=repo, env=audit)
     (repo / ".git" / "info" / "exclude").write_text(".audit/\n")
     run(["git", "add", "-A"], cwd=repo)
-    run(["git", "commit", "-qm", "first run"], cwd=repo)
+    run(["git", "commit", "-qm", "first run", "--allow-empty"], cwd=repo)  # empty: the run reproduced every file
     outputs = tmp_path_factory.mktemp("default-run-outputs")
     for name in DEFAULT_RUN_OUTPUTS:
         (outputs / name).parent.mkdir(parents=True, exist_ok=True)
