@@ -235,7 +235,21 @@ def check_renders(tokenizer, what: str) -> None:
 
 
 def check_vocab(folder: Path, what: str, tokenizer) -> None:
-    """The tokenizer's EOS and padding ids are rows of the model's embedding (config.json's vocab_size)."""
+    """The tokenizer's EOS and padding ids are rows of the model's embedding (config.json's vocab_size), and the
+    stop ids the model's config files name (eos_token_id, pad_token_id) are tokens of the tokenizer: a folder whose
+    config comes from another model would otherwise stop generation on ids no text has (and fail in tokenize)."""
+    size = len(tokenizer)
+    for name in ("config.json", "generation_config.json"):
+        path = folder / name
+        config = read_json(path) if path.is_file() else {}
+        for key in ("eos_token_id", "pad_token_id"):
+            value = config.get(key)
+            ids = value if isinstance(value, list) else [value]
+            stray = next((i for i in ids if type(i) is int and not 0 <= i < size), None)
+            if stray is not None:
+                raise ModelFilesError(f"{what}: {name} has {key} {stray}, which is no token of the tokenizer "
+                                      f"({size} tokens): set it to the tokenizer's (eos {tokenizer.eos_token_id}) or "
+                                      "copy the config that belongs to this tokenizer")  # fmt: skip
     vocab = read_json(folder / "config.json").get("vocab_size")
     for role in ("eos", "pad"):
         token_id = getattr(tokenizer, f"{role}_token_id")
