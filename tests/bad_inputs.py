@@ -778,9 +778,6 @@ CASES = [
     Case("remote-code-no-opt-in", "models", "a recipe that runs Hub code, without opt-in", "download",
          params(model__recipe="chatglm2-6b", model__convert=False), "set model.trust_remote_code"),
     # templates and tokenizing
-    Case("foreign-eos-id", "models", "a model folder whose config.json names an eos_token_id its tokenizer lacks",
-         "download", model_copy(lambda folder: edit_json(folder / "config.json", lambda c: c.update(eos_token_id=50279))),
-         "config.json has eos_token_id 50279, which is no token of the tokenizer"),
     Case("no-chat-template", "templates", "template `tokenizer` with a tokenizer that has no chat template", "tokenize",
          no_chat_template, "tokenize.template"),
     Case("template-fails-when-run", "templates", "a tokenizer chat template that parses but fails when rendered",

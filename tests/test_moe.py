@@ -209,3 +209,18 @@ def test_expert_targets_are_checked_name_by_name_and_all_linear_means_linear_lay
 
     wrapped = get_peft_model(AutoModelForCausalLM.from_pretrained(moe_run / "models" / "base"), config)
     assert not [n for n, _ in wrapped.named_parameters() if "lora_" in n and (".gate." in n or ".experts." in n)]
+
+
+def test_a_config_whose_stop_id_the_tokenizer_lacks_is_named_at_download(moe_run: Path, tmp_path: Path):
+    """OLMoE's default config says eos_token_id 50279; with a smaller tokenizer, tokenize crashed. Download names it."""
+    import shutil
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("olmoe", vocab_size=600, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                                  num_attention_heads=4, num_key_value_heads=2, num_experts_per_tok=2, num_experts=4)  # fmt: skip
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    for f in (moe_run / "models" / "base").glob("tokenizer*"):
+        shutil.copy(f, tmp_path)
+    with pytest.raises(ModelFilesError, match="config.json has eos_token_id 50279, which is no token of the tokenizer"):
+        check_model_dir(tmp_path, "model.path x")
