@@ -27,7 +27,7 @@ from stages.lib.core.model_files import meta_model
 from stages.lib.core.rope import folder_config, folder_overrides
 from stages.lib.train.fit import apply_cap, check_weights_fit
 from stages.lib.train.preflight import (check_context, check_expert_targets, check_kernels, check_lora_targets,
-                                       check_reporters, longest_sample)
+                                       check_reporters, check_same_vocabulary, longest_sample)
 
 TOKENIZED = Path("data/tokenized")
 TOKENIZER = TOKENIZED / "tokenizer"  # the training tokenizer, written by tokenize (chat template, pad token)
@@ -49,9 +49,7 @@ def lora_config(params: Params, model=None):
     each expert stack that train.lora.target_parameters asks for (experts_4bit.lora_target_parameters)."""
     from peft import LoraConfig
 
-    from stages.lib.train.experts_4bit import lora_target_parameters
-
-    from stages.lib.train.experts_4bit import experts_modules, linear_names
+    from stages.lib.train.experts_4bit import experts_modules, linear_names, lora_target_parameters
 
     lora = params.train.lora
     targets = lora.target_modules or model_recipe(params.model.recipe).lora_targets
@@ -300,10 +298,10 @@ def train(params: Params, planned: dict | None = None) -> None:
                       "chat_template.jinja"):  # merge takes the tokenizer from data/tokenized/tokenizer
             path = partial / extra
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        config = resolved_config(params, trainer, result) | {"load_weights_gib_per_rank": load_gib}
         if (partial / "adapter_config.json").is_file():  # method full saves the model, not an adapter
             sort_target_modules(partial / "adapter_config.json")
-        config = resolved_config(params, trainer, result) | {"load_weights_gib_per_rank": load_gib}
-        if (partial / "adapter_config.json").is_file():  # merge checks them: an edited alpha or weight shows
+            # merge checks them: an edited alpha or weight shows
             config["files"] = {f.name: sha256_file(f) for f in sorted(partial.iterdir()) if f.is_file()}
         if planned:
             config["plan"] = planned
@@ -431,23 +429,6 @@ def resolved_config(params: Params, trainer, result) -> dict:
     }
 
 
-def check_same_vocabulary(training_tokenizer, params: Params) -> None:
-    """data/tokenized was made with models/base's tokenizer: every token of models/base's vocabulary has the same id
-    in the training tokenizer (tokenize may only add tokens). Otherwise the ids would index another model's
-    embeddings: `dvc repro -s download` followed by `dvc repro -s train`, say, skipping tokenize."""
-    from transformers import AutoTokenizer
-
-    from stages.lib.core.errors import UserError
-
-    base = AutoTokenizer.from_pretrained(BASE_DIR, trust_remote_code=params.model.trust_remote_code).get_vocab()
-    mine = training_tokenizer.get_vocab()
-    moved = next((token for token, i in base.items() if mine.get(token) != i), None)
-    if moved is not None:
-        raise UserError(f"data/tokenized was made with another tokenizer than models/base's (token {moved!r} has id "
-                        f"{mine.get(moved)} there, {base[moved]} in models/base): run `dvc repro -s tokenize` "
-                        "(or `dvc repro`, which runs the stages in order)")
-
-
 def check_sample_lengths(params: Params, splits) -> None:
     """The tokenized samples fit models/base's positions under model.rope_scaling (preflight.check_context: a
     UserError for a longer sample, a warning when only tokenize.max_length is longer); a model that needs its Hub
@@ -483,7 +464,7 @@ def main() -> None:
     check_expert_targets(params, meta_model(BASE_DIR, "models/base"))
     # a damaged file fails here: before any rank starts or checkpoint is hashed
     splits = load_saved(TOKENIZED, "tokenize")
-    check_same_vocabulary(load_tokenizer(TOKENIZER, TOKENIZED, "tokenize"), params)
+    check_same_vocabulary(load_tokenizer(TOKENIZER, TOKENIZED, "tokenize"), BASE_DIR, params.model.trust_remote_code)
     check_sample_lengths(params, splits)
     if params.train.neftune_noise_alpha and params.train.packing:  # transformers sees one packed row per batch
         print("train: note: with train.packing, NEFTune's noise is alpha / sqrt(tokens x hidden size) over all the "

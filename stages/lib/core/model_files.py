@@ -239,9 +239,9 @@ def check_vocab(folder: Path, what: str, tokenizer) -> None:
     stop ids the model's config files name (eos_token_id, pad_token_id) are tokens of the tokenizer: a folder whose
     config comes from another model would otherwise stop generation on ids no text has (and fail in tokenize)."""
     size = len(tokenizer)
-    for name in ("config.json", "generation_config.json"):
-        path = folder / name
-        config = read_json(path) if path.is_file() else {}
+    configs = {name: read_json(folder / name) for name in ("config.json", "generation_config.json")
+               if (folder / name).is_file()}  # fmt: skip
+    for name, config in configs.items():
         for key in ("eos_token_id", "pad_token_id"):
             value = config.get(key)
             ids = value if isinstance(value, list) else [value]
@@ -250,7 +250,7 @@ def check_vocab(folder: Path, what: str, tokenizer) -> None:
                 raise ModelFilesError(f"{what}: {name} has {key} {stray}, which is no token of the tokenizer "
                                       f"({size} tokens): set it to the tokenizer's (eos {tokenizer.eos_token_id}) or "
                                       "copy the config that belongs to this tokenizer")  # fmt: skip
-    vocab = read_json(folder / "config.json").get("vocab_size")
+    vocab = configs["config.json"].get("vocab_size")
     for role in ("eos", "pad"):
         token_id = getattr(tokenizer, f"{role}_token_id")
         if isinstance(vocab, int) and isinstance(token_id, int) and token_id >= vocab:

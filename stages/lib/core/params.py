@@ -504,8 +504,7 @@ ECHO = 120  # characters of a value or key an error line repeats; longer ones ar
 def shown(text: str) -> str:
     """`text` as an error line repeats it: invisible and look-alike characters escaped (a Cyrillic 'а' in a key
     shows as \\u0430), cut to ECHO characters with the full length said."""
-    escaped = text.encode("ascii", "backslashreplace").decode("ascii") if not text.isascii() or not text.isprintable() else text
-    escaped = "".join(c if c.isprintable() else repr(c)[1:-1] for c in escaped)
+    escaped = "".join(c if c.isascii() and c.isprintable() else ascii(c)[1:-1] for c in text)
     return escaped if len(escaped) <= ECHO else f"{escaped[:ECHO]}… ({len(text)} characters)"
 
 

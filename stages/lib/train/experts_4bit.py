@@ -66,16 +66,14 @@ def moe_shape(model: torch.nn.Module) -> tuple[int, int, int] | None:
 
 
 def quantize(value: torch.Tensor, quantization, device) -> torch.nn.Parameter:
-    """The 3-D expert stack `value` as one 4-bit parameter on `device`, quantized as bitsandbytes quantizes a
-    `Linear4bit` weight under `quantization` (a transformers BitsAndBytesConfig); `.expert_shape` keeps the
-    3-D shape."""
+    """The 3-D expert stack `value` as one 2-D 4-bit parameter on `device`, quantized as bitsandbytes quantizes a
+    `Linear4bit` weight under `quantization` (a transformers BitsAndBytesConfig); `install` keeps the 3-D shape."""
     import bitsandbytes as bnb
 
     flat = value.to(device=device, dtype=quantization.bnb_4bit_compute_dtype).reshape(-1, value.shape[-1])
-    packed = bnb.nn.Params4bit(flat, requires_grad=False, quant_type=quantization.bnb_4bit_quant_type,
-                               compress_statistics=quantization.bnb_4bit_use_double_quant,
-                               quant_storage=quantization.bnb_4bit_quant_storage).to(device)  # fmt: skip
-    return packed
+    return bnb.nn.Params4bit(flat, requires_grad=False, quant_type=quantization.bnb_4bit_quant_type,
+                             compress_statistics=quantization.bnb_4bit_use_double_quant,
+                             quant_storage=quantization.bnb_4bit_quant_storage).to(device)  # fmt: skip
 
 
 def install(module: torch.nn.Module, name: str, packed: torch.nn.Parameter, shape: tuple[int, ...]) -> None:
@@ -93,18 +91,6 @@ def install(module: torch.nn.Module, name: str, packed: torch.nn.Parameter, shap
     module.__dict__.setdefault("_4bit_inner", _INNER[id(module.config)])
     module.config._experts_implementation = IMPLEMENTATION
     register()
-
-
-def quantize_module(module: torch.nn.Module, quantization, device) -> int:
-    """Quantize every 16-bit expert stack of one experts module in place; returns the bytes of 16-bit weights
-    freed. For a model loaded whole (its experts full precision), one module at a time."""
-    freed = 0
-    for name in projections(module):
-        value = module._parameters[name].data
-        freed += value.nbytes
-        install(module, name, quantize(value, quantization, device), value.shape)
-        del value
-    return freed
 
 
 def add_lora_placeholders(module: torch.nn.Module) -> None:
@@ -171,9 +157,3 @@ def lora_target_parameters(model: torch.nn.Module, wanted: list[str]) -> list[st
             if any(full == w or full.endswith("." + w) for w in wanted):
                 names.append(full)
     return names
-
-
-def resident_bytes_16bit(model: torch.nn.Module) -> int:
-    """Bytes of expert weights still in 16 or 32 bits (0 once every experts module is 4-bit)."""
-    return sum(m._parameters[n].nbytes for _, m in experts_modules(model) for n in projections(m)
-               if m._parameters[n].stride() != (0, 0, 0))  # fmt: skip

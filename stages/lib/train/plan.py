@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..core.params import Params
-from .experts_4bit import expert_stacks, moe_shape
+from .experts_4bit import expert_stacks, lora_target_parameters, moe_shape
 from .fit import GIB, size, weight_bytes
 
 # Fitted: 7B QLoRA, 8,192-token rows, H200: 44.18 GiB without checkpointing, 9.09 with (bench/RESULTS.md §2, §1c)
@@ -201,12 +201,9 @@ def trainable_params(model, params: Params, targets: list[str] | str) -> int:
     r = params.train.lora.r
     head = model.get_output_embeddings()
     total = 0
-    wanted = params.train.lora.target_parameters  # expert stacks [experts, out, in]: r x experts x (in + out)
-    for name, module in model.named_modules():
-        for pname, param in module.named_parameters(recurse=False):
-            full = f"{name}.{pname}"
-            if param.dim() == 3 and any(full == w or full.endswith(f".{w}") for w in wanted):
-                total += r * param.shape[0] * (param.shape[1] + param.shape[2])
+    for name in lora_target_parameters(model, params.train.lora.target_parameters):  # [experts, out, in] stacks
+        stack = model.get_parameter(name)
+        total += r * stack.shape[0] * (stack.shape[1] + stack.shape[2])
     for name, module in model.named_modules():
         if not isinstance(module, torch.nn.Linear) or module is head:
             continue

@@ -106,12 +106,11 @@ def check_context(config, scaling, longest: int, max_length: int, where: str) ->
 def check_expert_targets(params: Params, model) -> None:
     """train.lora.target_parameters names expert stacks models/base has, and is not combined with ZeRO-3 over
     4-bit experts (PEFT's placeholder would be partitioned like a weight); a line for experts kept in 16 bits."""
+    from ..core import recipes
     from .experts_4bit import lora_target_parameters, unsupported_experts
 
     if model is None:
         return
-    from ..core import recipes
-
     wanted = params.train.lora.target_parameters
     unmatched = [w for w in wanted if not lora_target_parameters(model, [w])]
     if unmatched:
@@ -126,3 +125,18 @@ def check_expert_targets(params: Params, model) -> None:
     if kept and params.train.method == "qlora":
         print(f"train: note: {', '.join(kept)} keep their 3-D expert weights in 16 bits (transformers does not "
               "dispatch these experts through its ExpertsInterface, which the 4-bit experts use)", flush=True)
+
+
+def check_same_vocabulary(training_tokenizer, base_dir: Path, trust_remote_code: bool) -> None:
+    """data/tokenized was made with models/base's tokenizer (`base_dir`): every token of its vocabulary has the same id
+    in the training tokenizer (tokenize may only add tokens). Otherwise the ids would index another model's
+    embeddings: `dvc repro -s download` followed by `dvc repro -s train`, say, skipping tokenize."""
+    from transformers import AutoTokenizer
+
+    base = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=trust_remote_code).get_vocab()
+    mine = training_tokenizer.get_vocab()
+    moved = next((token for token, i in base.items() if mine.get(token) != i), None)
+    if moved is not None:
+        raise UserError(f"data/tokenized was made with another tokenizer than models/base's (token {moved!r} has id "
+                        f"{mine.get(moved)} there, {base[moved]} in models/base): run `dvc repro -s tokenize` "
+                        "(or `dvc repro`, which runs the stages in order)")
