@@ -264,8 +264,8 @@ def check_model_dir(folder: Path, what: str) -> None:
 
     check_no_custom_code(folder, what)  # before any file of it is read by transformers
     check_config(folder, what)
-    check_vocab(folder, what, check_tokenizer(folder, what))  # before the config builds a model (it warns on ids)
-    check_shapes(folder, what, check_weights(folder, what))
+    check_shapes(folder, what, check_weights(folder, what))  # first: a config transformers cannot build is named
+    check_vocab(folder, what, check_tokenizer(folder, what))  # as such, not as a tokenizer that does not load
 
 
 RUN_KEYS = ("local_files_only",)  # how a tokenizer was loaded (HF_HUB_OFFLINE), not what it is
