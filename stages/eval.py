@@ -26,7 +26,8 @@ from stages.lib.eval.scores import exact_match, rouge_l, sacrebleu_scores
 
 TOKENIZED = Path("data/tokenized")
 MODELS = {"base": Path("models/base"), "tuned": Path("models/merged")}
-METRICS = Path("metrics/eval.json")
+METRICS = Path("metrics/eval.json")  # every score; an output DVC versions, not a DVC metric (too wide for a table)
+HEADLINE = ("loss", "exact_match", "bleu", "accuracy")  # the DVC metrics: metrics/base.json and metrics/tuned.json
 GENERATIONS = Path("eval/generations.jsonl")
 PLOTS = Path("eval/plots")  # one bar chart per file (dvc.yaml's plots section), base and tuned side by side
 CHARTS = {"scores.json": ("exact_match", "rouge_l", "cut_by_cap"),  # a 0-1 axis
@@ -70,24 +71,35 @@ def answer_text(tokenizer, new_ids: list[int], stop_ids: list[int], prompt_ids: 
     return conversation.answer_text(got.content, got.tool_calls)
 
 
-def generation_cap(rows, max_new_tokens: int | None) -> int:
-    """New tokens a generation may take: `eval.max_new_tokens`, or twice the longest reference answer (answer and
-    end tokens, as tokenized for training), at least 16, so that a right answer is never cut."""
-    if max_new_tokens:
-        return max_new_tokens
-    return max(16, 2 * max(sum(r["assistant_masks"]) for r in rows))
+def generation_cap(rows, max_new_tokens: int | None, context: int | None) -> tuple[int, str | None]:
+    """New tokens a generation may take, and a line to print when the model's positions lowered it.
+
+    `eval.max_new_tokens` (`max_new_tokens`), or twice the longest reference answer (answer and end tokens, as
+    tokenized for training), at least 16, so that a right answer is never cut; at most the `context` positions of
+    the model (None: unknown) less the longest prompt, since no model writes past its positions."""
+    cap = max_new_tokens or max(16, 2 * max(sum(r["assistant_masks"]) for r in rows))
+    room = None if context is None else max(1, context - max(r["prompt_length"] for r in rows))
+    if room is None or cap <= room:
+        return cap, None
+    asked = f"eval.max_new_tokens ({cap})" if max_new_tokens else f"the generation cap ({cap}: twice the longest answer)"
+    return room, (f"{asked} is lowered to {room}: the model has {context} positions and the longest prompt takes "
+                  f"{context - room}")
 
 
 def generate(model, tokenizer, rows, batch_size: int, max_new_tokens: int, stop_ids: list[int], bar=None):
     """Greedy answers to the rows' prompts, batched with left padding, as a server returns them; `bar` counts rows.
+    Batches hold prompts of similar length (sorted), so little of each batch is padding; answers come back in the
+    rows' order.
 
     Returns (answers, cut): cut[i] is True when answer i reached `max_new_tokens` before any stop token."""
     import torch
 
     tokenizer.padding_side = "left"  # generation continues from the right end of every prompt
-    outputs, cut = [], []
+    order = sorted(range(len(rows)), key=lambda i: rows[i]["prompt_length"])
+    outputs, cut = [""] * len(rows), [False] * len(rows)
     for start in range(0, len(rows), batch_size):
-        prompts = [r["input_ids"][: r["prompt_length"]] for r in rows[start : start + batch_size]]
+        chosen = order[start : start + batch_size]
+        prompts = [rows[i]["input_ids"][: rows[i]["prompt_length"]] for i in chosen]
         batch = tokenizer.pad({"input_ids": prompts}, return_tensors="pt").to(model.device)
         with torch.no_grad():
             out = model.generate(
@@ -97,9 +109,9 @@ def generate(model, tokenizer, rows, batch_size: int, max_new_tokens: int, stop_
                 eos_token_id=stop_ids,
                 pad_token_id=tokenizer.pad_token_id,
             )
-        new = [row.tolist() for row in out[:, batch["input_ids"].shape[1] :]]
-        outputs += [answer_text(tokenizer, ids, stop_ids, p) for ids, p in zip(new, prompts)]
-        cut += [not set(ids) & set(stop_ids) for ids in new]  # finished rows end in a stop token, then padding
+        for i, ids, prompt in zip(chosen, out[:, batch["input_ids"].shape[1] :].tolist(), prompts):
+            outputs[i] = answer_text(tokenizer, ids, stop_ids, prompt)
+            cut[i] = not set(ids) & set(stop_ids)  # finished rows end in a stop token, then padding
         if bar is not None:
             bar.update(len(prompts))
     return outputs, cut
@@ -132,6 +144,7 @@ def evaluate(params: Params, name: str, rows, tokenizer, stop_ids: list[int], ca
             "rouge_l": sum(rouge_l(p, r) for p, r in zip(predictions, references)) / n,
             **sacrebleu_scores(predictions, references),
             "cut_by_cap": sum(cut) / n,
+            "empty": sum(not p.strip() for p in predictions) / n,  # only stop tokens, or only <unk>
         }
     if tasks:
         phase("eval", f"{name} model: {len(tasks)} multiple-choice benchmark(s)")
@@ -157,12 +170,19 @@ def main() -> None:
 
 def evaluate_all(params: Params, validation, scratch: Path) -> None:
     """Both models on the validation rows and the benchmarks; writes the stage's outputs."""
-    from transformers import AutoTokenizer, GenerationConfig
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    from stages.lib.core.rope import context_positions
 
     tasks = benchmark_tasks(params, scratch)  # files checked before any model loads
     rows = validation.select(range(min(params.eval.max_samples, len(validation)))).to_list()
     text_only = chat_format.load(TOKENIZED / "tokenizer").text_only  # continued pre-training: loss only
-    cap = 0 if text_only else generation_cap(rows, params.eval.max_new_tokens)
+    cap, lowered = 0, None
+    if not text_only:
+        config = AutoConfig.from_pretrained(MODELS["tuned"], trust_remote_code=params.model.trust_remote_code)
+        cap, lowered = generation_cap(rows, params.eval.max_new_tokens, context_positions(config))
+    if lowered:
+        print(f"eval: {lowered}", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(MODELS["tuned"], trust_remote_code=params.model.trust_remote_code)
     stop_ids = GenerationConfig.from_pretrained(MODELS["tuned"]).eos_token_id
     stop_ids = [stop_ids] if isinstance(stop_ids, int) else list(stop_ids)
@@ -187,7 +207,30 @@ def evaluate_all(params: Params, validation, scratch: Path) -> None:
                                                  for t in [task["task"] for task in tasks] for m in MODELS]
                        + [{"metric": "all", "model": m, "value": metrics[m]["accuracy"]} for m in MODELS])  # fmt: skip
         write_json(out.file(METRICS), metrics)
+        for name in MODELS:
+            write_json(out.file(headline_path(name)), {k: metrics[name][k] for k in HEADLINE if k in metrics[name]})
     print("eval:", summary_line(metrics), flush=True)
+    for line in empty_answers(metrics):
+        print(f"eval: warning: {line}", flush=True)
+
+
+def headline_path(name: str) -> Path:
+    """metrics/base.json or metrics/tuned.json: one row each in `dvc metrics show`, the same columns side by side."""
+    return METRICS.parent / f"{name}.json"
+
+
+def empty_answers(metrics: dict) -> list[str]:
+    """A line per model some of whose answers are empty: only stop tokens, or only tokens the tokenizer decodes
+    to nothing (<unk>), which exact match and BLEU score as wrong without saying why."""
+    out = []
+    for name in MODELS:
+        share = metrics[name].get("empty", 0)
+        if share:
+            out.append(f"{share:.0%} of the {name} model's {metrics['samples']} answers are empty (only stop tokens "
+                       "or <unk>): see eval/generations.jsonl" + (
+                           "; a tokenizer that cannot spell the data trains <unk> (metrics/tokenize.json, "
+                           "unk_answer_tokens)" if name == "tuned" else ""))  # fmt: skip
+    return out
 
 
 def benchmark_tasks(params: Params, scratch: Path) -> list[dict]:
@@ -197,8 +240,13 @@ def benchmark_tasks(params: Params, scratch: Path) -> list[dict]:
     from stages.lib.core.paths import tracked_path
 
     tasks = []
+    toy_data = any(s.kind == "builtin" for s in params.data.sources)
     for i, b in enumerate(params.eval.benchmarks):
         key = f"eval.benchmarks[{i}] ({b.name})"
+        if b.builtin and not toy_data:  # its questions are the toy task's words: no measure of a user's data
+            print(f"eval: {key} skipped: it asks about the built-in toy task's words, and data.sources has no "
+                  "builtin source; list benchmarks of your own (eval.benchmarks in params.yaml)", flush=True)
+            continue
         if b.builtin:
             test, dev = benchmarks.write_builtin(b.builtin, params.seed, scratch / b.name)
         elif b.hub:

@@ -66,10 +66,11 @@ def decide_format(params: Params, tokenizer, text_format: str) -> chat_format.Ch
     template = template_recipe(name)
     marker = chat_format.unknown_marker(tokenizer, template)
     if marker is not None and not params.tokenize.unknown_markers:
+        instead = ("write a template file for it (docs/guide.md, prompt formats)" if name == "plain" else
+                   "set tokenize.template: plain (words any vocabulary spells, answers end with EOS)")  # fmt: skip
         raise UserError(
             f"template '{name}': the tokenizer in models/base has no tokens for {marker.strip()!r} (it would train "
-            f"as {tokenizer.unk_token!r}); pick a template it can write (tokenize.template: tokenizer, or another "
-            "in recipes/templates) or set tokenize.unknown_markers: true"
+            f"as {tokenizer.unk_token!r}); {instead}, or set tokenize.unknown_markers: true"
         )
     fmt = chat_format.decide(tokenizer, template, name, base_stop_ids())
     return dataclasses.replace(fmt, text_only=True) if text_format == "text" else fmt
@@ -100,8 +101,16 @@ def encode_conversations(conversations: list[list[dict]], params: Params, tokeni
 
 
 def with_counts(enc: dict[str, list], tokenizer) -> dict[str, list]:
-    """Rows' `length`, `trained` and `unk` token counts added to `enc` (which is returned)."""
+    """Rows' `length`, `trained`, `unk` and `unk_answer` token counts added to `enc` (which is returned). An answer
+    token the tokenizer can only write as <unk> is never a target (its mask is set to 0, counted in `unk_answer`):
+    a model taught to write <unk> answers with nothing."""
     unk = tokenizer.unk_token_id
+    enc["unk_answer"] = [0] * len(enc["input_ids"])
+    if unk is not None:
+        for i, (ids, mask) in enumerate(zip(enc["input_ids"], enc["assistant_masks"])):
+            masked = [0 if t == unk else m for t, m in zip(ids, mask)]
+            enc["unk_answer"][i] = sum(mask) - sum(masked)
+            enc["assistant_masks"][i] = masked
     enc["length"] = [len(ids) for ids in enc["input_ids"]]
     enc["trained"] = [sum(m) for m in enc["assistant_masks"]]
     enc["unk"] = [ids.count(unk) if unk is not None else 0 for ids in enc["input_ids"]]
@@ -200,7 +209,8 @@ def build_splits(train, validation):
     sends it; its other rows train. Returns (train, validation, statistics of every kept row)."""
     from datasets import concatenate_datasets
 
-    names = ("trained", "length", "prompt_length", "prompt_mismatch", "source", "unk", "full_length", *FLAGS)
+    names = ("trained", "length", "prompt_length", "prompt_mismatch", "source", "unk", "unk_answer", "full_length",
+             *FLAGS)  # fmt: skip
     t, v = ({name: _column(ds, name) for name in set(names)} for ds in (train, validation))  # each column read once
     t_keep, v_keep = t["trained"] > 0, v["trained"] > 0
     servable = v_keep & (v["prompt_length"] < v["length"]) & ~v["prompt_mismatch"]
@@ -215,8 +225,11 @@ def build_splits(train, validation):
         return np.concatenate([t[name][t_keep], v[name][v_keep]])
 
     lengths = kept("length")
+    # answer tokens before <unk> ones were taken out of the loss, over every row (one left with only <unk> too)
+    answers = {k: int(t[k].sum() + v[k].sum()) for k in ("trained", "unk_answer")}
+    unk = {"answer_tokens": answers["trained"] + answers["unk_answer"], "unk_answer_tokens": answers["unk_answer"]}
     if not len(lengths):
-        return new_train, new_val, {"records": 0, "no_answer_left": len(train) + len(validation)}
+        return new_train, new_val, {"records": 0, "no_answer_left": len(train) + len(validation)} | unk
     t_source, v_source = t["source"], v["source"]
     per_source = {
         str(name): {"train": int((t_source[t_keep] == name).sum() + (v_source[moved] == name).sum()),
@@ -233,8 +246,11 @@ def build_splits(train, validation):
         "validation_moved_to_train": len(moved),
         "no_answer_left": int((~t_keep).sum() + (~v_keep).sum()),
         "tokens": int(lengths.sum()),
-        "trained_tokens": int(kept("trained").sum()),
+        # what trains: the train split's answer tokens (validation rows moved to train included)
+        "trained_tokens": int(t["trained"][t_keep].sum() + v["trained"][moved].sum()),
+        "validation_answer_tokens": int(v["trained"][servable].sum()),
         "unk_tokens": int(kept("unk").sum()),
+        **unk,
         "length": {"p50": p50, "p90": p90, "p99": p99, "max": int(lengths.max()), "mean": float(lengths.mean())},
         "cut_answer_median_length": float(np.median(kept("full_length")[cut])) if cut.any() else 0.0,
         "per_source": per_source,
@@ -255,16 +271,22 @@ def source_counts(manifest: dict, per_source: dict) -> dict:
     return out
 
 
-def warnings(summary: dict, params: Params) -> list[str]:
-    """What a person must read: answers cut by max_length, <unk> tokens, prompts a server would split otherwise."""
+def warnings(summary: dict, params: Params, context: int | None) -> list[str]:
+    """What a person must read: answers cut by max_length, <unk> tokens, prompts a server would split otherwise,
+    a max_length above the model's `context` positions."""
     out, n, max_length = [], summary["records"], params.tokenize.max_length
+    if context is not None and max_length > context:
+        out.append(f"tokenize.max_length ({max_length}) is above the {context} positions of the model in models/base: "
+                   f"train refuses rows longer than that; lower it to {context} or set model.rope_scaling")
     if summary["answer_cut"] > WARN_ANSWERS_CUT * n:
         out.append(f"{summary['answer_cut'] / n:.1%} of the records lose part of their answer to tokenize.max_length "
                    f"{max_length} (those records have a median of {summary['cut_answer_median_length']:.0f} tokens "
-                   "before the cut): raise it")
+                   f"before the cut): {longer_rows(params, context)}")
     if summary["unk_tokens"] > WARN_UNK * summary["tokens"]:
         out.append(f"{summary['unk_tokens'] / summary['tokens']:.1%} of the tokens are <unk>: this tokenizer does not "
                    "cover the data's characters (pick a model whose vocabulary does)")
+    if summary["unk_answer_tokens"]:
+        out.append(f"{summary['unk_answer_tokens']} answer tokens are <unk> and were left out of the loss")
     if summary["prompt_mismatch"]:
         out.append(f"in {summary['prompt_mismatch']} records a token spans the prompt/answer boundary that a server "
                    "would split differently (a prompt ending in a space?); they train, with that token as the "
@@ -272,10 +294,43 @@ def warnings(summary: dict, params: Params) -> list[str]:
     return out
 
 
-def nothing_left(params: Params, raw_records: int) -> UserError:
+def longer_rows(params: Params, context: int | None) -> str:
+    """How to give rows more tokens, within the `context` positions of the model (None: unknown)."""
+    if context is None or params.tokenize.max_length < context:
+        return "raise tokenize.max_length" + (f" (the model has {context} positions)" if context else "")
+    return (f"tokenize.max_length already spans the model's {context} positions: shorten the records, or extend the "
+            "positions with model.rope_scaling (RoPE models: e.g. {type: yarn, factor: 2})")
+
+
+def unk_refusal(summary: dict, params: Params) -> UserError | None:
+    """The error for answers the tokenizer cannot spell: more than tokenize.max_unk_share of their tokens <unk>."""
+    unk, total = summary["unk_answer_tokens"], summary["answer_tokens"]
+    if not total or unk <= params.tokenize.max_unk_share * total:
+        return None
+    return UserError(
+        f"{unk / total:.1%} of the answer tokens ({unk} of {total}) are <unk>: the tokenizer in models/base cannot "
+        "spell the answers, so the tuned model could not write them; pick a model (or model.tokenizer) whose "
+        "vocabulary covers the data, or set tokenize.max_unk_share: 1 to train on the rest (<unk> is never a target)"
+    )
+
+
+def base_context(params: Params) -> int | None:
+    """Positions one row may span in the model of models/base (under model.rope_scaling); None when unknown."""
+    from transformers import AutoConfig
+
+    from stages.lib.core.rope import context_positions, scaled
+
+    try:
+        config = AutoConfig.from_pretrained(BASE_DIR, trust_remote_code=params.model.trust_remote_code)
+    except (OSError, ValueError):  # a tokenizer-only folder in a test, a config transformers cannot read: train says
+        return None
+    return context_positions(scaled(config, params.model.rope_scaling, str(BASE_DIR)))
+
+
+def nothing_left(params: Params, raw_records: int, context: int | None) -> UserError:
     return UserError(
         f"all {raw_records} records of data/raw lost their whole answer to tokenize.max_length "
-        f"({params.tokenize.max_length} tokens): their prompts fill it; raise tokenize.max_length"
+        f"({params.tokenize.max_length} tokens): their prompts fill it; {longer_rows(params, context)}"
     )
 
 
@@ -291,6 +346,7 @@ def main() -> None:
         tmp = out.dir(OUT_DIR)
         tokenizer = chat_format.reload(load_tokenizer(BASE_DIR, BASE_DIR, "download"), tmp / TOKENIZER.name)
         fmt = decide_format(params, tokenizer, manifest["format"])
+        context = base_context(params)
         for note in fmt.notes:
             print(f"tokenize: {note}", flush=True)
         cache = scratch_dir(OUT_DIR.parent, "tokenize")
@@ -298,12 +354,16 @@ def main() -> None:
             encoded = [tokenize_split(name, params, tokenizer, fmt, cache, template)
                        for name in ("train", "validation")]  # fmt: skip
             train, validation, summary = build_splits(*encoded)
+            refusal = unk_refusal(summary, params)
+            if refusal:
+                raise refusal
             if not summary["records"]:
-                raise nothing_left(params, len(encoded[0]) + len(encoded[1]))
+                raise nothing_left(params, len(encoded[0]) + len(encoded[1]), context)
             if not len(validation):
                 raise UserError(
                     f"no validation record keeps a whole prompt within tokenize.max_length "
-                    f"({params.tokenize.max_length} tokens): raise it, so that eval has prompts to generate from"
+                    f"({params.tokenize.max_length} tokens), so eval has no prompt to generate from: "
+                    f"{longer_rows(params, context)}"
                 )
             from datasets import DatasetDict
 
@@ -317,7 +377,7 @@ def main() -> None:
             "sources": source_counts(manifest, summary.pop("per_source")),
         }
         write_json(out.file(METRICS), summary)
-    for line in warnings(summary, params):
+    for line in warnings(summary, params, context):
         print(f"tokenize: warning: {line}")
     print(f"tokenize: {summary['train_records']} train / {summary['validation_records']} validation rows, "
           f"{summary['tokens']} tokens of which {summary['trained_tokens']} trained; {summary['truncated']} cut at "

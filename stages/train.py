@@ -323,13 +323,12 @@ def train(params: Params, planned: dict | None = None) -> None:
 
 
 def quality_metrics(config: dict, log_history: list[dict], planned: dict | None = None) -> dict:
-    """metrics/train.json, what `dvc exp show` lists for train: the last logged training loss and the last
-    validation loss (answer tokens only, like every loss here), and under `setting` what `auto` chose (params.yaml
-    says only "auto"). The mean loss and the step count are in train_config.json: two columns are what a
-    120-column `dvc exp show` has room for."""
+    """metrics/train.json, a DVC metric: the last logged training loss and the last validation loss (answer tokens
+    only, like every loss here), and under `setting` what `auto` chose (params.yaml says only "auto"). The mean
+    loss and the step count are in train_config.json: a DVC table has room for two columns of train."""
     last_eval = next((h["eval_loss"] for h in reversed(log_history) if "eval_loss" in h), None)
     history = config["loss_history"]
-    metrics = {"train": {"final_loss": history[-1]["loss"] if history else None}, "validation": {"final_loss": last_eval}}
+    metrics = {"train_loss": history[-1]["loss"] if history else None, "validation_loss": last_eval}
     chosen = {k: v for k, v in (planned or {}).items() if k in ("deepspeed", "gradient_checkpointing")}
     if chosen:
         metrics["setting"] = {k: "none" if v is None else v for k, v in chosen.items()}

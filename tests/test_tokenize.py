@@ -189,3 +189,106 @@ def test_tokenize_memory_stays_bounded_for_a_record_of_20_megabytes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     truncated, peak_kib = json.loads(proc.stdout.strip().splitlines()[-1])
     assert truncated and peak_kib < 1.5 * 2**20, peak_kib
+
+
+def english_tokenizer(folder):
+    """A SentencePiece tokenizer without byte fallback, trained on English text only: it has no tokens for
+    ChatML's `<|`, `|>` or for Chinese, and no chat template (a small pretrained model's kind)."""
+    import sentencepiece as spm
+
+    from stages.lib.convert import fast_tokenizer
+
+    words = [r["output"] if r["output"].isascii() else r["input"] for r in toy_zh_en(0)]
+    texts = [f"Question: what is a {w}? Answer: a {w}, said the Note." for w in words if w.isascii()]
+    folder.mkdir(parents=True, exist_ok=True)
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_prefix=str(folder / "tokenizer"), vocab_size=120,
+                                   model_type="bpe", character_coverage=1.0, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
+                                   minloglevel=2)  # fmt: skip
+    return fast_tokenizer(folder / "tokenizer.model")
+
+
+def english_records(n: int) -> list[dict]:
+    words = [w for w in (r["output"] if r["output"].isascii() else r["input"] for r in toy_zh_en(0)) if w.isascii()]
+    return [{"instruction": f"what is a {w}?", "output": f"a {w}"} for w in words[:n]]
+
+
+def test_a_tokenizer_without_chat_markers_trains_with_the_plain_template(project, tmp_path, capsys):
+    """Every built-in chat format but `plain` needs markers this tokenizer cannot write; each error leads to plain,
+    and plain trains the answers, each ending with EOS."""
+    import shutil
+
+    shutil.rmtree(tmp_path / "models" / "base")
+    tokenizer = english_tokenizer(tmp_path / "sp")
+    tokenizer.save_pretrained(tmp_path / "models" / "base")
+    rows = conversations(english_records(40))
+    write_raw(tmp_path, rows[:34], rows[34:])
+    for template in ("chatml", "tokenizer"):
+        project(template=template)
+        with pytest.raises(UserError, match=r"set tokenize.template: plain"):
+            run_tokenize(capsys)
+    project(template="plain")
+    _, summary = run_tokenize(capsys)
+    assert summary["unk_answer_tokens"] == 0 and summary["train_records"] > 20
+    from datasets import load_from_disk
+
+    row = load_from_disk("data/tokenized")["validation"][0]
+    prompt = tokenizer.decode(row["input_ids"][: row["prompt_length"]])
+    assert prompt.rstrip().endswith("Answer:") and row["input_ids"][-1] == tokenizer.eos_token_id
+    assert tokenizer.unk_token_id not in row["input_ids"]
+
+
+def test_answers_the_tokenizer_cannot_spell_are_refused_and_never_targets(project, tmp_path, capsys):
+    """A SentencePiece tokenizer (no byte fallback) trained on the toy words: capitals and '!' are <unk>. Over
+    tokenize.max_unk_share of the answer tokens <unk>: refused, with the numbers; allowed, <unk> carries no loss."""
+    import shutil
+
+    import tokenizer_kinds as kinds
+
+    shutil.rmtree(tmp_path / "models" / "base")
+    kinds.build("chatglm2", tmp_path / "tok").save_pretrained(tmp_path / "models" / "base")
+    rows = conversations([{"instruction": "red cat", "output": "QUIZ ZAP JOLT!"}] * 12 + toy_zh_en(0)[:12])
+    write_raw(tmp_path, rows[:20], rows[20:])
+    os.makedirs("data/tokenized/old", exist_ok=True)
+    project(template="seed")
+    with pytest.raises(UserError, match=r"% of the answer tokens \(\d+ of \d+\) are <unk>: the tokenizer in "
+                                        r"models/base cannot spell the answers.*tokenize.max_unk_share: 1"):  # fmt: skip
+        run_tokenize(capsys)
+    assert os.path.isdir("data/tokenized/old")  # the last good output stays
+    project(template="seed", max_unk_share=1)
+    out, summary = run_tokenize(capsys)
+    assert summary["unk_answer_tokens"] > 0 and "answer tokens are <unk> and were left out of the loss" in out
+    from datasets import load_from_disk
+
+    unk = json.loads(open("data/tokenized/tokenizer/tokenizer_config.json").read()).get("unk_token")
+    from transformers import AutoTokenizer
+
+    unk_id = AutoTokenizer.from_pretrained("data/tokenized/tokenizer").convert_tokens_to_ids(unk)
+    for split in load_from_disk("data/tokenized").values():
+        for r in split:
+            assert not any(m and t == unk_id for t, m in zip(r["input_ids"], r["assistant_masks"]))
+
+
+def test_trained_tokens_count_the_train_split_only(project, tmp_path, capsys):
+    rows = conversations(toy_zh_en(0)[:30])
+    write_raw(tmp_path, rows[:24], rows[24:])
+    project(template="chatml")
+    _, summary = run_tokenize(capsys)
+    from datasets import load_from_disk
+
+    splits = load_from_disk("data/tokenized")
+    assert summary["trained_tokens"] == sum(sum(m) for m in splits["train"]["assistant_masks"])
+    assert summary["validation_answer_tokens"] == sum(sum(m) for m in splits["validation"]["assistant_masks"]) > 0
+
+
+def test_max_length_beyond_the_models_positions_is_said_and_advice_stays_within_them(project, tmp_path, capsys):
+    from transformers import LlamaConfig
+
+    LlamaConfig(max_position_embeddings=24, vocab_size=600).save_pretrained(tmp_path / "models" / "base")
+    rows = conversations([{"instruction": "Translate.", "input": "red cat", "output": "红色的猫 " * 5}] * 3 +
+                         toy_zh_en(0)[:20])  # fmt: skip
+    write_raw(tmp_path, rows[:18], rows[18:])
+    project(template="chatml", max_length=26)
+    out, _ = run_tokenize(capsys)
+    assert "tokenize.max_length (26) is above the 24 positions of the model in models/base" in out
+    assert "tokenize.max_length already spans the model's 24 positions: shorten the records" in out
+    assert "raise tokenize.max_length" not in out

@@ -141,8 +141,9 @@ def decide(tokenizer, template: TemplateRecipe, name: str, base_stop_ids: list[i
         jinja = tokenizer.chat_template if template.chat_template else template.jinja
         if not isinstance(jinja, str) or not jinja:
             raise UserError(
-                "tokenize.template 'tokenizer': the tokenizer in models/base has no chat template; choose one of "
-                "recipes/templates (chatml, qwen3, seed, chatglm2, raw)"
+                "tokenize.template 'tokenizer': the tokenizer in models/base has no chat template; set "
+                "tokenize.template: plain (words any vocabulary spells, answers end with EOS) or chatml if it has "
+                "ChatML's tokens"
             )
         rendered = tokenizer.apply_chat_template(PROBE, chat_template=jinja, tokenize=False)
         if tokenizer(rendered, add_special_tokens=False)["input_ids"][: len(prefix_ids)] != prefix_ids:

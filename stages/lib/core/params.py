@@ -207,6 +207,9 @@ class TokenizeParams(Strict):
     reasoning: Literal["train", "drop"] = "train"  # an answer's reasoning: trained with it, or left out of the row
     max_length: Annotated[int, Field(ge=8, le=2**20)] = 512
     unknown_markers: bool = False  # true: train although the template's markers become <unk> tokens
+    # share of the answer tokens that may be <unk> (the tokenizer cannot spell them) before tokenize stops; 1: train
+    # on the rest anyway. <unk> is never a target either way.
+    max_unk_share: Annotated[float, Field(ge=0, le=1)] = 0.01
 
 
 # ---------------------------------------------------------------- train
