@@ -147,7 +147,7 @@ def evaluate(params: Params, name: str, rows, tokenizer, stop_ids: list[int], ca
             "empty": sum(not p.strip() for p in predictions) / n,  # only stop tokens, or only <unk>
         }
     if tasks:
-        phase("eval", f"{name} model: {len(tasks)} multiple-choice benchmark(s)")
+        phase("eval", f"{name} model: {len(tasks)} multiple-choice benchmark(s), scored by lm-evaluation-harness")
         bench = benchmarks.accuracy(model, tokenizer, tasks, e.batch_size, seed=params.seed)
         scores["accuracy"] = bench.pop("overall")["accuracy"]
         scores["accuracy_by_benchmark"] = {task: result["accuracy"] for task, result in bench.items()}

@@ -19,6 +19,7 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 from stages.lib.core.errors import UserError, run_stage
@@ -87,11 +88,16 @@ def workspace(columns: int) -> list[str]:
     table = [Column(("metric",), names, align="<"), Column(("base",), [number(b) for b, _ in pairs]),
              Column(("tuned",), [number(t) for _, t in pairs]), Column(("change",), [change(b, t) for b, t in pairs]),
              Column(("what it is",), about, priority=1, align="<", shortenable=True)]  # fmt: skip
-    lines = [f"base (models/base) vs tuned (models/merged) on {scores['samples']} validation samples "
-             f"(generation cap {scores['generation_cap_tokens']} tokens); all numbers: metrics/*.json", ""]
+    lines = wrapped(f"base (models/base) vs tuned (models/merged), {scores['samples']} validation samples, "
+                    f"generation cap {scores['generation_cap_tokens']} tokens", columns) + [""]
     lines += render(table, columns)
-    lines += [""] + [line[:columns] for line in notes()]
+    lines += [""] + [w for line in notes() for w in wrapped(line, columns)]
     return lines
+
+
+def wrapped(text: str, columns: int) -> list[str]:
+    """`text` in lines of at most `columns` characters, continuation lines indented."""
+    return textwrap.wrap(text, width=columns, subsequent_indent="  ", break_on_hyphens=False) or [""]
 
 
 def notes() -> list[str]:
@@ -140,10 +146,10 @@ def exps(columns: int, dvc_args: list[str]) -> list[str]:
     lines = render(table, columns)
     hidden = [k for k, c in zip(params, param_columns) if not c.width]
     if hidden:
-        lines.append(f"changed params not shown: {', '.join(hidden)}"[:columns])
+        lines += wrapped(f"changed params not shown: {', '.join(hidden)}", columns)
     full = [f"{headers[k]} = {k}" for k, c in zip(params, param_columns) if c.width and headers[k] != k]
     if full:
-        lines.append(("params: " + ", ".join(full))[:columns])
+        lines += wrapped("params: " + ", ".join(full), columns)
     return lines
 
 

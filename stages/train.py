@@ -217,6 +217,9 @@ def build_trainer(params: Params, output_dir: Path, callbacks: list, **overrides
     trainer.load_weights_gib = base_weights_gib(trainer.model)  # before DeepSpeed initialises: what loading left
     keep_4bit_layout(trainer.model)  # one numeric path on AVX512-BF16 CPUs (evaluation would repack the weights)
     check_labels(trainer.train_dataset, train_set)
+    from stages.lib.train.telemetry import label_progress
+
+    label_progress(trainer)
     if t.deepspeed:
         from stages.lib.train.zero3_release import Zero3EarlyRelease
 

@@ -564,6 +564,10 @@ CASES = [
          params_text(lambda t: t.replace("unknown_markers: false", "unknown_markers: yes")),
          "'tokenize.unknown_markers': Input should be a valid boolean (got 'yes'; YAML 1.2, which DVC records, reads "
          "it as text: write true or false)"),
+    Case("unk-share-above-one", "params", "a share of <unk> answer tokens above 1", "tokenize",
+         params(tokenize__max_unk_share=5), "'tokenize.max_unk_share': Input should be less than or equal to 1"),
+    Case("plain-misspelt", "params", "a template name that does not exist (`plian`)", "tokenize",
+         params(tokenize__template="plian"), "plain"),
     # data files
     Case("tiny-weight", "data", "a source weight that rounds to no record", "download",
          params(data__sources__0__weight=0.0001), "data.sources.0.weight 0.0001"),

@@ -9,8 +9,11 @@ with `datasets`; the built-in `toy-choice` set is written to a temporary folder 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
+import io
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,11 +156,12 @@ def accuracy(model, tokenizer, tasks: list[dict], batch_size: int, seed: int = 0
     logging.getLogger("lm_eval.models.huggingface").setLevel(logging.ERROR)
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    result = lm_eval.simple_evaluate(
-        model=lm, tasks=tasks, apply_chat_template=True, fewshot_as_multiturn=True, task_manager=_no_builtin_tasks(),
-        random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
-        verbosity="ERROR", log_samples=True,
-    )  # fmt: skip
+    with quiet_bars():
+        result = lm_eval.simple_evaluate(
+            model=lm, tasks=tasks, apply_chat_template=True, fewshot_as_multiturn=True,
+            task_manager=_no_builtin_tasks(), random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+            fewshot_random_seed=seed, verbosity="ERROR", log_samples=True,
+        )  # fmt: skip
     scores = {}
     for task in tasks:
         entry = result["results"][task["task"]]
@@ -168,6 +172,26 @@ def accuracy(model, tokenizer, tasks: list[dict], batch_size: int, seed: int = 0
     scores["overall"] = {"accuracy": sum(s["accuracy"] * s["questions"] for s in scores.values()) / total,
                          "questions": total, "choices": []}  # fmt: skip
     return scores
+
+
+@contextlib.contextmanager
+def quiet_bars():
+    """lm-eval's and datasets' progress bars (several unlabelled ones per benchmark) kept out of the log; eval
+    prints its own line per model. What they wrote comes out if the scoring fails."""
+    import datasets
+
+    was = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            yield
+    except BaseException:
+        sys.stderr.write(captured.getvalue()[-5000:])
+        raise
+    finally:
+        if was:
+            datasets.enable_progress_bars()
 
 
 @functools.lru_cache(maxsize=1)

@@ -149,3 +149,25 @@ def weight_census(model) -> dict:
             if tensor is not None and tensor.is_cuda:
                 entry[key] += tensor.numel() * tensor.element_size() / GIB
     return {name: {k: round(v, 3) if isinstance(v, float) else v for k, v in e.items()} for name, e in census.items()}
+
+
+def label_progress(trainer) -> None:
+    """Give the Trainer's progress bars names ("train: steps", "train: validation batches"): a log then says what
+    each count is. Replaces transformers' ProgressCallback with a subclass; nothing else changes."""
+    from transformers.trainer_callback import ProgressCallback
+
+    class LabelledProgress(ProgressCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            super().on_train_begin(args, state, control, **kwargs)
+            if self.training_bar is not None:
+                self.training_bar.set_description("train: steps")
+
+        def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+            new = self.prediction_bar is None
+            super().on_prediction_step(args, state, control, eval_dataloader=eval_dataloader, **kwargs)
+            if new and self.prediction_bar is not None:
+                self.prediction_bar.set_description("train: validation batches")
+
+    if any(isinstance(c, ProgressCallback) for c in trainer.callback_handler.callbacks):
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(LabelledProgress)
