@@ -72,24 +72,27 @@ def answer_text(tokenizer, new_ids: list[int], stop_ids: list[int], prompt_ids: 
 
 
 def generation_cap(rows, max_new_tokens: int | None, context: int | None) -> tuple[int, str | None]:
-    """New tokens a generation may take, and a line to print when the model's positions lowered it.
+    """New tokens a generation may take, and a line to print when the model's positions leave some prompts less.
 
     `eval.max_new_tokens` (`max_new_tokens`), or twice the longest reference answer (answer and end tokens, as
-    tokenized for training), at least 16, so that a right answer is never cut; at most the `context` positions of
-    the model (None: unknown) less the longest prompt, since no model writes past its positions."""
+    tokenized for training), at least 16, so that a right answer is never cut. No model writes past its
+    `context` positions (None: unknown): `generate` gives a prompt at most the positions its batch leaves."""
     cap = max_new_tokens or max(16, 2 * max(sum(r["assistant_masks"]) for r in rows))
-    room = None if context is None else max(1, context - max(r["prompt_length"] for r in rows))
-    if room is None or cap <= room:
+    if context is None:
+        return cap, None
+    short = sum(context - r["prompt_length"] < cap for r in rows)
+    if not short:
         return cap, None
     asked = f"eval.max_new_tokens ({cap})" if max_new_tokens else f"the generation cap ({cap}: twice the longest answer)"
-    return room, (f"{asked} is lowered to {room}: the model has {context} positions and the longest prompt takes "
-                  f"{context - room}")
+    return cap, (f"{short} of {len(rows)} prompts leave fewer positions than {asked}: the model has {context} "
+                 "positions, and their answers stop where the positions end")
 
 
-def generate(model, tokenizer, rows, batch_size: int, max_new_tokens: int, stop_ids: list[int], bar=None):
+def generate(model, tokenizer, rows, batch_size: int, max_new_tokens: int, stop_ids: list[int], bar=None,
+             context: int | None = None):
     """Greedy answers to the rows' prompts, batched with left padding, as a server returns them; `bar` counts rows.
     Batches hold prompts of similar length (sorted), so little of each batch is padding; answers come back in the
-    rows' order.
+    rows' order. A batch takes at most the `context` positions (None: no limit) its longest prompt leaves.
 
     Returns (answers, cut): cut[i] is True when answer i reached `max_new_tokens` before any stop token."""
     import torch
@@ -101,24 +104,25 @@ def generate(model, tokenizer, rows, batch_size: int, max_new_tokens: int, stop_
         chosen = order[start : start + batch_size]
         prompts = [rows[i]["input_ids"][: rows[i]["prompt_length"]] for i in chosen]
         batch = tokenizer.pad({"input_ids": prompts}, return_tensors="pt").to(model.device)
+        room = max_new_tokens if context is None else max(1, min(max_new_tokens, context - max(map(len, prompts))))
         with torch.no_grad():
             out = model.generate(
                 **batch,
                 do_sample=False,
-                max_new_tokens=max_new_tokens,
+                max_new_tokens=room,
                 eos_token_id=stop_ids,
                 pad_token_id=tokenizer.pad_token_id,
             )
         for i, ids, prompt in zip(chosen, out[:, batch["input_ids"].shape[1] :].tolist(), prompts):
             outputs[i] = answer_text(tokenizer, ids, stop_ids, prompt)
-            cut[i] = not set(ids) & set(stop_ids)  # finished rows end in a stop token, then padding
+            cut[i] = not set(ids) & set(stop_ids)  # finished rows end in a stop token, then padding (or room ran out)
         if bar is not None:
             bar.update(len(prompts))
     return outputs, cut
 
 
 def evaluate(params: Params, name: str, rows, tokenizer, stop_ids: list[int], cap: int,
-             tasks: list[dict]) -> tuple[dict, list[str]]:
+             tasks: list[dict], context: int | None = None) -> tuple[dict, list[str]]:
     """Answer loss, perplexity, generation scores (answers of at most `cap` new tokens) and benchmark accuracy of
     MODELS[name], and its answers."""
     import torch
@@ -136,7 +140,7 @@ def evaluate(params: Params, name: str, rows, tokenizer, stop_ids: list[int], ca
     predictions = [""] * len(rows)
     if cap:  # 0: continued pre-training rows have no prompt to answer
         with counter("eval", f"{name} generation", len(rows), "sample") as bar:
-            predictions, cut = generate(model, tokenizer, rows, e.batch_size, cap, stop_ids, bar)
+            predictions, cut = generate(model, tokenizer, rows, e.batch_size, cap, stop_ids, bar, context)
         n = len(rows)
         references = [r["reference"] for r in rows]
         scores |= {
@@ -177,10 +181,11 @@ def evaluate_all(params: Params, validation, scratch: Path) -> None:
     tasks = benchmark_tasks(params, scratch)  # files checked before any model loads
     rows = validation.select(range(min(params.eval.max_samples, len(validation)))).to_list()
     text_only = chat_format.load(TOKENIZED / "tokenizer").text_only  # continued pre-training: loss only
-    cap, lowered = 0, None
+    cap, lowered, context = 0, None, None
     if not text_only:
         config = AutoConfig.from_pretrained(MODELS["tuned"], trust_remote_code=params.model.trust_remote_code)
-        cap, lowered = generation_cap(rows, params.eval.max_new_tokens, context_positions(config))
+        context = context_positions(config)
+        cap, lowered = generation_cap(rows, params.eval.max_new_tokens, context)
     if lowered:
         print(f"eval: {lowered}", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(MODELS["tuned"], trust_remote_code=params.model.trust_remote_code)
@@ -188,7 +193,7 @@ def evaluate_all(params: Params, validation, scratch: Path) -> None:
     stop_ids = [stop_ids] if isinstance(stop_ids, int) else list(stop_ids)
     metrics, predictions = {}, {}
     for name in MODELS:
-        metrics[name], predictions[name] = evaluate(params, name, rows, tokenizer, stop_ids, cap, tasks)
+        metrics[name], predictions[name] = evaluate(params, name, rows, tokenizer, stop_ids, cap, tasks, context)
     metrics["samples"] = len(rows)
     metrics["generation_cap_tokens"] = cap
     lines = []
@@ -220,16 +225,14 @@ def headline_path(name: str) -> Path:
 
 
 def empty_answers(metrics: dict) -> list[str]:
-    """A line per model some of whose answers are empty: only stop tokens, or only tokens the tokenizer decodes
-    to nothing (<unk>), which exact match and BLEU score as wrong without saying why."""
+    """A line per model some of whose answers are empty: only stop tokens or whitespace, or only tokens the
+    tokenizer decodes to nothing (<unk>), which exact match and BLEU score as wrong without saying why."""
     out = []
     for name in MODELS:
         share = metrics[name].get("empty", 0)
         if share:
-            out.append(f"{share:.0%} of the {name} model's {metrics['samples']} answers are empty (only stop tokens "
-                       "or <unk>): see eval/generations.jsonl" + (
-                           "; a tokenizer that cannot spell the data trains <unk> (metrics/tokenize.json, "
-                           "unk_answer_tokens)" if name == "tuned" else ""))  # fmt: skip
+            out.append(f"{share:.0%} of the {name} model's {metrics['samples']} answers are empty (only stop tokens, "
+                       "whitespace or <unk>): see eval/generations.jsonl")
     return out
 
 

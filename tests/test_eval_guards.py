@@ -17,10 +17,37 @@ def test_the_generation_cap_stays_within_the_models_positions():
     assert generation_cap(ROWS, None, None) == (220, None)  # twice the longest answer
     assert generation_cap(ROWS, None, 4096) == (220, None)
     cap, line = generation_cap(ROWS, None, 128)
-    assert cap == 98 and line == ("the generation cap (220: twice the longest answer) is lowered to 98: the model has "
-                                  "128 positions and the longest prompt takes 30")  # fmt: skip
-    cap, line = generation_cap(ROWS, 500, 128)
-    assert cap == 98 and line.startswith("eval.max_new_tokens (500) is lowered to 98")
+    assert cap == 220 and line == ("2 of 2 prompts leave fewer positions than the generation cap (220: twice the "
+                                   "longest answer): the model has 128 positions, and their answers stop where the "
+                                   "positions end")  # fmt: skip
+    cap, line = generation_cap(ROWS, 100, 128)
+    assert cap == 100 and line.startswith("1 of 2 prompts leave fewer positions than eval.max_new_tokens (100)")
+
+
+def test_generation_never_asks_for_more_positions_than_the_model_has():
+    """A tiny Llama of 40 positions: each batch generates at most what its longest prompt leaves, and a short prompt
+    is not held to a long one's room (sorted batches)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from stages.eval import generate
+    from stages.lib.data.toy_task import toy_zh_en
+    from test_tokenize import encoded, params_with
+    from stages.download import train_tokenizer
+
+    tokenizer = train_tokenizer([v for r in toy_zh_en(0) for v in r.values()], 600)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=40)  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    enc = encoded([{"instruction": "red cat " * 5, "output": "猫"}, {"instruction": "cat", "output": "猫"}],
+                  params_with("chatml"), tokenizer)  # fmt: skip
+    rows = [{"input_ids": i, "prompt_length": p} for i, p in zip(enc["input_ids"], enc["prompt_length"])]
+    calls = []
+    real = model.generate
+    model.generate = lambda **kw: calls.append((kw["input_ids"].shape[1], kw["max_new_tokens"])) or real(**kw)
+    answers, cut = generate(model, tokenizer, rows, 1, 100, [tokenizer.eos_token_id], context=40)
+    assert len(answers) == 2 and all(p + n <= 40 for p, n in calls) and max(n for _, n in calls) > min(n for _, n in calls)
 
 
 def params_with_sources(sources: list[dict]):
@@ -43,4 +70,4 @@ def test_empty_answers_are_named(tuned_empty, says):
     lines = empty_answers(metrics)
     assert bool(lines) == says
     if says:
-        assert lines[0].startswith("100% of the tuned model's 24 answers are empty (only stop tokens or <unk>)")
+        assert lines[0].startswith("100% of the tuned model's 24 answers are empty (only stop tokens, whitespace or <unk>)")
