@@ -5,10 +5,13 @@ the load and training peaks per GPU of the setting that ran, and prints them nex
 (`max_memory_allocated`, GiB per rank) with the relative error. No GPU needed.
 
     python bench/plan_calibration.py
+    python bench/plan_calibration.py --measured OUT/a.jsonl     # + bench/throughput.py's lines (7B, one GPU)
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -75,10 +78,36 @@ def rows() -> list[dict]:
     return out
 
 
+def measured_rows(path: Path) -> list[dict]:
+    """bench/throughput.py's JSON lines (the 7B shape, one GPU, no DeepSpeed, the topologies LoRA on q/k/v/o): the
+    planner's training peak for each line's gradient_checkpointing against its measured peak_gib."""
+    from topologies import base_params
+
+    from stages.lib.core.params import Params
+    from stages.lib.train.plan import Setting, estimate
+
+    model, out = meta("7b"), []
+    for line in path.read_text().splitlines():
+        run = json.loads(line)
+        if "gradient_checkpointing" not in run or not run.get("peak_gib"):
+            continue  # another trainer (unsloth, TRL's defaults): the planner models the stage only
+        raw = base_params(8, None, 2048)
+        raw["train"] |= {"packed_length": 8192, "attn_implementation": "varlen", "token_metrics": False,
+                         "gradient_checkpointing": run["gradient_checkpointing"]}  # fmt: skip
+        params = Params.model_validate(raw)
+        e = estimate(model, params, Setting("none", run["gradient_checkpointing"], 1), QKVO)
+        out.append({"what": f"7B QLoRA, 1 GPU, {run['variant']}", "section": "7", "load": (e.load_peak, None),
+                    "train": (e.train_peak, run["peak_gib"]), "host": e.host})  # fmt: skip
+    return out
+
+
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--measured", type=Path, help="bench/throughput.py --out lines to compare as well")
+    args = ap.parse_args()
     print("| configuration | RESULTS | load GiB predicted / measured | train GiB predicted / measured | train error |")
     print("|---|---|---|---|---|")
-    for r in rows():
+    for r in rows() + (measured_rows(args.measured) if args.measured else []):
         (pl, ml), (pt, mt) = r["load"], r["train"]
         load = f"{pl:.2f} / {ml:.2f}" if ml is not None else f"{pl:.2f} / —"
         print(f"| {r['what']} | §{r['section']} | {load} | {pt:.2f} / {mt:.2f} | {(pt - mt) / mt:+.1%} |")

@@ -2,10 +2,16 @@
 
 Every variant runs the real train stage code (`stages.train.build_trainer`) on the same random-weight model and
 the same tokenized alpaca_zh set, one process per variant, on one GPU, for --steps optimizer steps, and prints
-real (non-padding) tokens/s, MFU, peak memory and step time. Prepare the model and data first with
-`bench/topologies.py --runs ''` (same --work).
+real (non-padding) tokens/s, MFU, peak memory and step time. `--data` prepares the model and data (the download
+and tokenize stages, as bench/topologies.py does, in WORK/base-SIZE) when they are not there yet.
 
-    python bench/throughput.py --work /tmp/topologies --variants seed,trl_defaults,trl_packing,ours [--steps 12]
+    python bench/throughput.py --data DIR --work /tmp/topologies --variants seed,trl_defaults,trl_packing,ours [--steps 12]
+    python bench/throughput.py --data DIR --work /tmp/tiny --tiny --steps 3     # CPU smoke test: a tiny model
+
+`ours_offload`, `ours_selective`: the stage with train.gradient_checkpointing offload / selective; `ours_auto`: what
+the stage's `auto` picks on this GPU. `unsloth`: Unsloth's FastLanguageModel QLoRA (its offloaded checkpointing,
+its kernels) on the same model folder, tokenized rows and packed length, in its own process with its own TRL
+(bench/unsloth_variant.py; its wheels unpacked in --unsloth-site, first on that process's PYTHONPATH).
 
 BENCH_PROFILE=ours adds torch.profiler over steps 4-5 of that variant and prints its kernel table (in its log,
 --logs); that variant's tokens/s then include the profiler's overhead.
@@ -47,6 +53,9 @@ VARIANTS = {
     "ours_liger": (OURS | {"liger": True}, {}),
     "ours_metrics": (OURS | {"token_metrics": True}, {}),
     "ours_nockpt": (OURS | {"gradient_checkpointing": False}, {}),
+    "ours_offload": (OURS | {"gradient_checkpointing": "offload"}, {}),
+    "ours_selective": (OURS | {"gradient_checkpointing": "selective"}, {}),
+    "ours_auto": (OURS | {"gradient_checkpointing": "auto"}, {}),  # the planner's pick for this GPU
     "ours_16k": (OURS | {"packed_length": 16384}, {}),
 }  # fmt: skip
 
@@ -79,32 +88,49 @@ class Profile(TrainerCallback):
 def one_variant(name: str, steps: int) -> dict:
     """Runs inside the variant's own process, in a work dir laid out like the project."""
     sys.path.insert(0, os.getcwd())
+    import torch
+
     from stages.lib.core.params import load_params
+    from stages.lib.train import recompute
+    from stages.lib.train.auto import resolve
     from stages.lib.train.telemetry import Telemetry
-    from stages.train import BASE_DIR, build_trainer
+    from stages.train import build_trainer
 
     changes, overrides = VARIANTS[name]
     raw = yaml.safe_load(Path("params.yaml").read_text())
     raw["train"] |= changes | {"deepspeed": None, "max_steps": steps, "logging_steps": 1}
     Path("params.yaml").write_text(yaml.safe_dump(raw))
+    params, planned = resolve(load_params())  # ours_auto: the stage's choice on this GPU (none on a CPU)
+    recompute.check(params.train.gradient_checkpointing, zero3=False, gpu=torch.cuda.is_available())
     telemetry = Telemetry()
     callbacks = [telemetry, Profile()] if os.environ.get("BENCH_PROFILE") == name else [telemetry]
-    trainer = build_trainer(load_params(), Path("out"), callbacks, **overrides)
+    trainer = build_trainer(params, Path("out"), callbacks, **overrides)
     trainer.train()
+    return result(name, telemetry, trainer.state.log_history, steps) | {
+        "profiled": len(callbacks) > 1, "gradient_checkpointing": params.train.gradient_checkpointing,
+        "planned": planned}  # fmt: skip
+
+
+def result(name: str, telemetry, log_history: list[dict], steps: int, base_dir: Path = Path("models/base")) -> dict:
+    """The metrics line of one variant (the same for every trainer): real tokens/s, MFU by 4N, peak GiB, step
+    time, losses."""
     s = telemetry.summary
-    n = linear_params(BASE_DIR)
-    tokens_per_step = s["tokens_seen"] / steps
+    n = linear_params(base_dir)
     return {
-        "variant": name, "tokens_per_s": s["tokens_per_s"], "mfu": s["tokens_per_s"] * 4 * n / PEAK_FLOPS,
-        "peak_gib": s["peak_gib_train_per_rank"][0], "step_time_s": s["step_time_s"], "real_tokens_per_step":
-        tokens_per_step, "linear_params": n, "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
-        "profiled": len(callbacks) > 1,
+        "variant": name, "tokens_per_s": s["tokens_per_s"], "mfu": (s["tokens_per_s"] or 0) * 4 * n / PEAK_FLOPS,
+        "peak_gib": (s.get("peak_gib_train_per_rank") or [None])[0], "step_time_s": s.get("step_time_s"),
+        "real_tokens_per_step": s["tokens_seen"] / steps, "linear_params": n,
+        "losses": [h["loss"] for h in log_history if "loss" in h],
     }  # fmt: skip
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=Path("/tmp/topologies"))
+    ap.add_argument("--data", type=Path, help="alpaca_zh_demo.json and qwen2/: prepare WORK/base-SIZE if missing")
+    ap.add_argument("--tiny", action="store_true", help="a tiny model (CPU smoke test) instead of the 7B shape")
+    ap.add_argument("--unsloth-site", type=Path, default=Path("/tmp/unsloth-site"),
+                    help="Unsloth's unpacked wheels (unsloth, unsloth_zoo, trl 1.15, ...) for the unsloth variant")
     ap.add_argument("--variants", default="seed,trl_defaults,trl_packing,ours")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--out", type=Path, default=None, help="append one JSON line per variant here")
@@ -115,14 +141,22 @@ def main() -> None:
         print("RESULT " + json.dumps(one_variant(args.one, args.steps)), flush=True)
         return
     sys.path.insert(0, str(Path(__file__).parent))
-    from topologies import node_dir
+    from topologies import node_dir, prepare
 
-    base = args.work / "base"
+    size = "tiny" if args.tiny else "7b"
+    base = args.work / f"base-{size}"  # where bench/topologies.py prepares it
+    if args.data:
+        base = prepare(args.work, args.data.resolve(), size, args.steps, None)  # rows of up to 2,048 tokens, as §2
     params = yaml.safe_load((base / "params.yaml").read_text())
     for name in args.variants.split(","):
         d = node_dir(args.work, base, f"tp-{name}", 0, params)
         cmd = [sys.executable, str(Path(__file__).resolve()), "--one", name, "--steps", str(args.steps)]
-        proc = subprocess.run(cmd, cwd=d, capture_output=True, text=True)
+        env = None
+        if name == "unsloth":  # its own process, its own TRL: the unpacked wheels come first
+            cmd = [sys.executable, str(Path(__file__).with_name("unsloth_variant.py")), "--steps", str(args.steps)]
+            env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(args.unsloth_site),
+                                                                             os.environ.get("PYTHONPATH")]))}  # fmt: skip
+        proc = subprocess.run(cmd, cwd=d, capture_output=True, text=True, env=env)
         if args.logs:
             args.logs.mkdir(parents=True, exist_ok=True)
             (args.logs / f"{name}.log").write_text(proc.stdout + "\n--- stderr\n" + proc.stderr)

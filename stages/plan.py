@@ -17,7 +17,7 @@ from pathlib import Path
 
 from stages.lib.core.errors import UserError, run_stage
 from stages.lib.core.params import load_params
-from stages.lib.train.auto import config_dict, launch_shape, lora_targets, meta_from_config
+from stages.lib.train.auto import config_dict, host_memory_gib, launch_shape, lora_targets, meta_from_config
 
 
 def main() -> None:
@@ -26,9 +26,12 @@ def main() -> None:
     ap.add_argument("--gpus", type=int, help="GPUs per node (default: train.launch.gpus_per_node, else those here)")
     ap.add_argument("--nodes", type=int, help="nodes (default: train.launch.nodes)")
     ap.add_argument("--gpu-memory-gib", type=float, help="memory of one GPU (default: this machine's)")
+    ap.add_argument("--host-memory-gib", type=float, help="RAM of one node, for offloaded checkpointing (default: "
+                    "this machine's)")
     args = ap.parse_args()
     params = load_params(args.params)
-    for key, value in (("--gpus", args.gpus), ("--nodes", args.nodes), ("--gpu-memory-gib", args.gpu_memory_gib)):
+    for key, value in (("--gpus", args.gpus), ("--nodes", args.nodes), ("--gpu-memory-gib", args.gpu_memory_gib),
+                       ("--host-memory-gib", args.host_memory_gib)):
         if value is not None and not 0 < value < float("inf"):
             raise UserError(f"{key} must be a number above 0, got {value}")
     import torch
@@ -40,8 +43,10 @@ def main() -> None:
     capacity = args.gpu_memory_gib or gpu_capacity_gib()
     model = meta_from_config(config_dict(params))  # params' model, not an earlier download
     where = params.model.path or f"recipe '{params.model.recipe}'"
-    print(table(make_plan(model, params, lora_targets(params), args.gpus or gpus, args.nodes or nodes, capacity,
-                          where=where)))  # fmt: skip
+    gpus = args.gpus or gpus
+    host = (args.host_memory_gib or host_memory_gib()) / gpus
+    print(table(make_plan(model, params, lora_targets(params), gpus, args.nodes or nodes, capacity, where=where,
+                          host_gib=host)))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ launcher (stages/lib/train/launch.py) and every rank runs `train()`; only global
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -26,6 +25,7 @@ from stages.lib.core.recipes import deepspeed_config, model_recipe
 from stages.lib.core.model_files import meta_model
 from stages.lib.core.rope import folder_config, folder_overrides
 from stages.lib.train.fit import apply_cap, check_weights_fit
+from stages.lib.train.sft_args import sft_config  # noqa: F401 - benchmarks and tests build it from here
 from stages.lib.train.preflight import (check_context, check_expert_targets, check_kernels, check_lora_targets,
                                        check_reporters, check_same_vocabulary, longest_sample)
 
@@ -40,8 +40,6 @@ METRICS = Path("metrics/train.json")  # quality: a DVC metric
 SPEED = Path("metrics/train_speed.json")  # tokens/s, step time, memory
 SPEED_CURVE = Path("logs/tokens_per_s.tsv")  # each logging window's tokens/s, drawn by dvc.yaml's plots
 RUNS = Path("logs/train_runs.jsonl")  # one line per completed run: when, resumed from which step, how long
-NEVER = 10**12  # a step count no run reaches
-TRACKER_LOGS = "logs/tensorboard"  # train.report_to: [tensorboard] writes here (git-ignored, not a DVC output)
 
 
 def lora_config(params: Params, model=None):
@@ -63,81 +61,6 @@ def lora_config(params: Params, model=None):
         targets = linear_names(built)
     return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
                       target_parameters=stacks, task_type="CAUSAL_LM")  # fmt: skip
-
-
-def leaf_modules_safe(zero: dict) -> bool:
-    """Whether ZeRO-3's `stage3_module_granularity_threshold` stays on: on a GPU (DeepSpeed 0.19.8's leaf path
-    calls `record_stream` on CPU gradients), for a model whose decoder layers are all larger than it
-    (plan.leaf_modules_apply says why). Otherwise DeepSpeed gathers per parameter, as before the threshold."""
-    import torch
-
-    from stages.lib.train.plan import leaf_modules_apply
-
-    threshold = float(zero.get("stage3_module_granularity_threshold") or 0)
-    model = meta_model(BASE_DIR, "models/base") if threshold and torch.cuda.is_available() else None
-    return not threshold or (model is not None and leaf_modules_apply(threshold, model))
-
-
-def sft_config(params: Params, output_dir: Path, **overrides):
-    import torch
-    from trl import SFTConfig
-
-    t = params.train
-    fields = {f.name for f in dataclasses.fields(SFTConfig)}
-    # transformers 5.2x renamed gradient_checkpointing; the GPU image's 5.17 knows only the old name
-    checkpointing = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
-    ds_config = deepspeed_config(t.deepspeed) if t.deepspeed else None
-    zero3 = bool(ds_config) and ds_config.get("zero_optimization", {}).get("stage") == 3
-    if zero3 and not leaf_modules_safe(ds_config["zero_optimization"]):
-        ds_config["zero_optimization"].pop("stage3_module_granularity_threshold", None)
-    reentrant = zero3 if t.reentrant_checkpointing is None else t.reentrant_checkpointing
-    if "tensorboard" in t.report_to:  # not under output_dir: the checkpoint folder is emptied at the end
-        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", TRACKER_LOGS)  # transformers >= 5.2x reads only this
-        if "logging_dir" in fields:
-            overrides = {"logging_dir": os.environ["TENSORBOARD_LOGGING_DIR"]} | overrides
-    model_kwargs = {"dtype": t.dtype, "attn_implementation": t.attn_implementation,
-                    "trust_remote_code": params.model.trust_remote_code}  # fmt: skip
-    model_kwargs |= folder_overrides(BASE_DIR, params.model.rope_scaling)
-    if t.device_map:
-        model_kwargs["device_map"] = t.device_map
-    kwargs = dict(
-        output_dir=str(output_dir),
-        seed=params.seed,
-        data_seed=params.seed,
-        per_device_train_batch_size=t.batch_size,
-        gradient_accumulation_steps=t.grad_accum,
-        learning_rate=t.learning_rate,
-        lr_scheduler_type=t.lr_scheduler,
-        warmup_steps=t.warmup_ratio,  # a float below 1 is a fraction of the run
-        weight_decay=t.weight_decay,
-        optim=t.optimizer,
-        max_grad_norm=t.max_grad_norm,
-        neftune_noise_alpha=t.neftune_noise_alpha,  # transformers hooks the input embeddings while train() runs
-        num_train_epochs=t.epochs,
-        max_steps=t.max_steps,
-        max_length=(t.packing and t.packed_length) or params.tokenize.max_length,
-        packing=t.packing,
-        packing_strategy="bfd",
-        bf16=t.dtype == "bfloat16",
-        fp16=t.dtype == "float16",
-        use_cpu=not torch.cuda.is_available(),
-        model_init_kwargs=model_kwargs,
-        deepspeed=ds_config,
-        ddp_timeout=int(t.launch.timeout_minutes * 60),
-        use_liger_kernel=t.liger,  # RMSNorm, RoPE, SwiGLU kernels; TRL keeps its own fused LM head
-        logging_steps=t.logging_steps,
-        save_strategy="steps",
-        save_steps=t.save_steps or NEVER,  # save_minutes is kept by SaveAndStop
-        save_total_limit=None,  # pruned once a checkpoint is complete (MarkComplete), never before
-        eval_strategy="steps" if t.eval_steps else "no",
-        eval_steps=t.eval_steps,
-        per_device_eval_batch_size=t.batch_size,
-        prediction_loss_only=True,
-        report_to=t.report_to or "none",  # DVCLive is added as a callback below, without its dump of every argument
-        dataset_num_proc=None,
-        **{checkpointing: t.gradient_checkpointing, f"{checkpointing}_kwargs": {"use_reentrant": reentrant}},
-    ) | overrides
-    return SFTConfig(**kwargs)
 
 
 # logged values worth a curve; the rest (epoch, runtimes, samples/s, total_flos, the run's mean loss) is not
@@ -214,6 +137,10 @@ def build_trainer(params: Params, output_dir: Path, callbacks: list, **overrides
         quantization_config=quantization_config(params) if t.method == "qlora" and model is None else None,
         callbacks=callbacks,
     )
+    if t.gradient_checkpointing == "selective":  # before train() turns checkpointing on
+        from stages.lib.train.recompute import enable_selective
+
+        trainer.selective = enable_selective(trainer.model)  # .kept: outputs the policy kept
     trainer.load_weights_gib = base_weights_gib(trainer.model)  # before DeepSpeed initialises: what loading left
     keep_4bit_layout(trainer.model)  # one numeric path on AVX512-BF16 CPUs (evaluation would repack the weights)
     check_labels(trainer.train_dataset, train_set)
@@ -450,13 +377,17 @@ def main() -> None:
     require(BASE_DIR / "config.json", made_by="download")
     check_model_output(BASE_DIR, "download")
     folder_overrides(BASE_DIR, params.model.rope_scaling)  # a model it cannot scale
-    from stages.lib.train.launch import take_planned_arg
+    import torch
+
+    from stages.lib.train import recompute
     from stages.lib.train.auto import resolve
+    from stages.lib.train.launch import take_planned_arg
 
     take_planned_arg(sys.argv)  # a rank on another node: the head's choice came as an argument
     params, planned = resolve(params)  # prints the plan on a GPU; `auto` becomes its choice, before any rank starts
-    if params.train.deepspeed:
-        deepspeed_config(params.train.deepspeed)  # a missing or broken file fails here, in a second
+    ds = deepspeed_config(params.train.deepspeed) if params.train.deepspeed else {}  # a broken file fails here
+    zero3 = ds.get("zero_optimization", {}).get("stage") == 3
+    recompute.check(params.train.gradient_checkpointing, zero3, gpu=torch.cuda.is_available())
     check_reporters(params.train.report_to)
     check_kernels(params.train.attn_implementation, params.train.liger)
     chosen = params.train.lora.target_modules

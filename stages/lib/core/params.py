@@ -273,7 +273,9 @@ class TrainParams(Strict):
     grad_accum: Annotated[int, Field(ge=1, le=2**16)] = 1
     packing: bool = True  # padding-free BFD packing; attention never crosses samples
     packed_length: Annotated[int, Field(ge=8, le=2**22)] | None = None  # tokens per packed row; null: tokenize.max_length
-    gradient_checkpointing: bool | Literal["auto"] = False  # auto: the planner's choice (python -m stages.plan)
+    # true: recompute each layer; selective: keep the attention block's products; offload: layer inputs in pinned host
+    # RAM (CUDA only; no ZeRO-3); selective under ZeRO-3 is refused; auto: the planner's choice (python -m stages.plan)
+    gradient_checkpointing: bool | Literal["selective", "offload", "auto"] = False
     reentrant_checkpointing: bool | None = None  # null: reentrant under ZeRO-3 only
     # varlen: packed rows attend per sample in torch's flash kernel (stages/lib/train/varlen_attention.py); needs packing
     attn_implementation: Literal[
@@ -309,6 +311,12 @@ class TrainParams(Strict):
             raise ValueError(
                 "train.attn_implementation 'varlen' needs train.packing: true (it reads the sample boundaries of "
                 "packed rows); use sdpa for padded batches"
+            )
+        mode, reentrant = self.gradient_checkpointing, self.reentrant_checkpointing
+        if (mode, reentrant) in (("selective", True), ("offload", False)):
+            raise ValueError(
+                f"train.gradient_checkpointing '{mode}' needs {'non-' if mode == 'selective' else ''}reentrant "
+                "checkpointing: set train.reentrant_checkpointing: null"
             )
         if self.deepspeed and self.device_map is not None:
             raise ValueError(

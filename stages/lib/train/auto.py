@@ -76,10 +76,11 @@ def lora_targets(params: Params):
     return params.train.lora.target_modules or model_recipe(params.model.recipe).lora_targets
 
 
-def resolve(params: Params, capacity_gib: float | None = None,
-            visible_gpus: int | None = None) -> tuple[Params, dict | None]:
+def resolve(params: Params, capacity_gib: float | None = None, visible_gpus: int | None = None,
+            host_gib: float | None = None) -> tuple[Params, dict | None]:
     """`params` with `auto` replaced by the plan's choice, and the record of that choice (None without auto).
-    `capacity_gib` and `visible_gpus` default to this machine's GPUs (TRAIN_GPU_MEMORY_GIB caps the first).
+    `capacity_gib` and `visible_gpus` default to this machine's GPUs (TRAIN_GPU_MEMORY_GIB caps the first),
+    `host_gib` (RAM of one node, shared by its GPUs) to this machine's.
 
     In the head process: prints the plan (on a GPU, or when a key is auto) and stores the choice in TRAIN_PLANNED
     so that every rank it launches trains the same setting. UserError when auto is asked and nothing fits, with
@@ -109,8 +110,9 @@ def resolve(params: Params, capacity_gib: float | None = None,
     visible = torch.cuda.device_count() if visible_gpus is None else visible_gpus
     gpus, nodes = launch_shape(params, visible)
     try:
+        where = str(BASE_DIR) if downloaded else f"recipe '{params.model.recipe}'"
         plan = make_plan(model, params, lora_targets(params), gpus, nodes, capacity, single_process=visible <= 1,
-                         where=str(BASE_DIR) if downloaded else f"recipe '{params.model.recipe}'")  # fmt: skip
+                         where=where, host_gib=(host_gib or host_memory_gib()) / gpus)  # fmt: skip
     except Exception as exc:  # noqa: BLE001 - a model the estimator does not know must not stop a set setting
         why = f"{type(exc).__name__}: {str(exc)[:160]}"
         if auto:
@@ -137,6 +139,11 @@ def resolve(params: Params, capacity_gib: float | None = None,
         print(f"train: auto -> {', '.join(f'{k}: {_shown(record[k])}' for k in sorted(auto))} ({record['reason']})", flush=True)
     os.environ[PLANNED_ENV] = json.dumps(record)
     return _apply(params, record), record
+
+
+def host_memory_gib() -> float:
+    """This machine's physical RAM in GiB (Linux sysconf)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
 
 
 def launch_shape(params: Params, visible: int) -> tuple[int, int]:

@@ -1,14 +1,16 @@
 """Plan before training: predicted peak GPU memory and relative speed of each setting, from config.json alone.
 
-A candidate is a DeepSpeed setting (none, zero2, zero3, zero3-offload) with gradient checkpointing on or off, at the
-params' tokens per micro-batch. Its predicted peak per GPU is the sum of
+A candidate is a DeepSpeed setting (none, zero2, zero3, zero3-offload) with one of the checkpointing settings (off,
+on, selective, offloaded: stages/lib/train/recompute.py), at the params' tokens per micro-batch. Its predicted peak per GPU is the sum of
 
 - weights: the loaded base's exact bytes (fit.weight_bytes), split over the GPUs by ZeRO-3, on the CPU with offload;
 - adapter: the trainable parameters (LoRA, or all of them for `method: full`) in float32 with their gradients and
   two Adam moments, the last three split by ZeRO (any stage) and moved to the CPU by optimizer offload;
 - activations: the bytes autograd keeps per token and decoder layer, counted from the layer's widths and scaled by
-  ACTIVATION_SCALE; every layer's without checkpointing, each layer's input plus one recomputed layer with it,
-  plus BACKWARD_LAYERS layers of working memory in the backward pass;
+  ACTIVATION_SCALE; every layer's without checkpointing, each layer's input plus one recomputed layer with it
+  (selective: plus its attention block's kept products; offloaded: a few inputs in flight, the rest in pinned host
+  memory, which must fit HOST_SHARE of the host's RAM), plus BACKWARD_LAYERS layers of working memory in the backward
+  pass;
 - loss: TRL's chunked LM head (one 4,096 x 32,768 logits tile, the hidden states it reads and their fp32 gradient);
 - ZeRO-3 gathers: the larger of two decoder layers (the one in use and the one prefetched) or, at the loss, the
   16-bit input and output embeddings.
@@ -27,6 +29,7 @@ from pathlib import Path
 from ..core.params import Params
 from .experts_4bit import expert_stacks, lora_target_parameters, moe_shape
 from .fit import GIB, size, weight_bytes
+from .recompute import HOST_SHARE, MODES, SPEED, attention_kept_bytes, label, saved_activations
 
 # Fitted: 7B QLoRA, 8,192-token rows, H200: 44.18 GiB without checkpointing, 9.09 with (bench/RESULTS.md §2, §1c)
 ACTIVATION_SCALE = 0.78  # share of the counted per-layer tensors autograd really keeps (some are views or freed)
@@ -40,7 +43,6 @@ HEADROOM = 0.9  # of a GPU's memory: allocator fragmentation and the CUDA contex
 # (zero3 recipes with leaf modules, session 10: 16,832 and 12,828 tokens/s on 2 GPUs against 10,478 on one)
 EFFICIENCY = {"none": 1.0, "zero2": 0.88, "zero3": 0.80, "zero3-offload": 0.61}
 ZERO3_ONE_GPU = 0.90  # ZeRO-3 on a single GPU: 9,407 tokens/s
-NO_CHECKPOINTING = 1.34  # tokens/s without recomputation against with it (RESULTS.md §2: 12,705 vs 9,512)
 CANDIDATES = ("none", "zero2", "zero3", "zero3-offload")
 
 
@@ -49,12 +51,12 @@ class Setting:
     """One candidate. `deepspeed`: a recipe name or a JSON path, "none" for no DeepSpeed; `gpus`: processes."""
 
     deepspeed: str
-    checkpointing: bool
+    checkpointing: bool | str  # one of recompute.MODES
     gpus: int
 
     @property
     def label(self) -> str:
-        return f"{self.deepspeed}, {'checkpointing' if self.checkpointing else 'no checkpointing'}"
+        return f"{self.deepspeed}, {label(self.checkpointing)}"
 
 
 @dataclass
@@ -70,6 +72,7 @@ class Estimate:
     load_peak: float
     speed: float
     traffic: float = 0.0  # GiB each GPU sends and receives per micro-batch (ZeRO gathers and gradient reductions)
+    host: float = 0.0  # GiB of pinned host memory per GPU (offloaded checkpointing's layer inputs)
     fits: bool = False
 
     @property
@@ -107,6 +110,7 @@ class Shape:
     embeddings: list  # input and output embedding weights (one if tied)
     experts: int = 0  # a mixture of experts: experts per layer (0: dense)
     active: int = 0  # experts each token goes through
+    heads: int = 0  # attention (query) heads
 
 
 def shape(model) -> Shape:
@@ -129,7 +133,7 @@ def shape(model) -> Shape:
                      if "shared" in n and n.endswith("down_proj") and hasattr(m, "in_features"))  # fmt: skip
         intermediate = active * inter + shared
     return Shape(len(layers), config.hidden_size, intermediate, kv, model.get_output_embeddings().weight.shape[0],
-                 layer, list(embeddings.values()), experts, active)  # fmt: skip
+                 layer, list(embeddings.values()), experts, active, heads)  # fmt: skip
 
 
 def parameter_counts(model) -> tuple[int, int]:
@@ -279,9 +283,10 @@ def estimate(model, params: Params, setting: Setting, targets: list[str] | str, 
         dropout_inputs = sum(m.in_features for n, m in s.layer.named_modules()
                              if isinstance(m, torch.nn.Linear) and (targets == "all-linear" or n.split(".")[-1] in targets))  # fmt: skip
     per_layer = layer_activation_bytes(s, d, dropout_inputs) * tokens
-    working = (1 + BACKWARD_LAYERS if setting.checkpointing else BACKWARD_LAYERS) * per_layer
+    working = (1 + BACKWARD_LAYERS if setting.checkpointing is not False else BACKWARD_LAYERS) * per_layer
     working += dequantized_experts(model, s, params, d)
-    saved = s.layers * (s.hidden * d * tokens if setting.checkpointing else per_layer)
+    kept = attention_kept_bytes(s.hidden, s.kv, s.heads, attention_lora_ranks(s, params, targets), d) * tokens
+    saved, host = saved_activations(setting.checkpointing, s.layers, per_layer, s.hidden * d * tokens, kept)
     activations = saved + working
     loss = min(tokens, TILE_TOKENS) * min(s.vocab, TILE_VOCAB) * d + tokens * s.hidden * (2 * d + 8)
     gathers = 0.0
@@ -304,28 +309,42 @@ def estimate(model, params: Params, setting: Setting, targets: list[str] | str, 
     speed = EFFICIENCY.get(setting.deepspeed, EFFICIENCY["zero3"] if zero3 else EFFICIENCY["zero2"])
     if zero3 and setting.gpus == 1:
         speed = ZERO3_ONE_GPU * (speed / EFFICIENCY["zero3"])
-    speed *= setting.gpus * (1 if setting.checkpointing else NO_CHECKPOINTING)
+    speed *= setting.gpus * SPEED[setting.checkpointing]
     traffic = 0.0
     if stage and setting.gpus > 1:  # gradients of the trainable parameters are reduced; ZeRO-3 also gathers weights
-        traffic = 2 * trainable * d + (whole.sharded * (2 if not setting.checkpointing else 3) if zero3 else 0)
+        traffic = 2 * trainable * d + (whole.sharded * (2 if setting.checkpointing is False else 3) if zero3 else 0)
     return Estimate(setting, resident / GIB, adapter / GIB, activations / GIB, loss / GIB, gathers / GIB,
-                    load / GIB, speed, traffic / GIB)  # fmt: skip
+                    load / GIB, speed, traffic / GIB, host / GIB)  # fmt: skip
+
+
+def attention_lora_ranks(s: Shape, params: Params, targets: list[str] | str) -> int:
+    """LoRA's rank summed over the targeted projections of one decoder layer's attention block (their A outputs
+    are what `selective` keeps besides the base products); 0 for full fine-tuning."""
+    import torch
+
+    if params.train.method == "full":
+        return 0
+    return params.train.lora.r * sum(1 for n, m in s.layer.named_modules() if isinstance(m, torch.nn.Linear)
+                                     and "self_attn" in n and (targets == "all-linear" or n.split(".")[-1] in targets))
 
 
 def candidates(gpus: int, nodes: int, params: Params | None = None, single_process: bool = True) -> list[Setting]:
-    """Every DeepSpeed recipe over all `gpus` x `nodes` GPUs, each with checkpointing on and off; no DeepSpeed only
-    for a single GPU (without DeepSpeed the stage runs one process, and refuses several visible GPUs). With
-    `params`, a key that is not `auto` (train.deepspeed, train.gradient_checkpointing) keeps its value.
-    `single_process` False: no DeepSpeed is no candidate (the stage refuses it where several GPUs are visible)."""
+    """Every DeepSpeed recipe over all `gpus` x `nodes` GPUs, each with every checkpointing setting it takes (none
+    under ZeRO-3 but on and off); no DeepSpeed only for a single GPU (without DeepSpeed the stage runs one process,
+    and refuses several visible GPUs). With `params`, a key that is not `auto` (train.deepspeed,
+    train.gradient_checkpointing) keeps its value. `single_process` False: no DeepSpeed is no candidate (the stage
+    refuses it where several GPUs are visible)."""
     world = gpus * nodes
     kinds = ("none", "zero3", "zero3-offload") if world == 1 else CANDIDATES[1:]  # zero2 on one GPU: no gain
     kinds = kinds if single_process else tuple(k for k in kinds if k != "none")
-    checkpointing = (False, True)
+    modes = MODES
     if params is not None and params.train.deepspeed != "auto":
         kinds = (params.train.deepspeed or "none",)
     if params is not None and params.train.gradient_checkpointing != "auto":
-        checkpointing = (params.train.gradient_checkpointing,)
-    return [Setting(ds, c, 1 if ds == "none" else world) for ds in kinds for c in checkpointing]
+        modes = (params.train.gradient_checkpointing,)  # kept, even where recompute.check will refuse it
+    zero3_modes = modes if len(modes) == 1 else (False, True)  # recompute.check refuses the others under ZeRO-3
+    return [Setting(ds, c, 1 if ds == "none" else world) for ds in kinds
+            for c in (zero3_modes if deepspeed_kind(ds)[0] == 3 else modes)]  # fmt: skip
 
 
 def samples_line(config, params: Params, where: str) -> str:
@@ -344,18 +363,20 @@ def samples_line(config, params: Params, where: str) -> str:
 
 
 def make_plan(model, params: Params, targets: list[str] | str, gpus: int, nodes: int,
-              capacity_gib: float | None, single_process: bool = True, where: str = "models/base") -> Plan:
-    """Estimate every candidate and pick the fastest that fits in HEADROOM x `capacity_gib`; with nothing that
+              capacity_gib: float | None, single_process: bool = True, where: str = "models/base",
+              host_gib: float | None = None) -> Plan:
+    """Estimate every candidate and pick the fastest that fits in HEADROOM x `capacity_gib` of GPU memory and, for
+    offloaded checkpointing, HOST_SHARE x `host_gib` of host RAM per GPU (None: not checked); with nothing that
     fits, `advice` lists the cheapest changes that would (shorter rows, offload, more GPUs). `samples` compares
     tokenize.max_length with the positions of the model (of `where`) under model.rope_scaling."""
-    plan = _plan(model, params, targets, gpus, nodes, capacity_gib, single_process)
+    plan = _plan(model, params, targets, gpus, nodes, capacity_gib, single_process, host_gib)
     plan.samples = samples_line(model.config, params, where)
     plan.moe = moe_line(model)
     return plan
 
 
 def _plan(model, params: Params, targets: list[str] | str, gpus: int, nodes: int,
-          capacity_gib: float | None, single_process: bool) -> Plan:
+          capacity_gib: float | None, single_process: bool, host_gib: float | None = None) -> Plan:
     tokens = tokens_per_gpu(params)
     auto = "auto" in (params.train.deepspeed, params.train.gradient_checkpointing)
     settings = candidates(gpus, nodes, params if auto else None, single_process)
@@ -365,7 +386,8 @@ def _plan(model, params: Params, targets: list[str] | str, gpus: int, nodes: int
                     nodes, tokens)  # fmt: skip
     budget = HEADROOM * capacity_gib
     for row in rows:
-        row.fits = max(row.train_peak, row.load_peak) <= budget
+        row.fits = max(row.train_peak, row.load_peak) <= budget and (host_gib is None or
+                                                                     row.host <= HOST_SHARE * host_gib)  # fmt: skip
     fitting = [r for r in rows if r.fits]
     if not fitting:
         plan = Plan(rows, None, "nothing fits", capacity_gib, gpus, nodes, tokens)
@@ -435,16 +457,16 @@ def table(plan: Plan) -> str:
     where = (f"{plan.nodes} x {plan.gpus_per_node} GPUs of {plan.capacity_gib:.1f} GiB" if plan.capacity_gib
              else f"{plan.nodes} x {plan.gpus_per_node} GPUs of unknown size (no GPU here)")  # fmt: skip
     lines = [f"plan: {where}, {plan.tokens_per_gpu} tokens per GPU per micro-batch; GiB per GPU",
-             f"  {'setting':<36}{'GPUs':>5}{'weights':>9}{'adapter':>9}{'activ.':>8}{'loss':>6}{'gather':>8}"
-             f"{'load':>7}{'train':>7}  {'fits':<5}{'speed':>6}{'comm':>7}"]  # fmt: skip
+             f"  {'setting':<46}{'GPUs':>5}{'weights':>9}{'adapter':>9}{'activ.':>8}{'loss':>6}{'gather':>8}"
+             f"{'load':>7}{'train':>7}  {'fits':<5}{'speed':>6}{'comm':>7}{'host':>7}"]  # fmt: skip
     for r in plan.rows:
         fits = "-" if plan.capacity_gib is None else ("yes" if r.fits else "no")
         mark = "*" if r is plan.chosen else " "
-        lines.append(f"{mark} {r.setting.label:<36}{r.setting.gpus:>5}{r.weights:>9.2f}{r.adapter:>9.2f}"
+        lines.append(f"{mark} {r.setting.label:<46}{r.setting.gpus:>5}{r.weights:>9.2f}{r.adapter:>9.2f}"
                      f"{r.activations:>8.2f}{r.loss:>6.2f}{r.gathers:>8.2f}{r.load_peak:>7.2f}{r.train_peak:>7.2f}  "
-                     f"{fits:<5}{r.speed:>6.2f}{r.traffic:>7.2f}")  # fmt: skip
+                     f"{fits:<5}{r.speed:>6.2f}{r.traffic:>7.2f}{r.host:>7.2f}")  # fmt: skip
     lines.append("  speed: tokens/s relative to one GPU without DeepSpeed (measured on a 7B, bench/RESULTS.md); comm: GiB "
-                 "each GPU moves per micro-batch")
+                 "each GPU moves per micro-batch; host: GiB of pinned host memory per GPU")
     if plan.samples:
         lines.append(f"  {plan.samples}")
     if plan.moe:
