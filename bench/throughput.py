@@ -102,6 +102,8 @@ def one_variant(name: str, steps: int) -> dict:
     Path("params.yaml").write_text(yaml.safe_dump(raw))
     params, planned = resolve(load_params())  # ours_auto: the stage's choice on this GPU (none on a CPU)
     recompute.check(params.train.gradient_checkpointing, zero3=False, gpu=torch.cuda.is_available())
+    if "max_length" in overrides:
+        clip_rows(overrides["max_length"])
     telemetry = Telemetry()
     callbacks = [telemetry, Profile()] if os.environ.get("BENCH_PROFILE") == name else [telemetry]
     trainer = build_trainer(params, Path("out"), callbacks, **overrides)
@@ -109,6 +111,25 @@ def one_variant(name: str, steps: int) -> dict:
     return result(name, telemetry, trainer.state.log_history, steps) | {
         "profiled": len(callbacks) > 1, "gradient_checkpointing": params.train.gradient_checkpointing,
         "planned": planned}  # fmt: skip
+
+
+def clip_rows(max_length: int) -> None:
+    """The seed's and TRL's variants cut rows at `max_length` (TRL's truncation); cut here first, in this variant's
+    own copy of data/tokenized, so that the stage's label check counts the answers that are really trained."""
+    import shutil
+
+    from datasets import load_from_disk
+
+    shared = Path("data").resolve()
+    Path("data").unlink()  # a link to the prepared base's data/
+    Path("data").mkdir()
+    for item in shared.iterdir():
+        if item.name != "tokenized":
+            (Path("data") / item.name).symlink_to(item)
+    sets = load_from_disk(str(shared / "tokenized"))
+    cut = sets.map(lambda r: {"input_ids": r["input_ids"][:max_length], "assistant_masks": r["assistant_masks"][:max_length]})
+    cut.save_to_disk("data/tokenized")
+    shutil.copytree(shared / "tokenized" / "tokenizer", "data/tokenized/tokenizer")
 
 
 def result(name: str, telemetry, log_history: list[dict], steps: int, base_dir: Path = Path("models/base")) -> dict:
