@@ -21,6 +21,19 @@ from pathlib import Path
 import yaml
 
 
+def tokens_seen_callback():
+    """Unsloth's trainer logs no `num_tokens` (TRL's count, which Telemetry reads): the Trainer's own count of
+    non-padding input tokens takes its place (packed rows have no padding, so both count the same tokens)."""
+    from transformers import TrainerCallback
+
+    class TokensSeen(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs is not None and "num_tokens" not in logs and state.num_input_tokens_seen:
+                logs["num_tokens"] = state.num_input_tokens_seen
+
+    return TokensSeen
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=8)
@@ -37,6 +50,8 @@ def main() -> None:
 
     from stages.lib.train.telemetry import Telemetry
 
+    TokensSeen = tokens_seen_callback()
+
     t = yaml.safe_load(Path("params.yaml").read_text())["train"]
     lora = t["lora"]
     model, tokenizer = FastLanguageModel.from_pretrained(model_name="models/base", max_seq_length=args.packed_length,
@@ -50,10 +65,11 @@ def main() -> None:
                        max_steps=args.steps, learning_rate=t["learning_rate"], lr_scheduler_type=t["lr_scheduler"],
                        warmup_steps=0, logging_steps=1, optim="adamw_torch", bf16=True, packing=True,
                        packing_strategy="bfd", max_length=args.packed_length, seed=42, report_to="none",
-                       save_strategy="no", dataset_num_proc=1)  # fmt: skip
+                       save_strategy="no", dataset_num_proc=1,
+                       include_num_input_tokens_seen="non_padding")  # fmt: skip
     telemetry = Telemetry()
     trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=train, args=config,
-                         callbacks=[telemetry])  # fmt: skip
+                         callbacks=[TokensSeen(), telemetry])  # fmt: skip
     trainer.train()
     line = result("unsloth", telemetry, trainer.state.log_history, args.steps)
     import trl

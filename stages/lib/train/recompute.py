@@ -16,7 +16,7 @@ in the planner.
   offloading needs an accelerator); refused under ZeRO-3 (not tried there).
 
 The planner's side (`saved_activations`, `SPEED`) estimates each setting's GPU and host bytes from the same per-layer
-counts as plan.py; its speed factors are first guesses until bench/throughput.py measures them (bench/RESULTS.md §7).
+counts as plan.py; its speed factors are measured on an H100 (bench/RESULTS.md §7: 7B, 8,192-token rows).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ MODES = (False, True, "selective", "offload")
 # offload are FIRST GUESSES, to be replaced by the GPU bench (RESULTS §7): selective skips the attention block's
 # matrix products and kernel in the recompute (~18 % of recomputed matmul FLOPs on the 7B, more for long samples);
 # offload adds host copies that overlap compute.
-SPEED = {False: 1.34, True: 1.0, "selective": 1.06, "offload": 0.97}
+SPEED = {False: 1.35, True: 1.0, "selective": 1.04, "offload": 0.55}  # measured: bench/RESULTS.md §7 (H100)
 OFFLOAD_IN_FLIGHT = 5  # layer inputs TRL's offloading keeps on the GPU until their copy ends (max_fwd_stash_size)
 HOST_SHARE = 0.5  # of the host's RAM that pinned activations may take (TRL warns above 60 % in use)
 LOW_RANK = 256  # a matrix product with at most this inner dimension (LoRA's B) is recomputed by `selective`
