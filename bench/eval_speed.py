@@ -46,13 +46,13 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained("models/base", dtype=torch.bfloat16).to("cuda" if gpu else "cpu").eval()
     model.generation_config.min_new_tokens = args.new_tokens  # every answer the same length
     prompt_tokens = sum(r["prompt_length"] for r in rows)
-    generate(model, tokenizer, rows[:2], 2, 4, [tokenizer.eos_token_id])  # warm-up: kernels, allocator
+    generate(model, tokenizer, rows[:2], 2, [4, 4], [tokenizer.eos_token_id])  # warm-up: kernels, allocator
     for batch in map(int, args.batch_sizes.split(",")):
         if gpu:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()
-        _, cut = generate(model, tokenizer, rows, batch, args.new_tokens, [tokenizer.eos_token_id])
+        _, cut = generate(model, tokenizer, rows, batch, [args.new_tokens] * len(rows), [tokenizer.eos_token_id])
         if gpu:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t

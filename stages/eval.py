@@ -71,40 +71,44 @@ def answer_text(tokenizer, new_ids: list[int], stop_ids: list[int], prompt_ids: 
     return conversation.answer_text(got.content, got.tool_calls)
 
 
-def generation_cap(rows, max_new_tokens: int | None, context: int | None) -> tuple[int, str | None]:
-    """New tokens a generation may take, and a line to print when the model's positions leave some prompts less.
+def generation_caps(rows, max_new_tokens: int | None, context: int | None) -> tuple[list[int], str | None]:
+    """New tokens each row's answer may take, and a line to print when the model's positions leave some less.
 
-    `eval.max_new_tokens` (`max_new_tokens`), or twice the longest reference answer (answer and end tokens, as
-    tokenized for training), at least 16, so that a right answer is never cut. No model writes past its
-    `context` positions (None: unknown): `generate` gives a prompt at most the positions its batch leaves."""
-    cap = max_new_tokens or max(16, 2 * max(sum(r["assistant_masks"]) for r in rows))
+    `eval.max_new_tokens` (`max_new_tokens`) for every row, or twice the row's own reference answer (answer and end
+    tokens, as tokenized for training), at least 16, so that a right answer is never cut and a short answer is not
+    held to the longest one's cap. No model writes past its `context` positions (None: unknown): `generate` gives
+    a prompt at most the positions its batch leaves."""
+    caps = [max_new_tokens or max(16, 2 * sum(r["assistant_masks"])) for r in rows]
     if context is None:
-        return cap, None
-    short = sum(context - r["prompt_length"] < cap for r in rows)
+        return caps, None
+    short = sum(context - r["prompt_length"] < cap for r, cap in zip(rows, caps))
     if not short:
-        return cap, None
-    asked = f"eval.max_new_tokens ({cap})" if max_new_tokens else f"the generation cap ({cap}: twice the longest answer)"
-    return cap, (f"{short} of {len(rows)} prompts leave fewer positions than {asked}: the model has {context} "
-                 "positions, and their answers stop where the positions end")
+        return caps, None
+    asked = f"eval.max_new_tokens ({max_new_tokens})" if max_new_tokens else "their cap (twice their reference answer)"
+    return caps, (f"{short} of {len(rows)} prompts leave fewer positions than {asked}: the model has {context} "
+                  "positions, and their answers stop where the positions end")
 
 
-def generate(model, tokenizer, rows, batch_size: int, max_new_tokens: int, stop_ids: list[int], bar=None,
+def generate(model, tokenizer, rows, batch_size: int, caps: list[int], stop_ids: list[int], bar=None,
              context: int | None = None):
     """Greedy answers to the rows' prompts, batched with left padding, as a server returns them; `bar` counts rows.
-    Batches hold prompts of similar length (sorted), so little of each batch is padding; answers come back in the
-    rows' order. A batch takes at most the `context` positions (None: no limit) its longest prompt leaves.
+    Rows are batched by their `caps` (new tokens each may take; then by prompt length), so a batch decodes about as
+    long as its rows need; a batch takes at most the `context` positions (None: no limit) its longest prompt
+    leaves. Answers come back in the rows' order.
 
-    Returns (answers, cut): cut[i] is True when answer i reached `max_new_tokens` before any stop token."""
+    Returns (answers, cut): cut[i] is True when answer i reached its batch's cap before any stop token."""
     import torch
 
     tokenizer.padding_side = "left"  # generation continues from the right end of every prompt
-    order = sorted(range(len(rows)), key=lambda i: rows[i]["prompt_length"])
+    order = sorted(range(len(rows)), key=lambda i: (caps[i], rows[i]["prompt_length"]))
     outputs, cut = [""] * len(rows), [False] * len(rows)
     for start in range(0, len(rows), batch_size):
         chosen = order[start : start + batch_size]
         prompts = [rows[i]["input_ids"][: rows[i]["prompt_length"]] for i in chosen]
         batch = tokenizer.pad({"input_ids": prompts}, return_tensors="pt").to(model.device)
-        room = max_new_tokens if context is None else max(1, min(max_new_tokens, context - max(map(len, prompts))))
+        room = max(caps[i] for i in chosen)
+        if context is not None:
+            room = max(1, min(room, context - max(map(len, prompts))))
         with torch.no_grad():
             out = model.generate(
                 **batch,
@@ -121,10 +125,10 @@ def generate(model, tokenizer, rows, batch_size: int, max_new_tokens: int, stop_
     return outputs, cut
 
 
-def evaluate(params: Params, name: str, rows, tokenizer, stop_ids: list[int], cap: int,
+def evaluate(params: Params, name: str, rows, tokenizer, stop_ids: list[int], caps: list[int],
              tasks: list[dict], context: int | None = None) -> tuple[dict, list[str]]:
-    """Answer loss, perplexity, generation scores (answers of at most `cap` new tokens) and benchmark accuracy of
-    MODELS[name], and its answers."""
+    """Answer loss, perplexity, generation scores (each row's answer of at most its `caps` new tokens; [] for no
+    generation) and benchmark accuracy of MODELS[name], and its answers."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -138,9 +142,9 @@ def evaluate(params: Params, name: str, rows, tokenizer, stop_ids: list[int], ca
         loss = answer_loss(model, rows, e.batch_size, tokenizer.pad_token_id, bar)
     scores = {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
     predictions = [""] * len(rows)
-    if cap:  # 0: continued pre-training rows have no prompt to answer
+    if caps:  # none: continued pre-training rows have no prompt to answer
         with counter("eval", f"{name} generation", len(rows), "sample") as bar:
-            predictions, cut = generate(model, tokenizer, rows, e.batch_size, cap, stop_ids, bar, context)
+            predictions, cut = generate(model, tokenizer, rows, e.batch_size, caps, stop_ids, bar, context)
         n = len(rows)
         references = [r["reference"] for r in rows]
         scores |= {
@@ -181,11 +185,11 @@ def evaluate_all(params: Params, validation, scratch: Path) -> None:
     tasks = benchmark_tasks(params, scratch)  # files checked before any model loads
     rows = validation.select(range(min(params.eval.max_samples, len(validation)))).to_list()
     text_only = chat_format.load(TOKENIZED / "tokenizer").text_only  # continued pre-training: loss only
-    cap, lowered, context = 0, None, None
+    caps, lowered, context = [], None, None
     if not text_only:
         config = AutoConfig.from_pretrained(MODELS["tuned"], trust_remote_code=params.model.trust_remote_code)
         context = context_positions(config)
-        cap, lowered = generation_cap(rows, params.eval.max_new_tokens, context)
+        caps, lowered = generation_caps(rows, params.eval.max_new_tokens, context)
     if lowered:
         print(f"eval: {lowered}", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(MODELS["tuned"], trust_remote_code=params.model.trust_remote_code)
@@ -193,9 +197,9 @@ def evaluate_all(params: Params, validation, scratch: Path) -> None:
     stop_ids = [stop_ids] if isinstance(stop_ids, int) else list(stop_ids)
     metrics, predictions = {}, {}
     for name in MODELS:
-        metrics[name], predictions[name] = evaluate(params, name, rows, tokenizer, stop_ids, cap, tasks, context)
+        metrics[name], predictions[name] = evaluate(params, name, rows, tokenizer, stop_ids, caps, tasks, context)
     metrics["samples"] = len(rows)
-    metrics["generation_cap_tokens"] = cap
+    metrics["generation_cap_tokens"] = max(caps, default=0)  # the largest; each row's is twice its reference
     lines = []
     for i, row in enumerate(rows):
         prompt = tokenizer.decode(row["input_ids"][: row["prompt_length"]])

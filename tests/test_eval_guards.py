@@ -6,22 +6,22 @@ from __future__ import annotations
 import pytest
 from conftest import default_params
 
-from stages.eval import benchmark_tasks, empty_answers, generation_cap
+from stages.eval import benchmark_tasks, empty_answers, generation_caps
 from stages.lib.core.params import validate
 
 ROWS = [{"assistant_masks": [0] * 30 + [1] * 110, "prompt_length": 30},
         {"assistant_masks": [0] * 12 + [1] * 20, "prompt_length": 12}]  # fmt: skip
 
 
-def test_the_generation_cap_stays_within_the_models_positions():
-    assert generation_cap(ROWS, None, None) == (220, None)  # twice the longest answer
-    assert generation_cap(ROWS, None, 4096) == (220, None)
-    cap, line = generation_cap(ROWS, None, 128)
-    assert cap == 220 and line == ("2 of 2 prompts leave fewer positions than the generation cap (220: twice the "
-                                   "longest answer): the model has 128 positions, and their answers stop where the "
-                                   "positions end")  # fmt: skip
-    cap, line = generation_cap(ROWS, 100, 128)
-    assert cap == 100 and line.startswith("1 of 2 prompts leave fewer positions than eval.max_new_tokens (100)")
+def test_each_answer_is_capped_at_twice_its_reference_and_within_the_models_positions():
+    assert generation_caps(ROWS, None, None) == ([220, 40], None)  # twice each row's own answer
+    assert generation_caps(ROWS, None, 4096) == ([220, 40], None)
+    caps, line = generation_caps(ROWS, None, 128)
+    assert caps == [220, 40] and line == ("1 of 2 prompts leave fewer positions than their cap (twice their reference "
+                                          "answer): the model has 128 positions, and their answers stop where the "
+                                          "positions end")  # fmt: skip
+    caps, line = generation_caps(ROWS, 100, 128)
+    assert caps == [100, 100] and line.startswith("1 of 2 prompts leave fewer positions than eval.max_new_tokens (100)")
 
 
 def test_generation_never_asks_for_more_positions_than_the_model_has():
@@ -43,10 +43,11 @@ def test_generation_never_asks_for_more_positions_than_the_model_has():
     enc = encoded([{"instruction": "red cat " * 5, "output": "猫"}, {"instruction": "cat", "output": "猫"}],
                   params_with("chatml"), tokenizer)  # fmt: skip
     rows = [{"input_ids": i, "prompt_length": p} for i, p in zip(enc["input_ids"], enc["prompt_length"])]
+    caps = [100, 100]
     calls = []
     real = model.generate
     model.generate = lambda **kw: calls.append((kw["input_ids"].shape[1], kw["max_new_tokens"])) or real(**kw)
-    answers, cut = generate(model, tokenizer, rows, 1, 100, [tokenizer.eos_token_id], context=40)
+    answers, cut = generate(model, tokenizer, rows, 1, caps, [tokenizer.eos_token_id], context=40)
     assert len(answers) == 2 and all(p + n <= 40 for p, n in calls) and max(n for _, n in calls) > min(n for _, n in calls)
 
 

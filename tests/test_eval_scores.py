@@ -152,14 +152,14 @@ def test_benchmark_params_are_checked_before_models_load(tmp_path: Path, monkeyp
 
 
 def test_bleu_chrf_and_the_generation_cap():
-    from stages.eval import generation_cap
+    from stages.eval import generation_caps
     from stages.lib.eval.scores import sacrebleu_scores
 
     same = sacrebleu_scores(["红色的猫", "red cat"], ["红色的猫", "red cat"])
     assert same["bleu"] == pytest.approx(100) and same["chrf"] == pytest.approx(100)
     assert sacrebleu_scores(["狗"], ["红色的猫"])["bleu"] < 1
     rows = [{"assistant_masks": [0, 0, 1, 1, 1]}, {"assistant_masks": [0] + [1] * 12}]
-    assert generation_cap(rows, None) == 24 and generation_cap(rows[:1], None) == 16 and generation_cap(rows, 7) == 7
+    assert generation_caps(rows, None, None)[0] == [16, 24] and generation_caps(rows, 7, None)[0] == [7, 7]
 
 
 def test_hub_benchmark_files_come_from_the_pinned_revision(tmp_path: Path, monkeypatch):
