@@ -1,0 +1,157 @@
+"""Stage 6, export: models/merged → models/gguf (GGUF files for llama.cpp, Ollama, LM Studio + an Ollama Modelfile).
+
+Each of export.types is one file, models/gguf/model-<type>.gguf, written by llama.cpp's own converter (f32, f16,
+bf16, q8_0) or quantizer (the smaller types, from a lossless GGUF of the merged model's dtype). Every file
+carries the training chat template, stops at the format's stop tokens and adds no BOS of its own (the template
+writes any prefix), so llama.cpp builds the training prompt ids; each is read back and checked before it is
+kept. The Modelfile's Go template is written from the format's recipe and checked to render every validation
+prompt as training did. export.types: [] (the default) writes an empty models/gguf.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from stages.lib.chat import format as chat_format
+from stages.lib.core.earlier import check_model_output, load_saved, load_tokenizer, reading
+from stages.lib.core.errors import require, run_stage
+from stages.lib.core.outputs import scratch_dir, staged_outputs, write_json, write_text
+from stages.lib.core.params import Params, load_params
+from stages.lib.core.progress import phase
+from stages.lib.core.recipes import template_recipe
+from stages.lib.export import converter, modelfile, pretokenizer, quantize, readback
+
+MERGED = Path("models/merged")
+TOKENIZED = Path("data/tokenized")
+TOKENIZER = TOKENIZED / "tokenizer"
+TOKENIZE_METRICS = Path("metrics/tokenize.json")  # names the template tokenize rendered with
+OUT_DIR = Path("models/gguf")
+METRICS = Path("metrics/export.json")
+LOSSLESS = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}  # the merged dtype's GGUF type
+
+
+def file_name(type_name: str) -> str:
+    return f"model-{type_name}.gguf"
+
+
+def prompts(tokenizer, validation) -> tuple[list[list[dict]], list[str]]:
+    """The validation rows' prompt messages (before the answer) and their training prompt texts (the rendered
+    text whose ids are the row's first prompt_length ids)."""
+    messages = [row["messages"][:-1] for row in validation]
+    texts = [tokenizer.decode(row["input_ids"][: row["prompt_length"]]) for row in validation]
+    return messages, texts
+
+
+def write_modelfile(params: Params, fmt, tokenizer, validation, first_file: str) -> tuple[modelfile.Modelfile, int]:
+    """The Modelfile for `first_file`, its TEMPLATE checked against every validation prompt; (Modelfile, count)."""
+    with reading(TOKENIZE_METRICS, TOKENIZE_METRICS, "tokenize"):
+        name = json.loads(TOKENIZE_METRICS.read_text())["template"]
+    recipe = template_recipe(name)
+    prefix = tokenizer.decode(fmt.prefix_ids)
+    stops = tokenizer.convert_ids_to_tokens(fmt.stop_ids)
+    made = modelfile.Modelfile(first_file, modelfile.go_template(recipe, prefix), recipe.default_system, stops)
+    asked, expected = prompts(tokenizer, validation)
+    made = modelfile.parse(made.text())  # checked as Ollama reads it: from the text
+    modelfile.check(made, asked, expected)
+    return made, len(asked) if made.template else 0
+
+
+def main() -> None:
+    params = load_params()
+    types = params.export.types
+    if not types:
+        with staged_outputs() as out:
+            out.dir(OUT_DIR)
+            write_json(out.file(METRICS), {"types": {}})
+        print("export: export.types is [], no GGUF written")
+        return
+    source = params.export.llama_cpp
+    given = converter.converter_folder(source) if source is not None else None  # a wrong folder fails first
+    require(MERGED / "config.json", made_by="merge")
+    require(TOKENIZER, made_by="tokenize")
+    require(TOKENIZE_METRICS, made_by="tokenize")
+    quantize.require_quantizer(types)
+    with reading(TOKENIZER / chat_format.FORMAT_FILE, TOKENIZED, "tokenize"):
+        fmt = chat_format.load(TOKENIZER)
+    tokenizer = load_tokenizer(TOKENIZER, TOKENIZED, "tokenize")
+    saved = load_saved(TOKENIZED, "tokenize")
+    made, checked = write_modelfile(params, fmt, tokenizer, saved["validation"], file_name(types[0]))
+    check_model_output(MERGED, "merge")
+
+    conversion, gguf = converter.load(given or converter.converter_folder(None))
+    cls = converter.model_class(conversion, MERGED, converter.converter_name(source))
+    rows = [*saved["train"]["input_ids"], *saved["validation"]["input_ids"]]
+    texts = [tokenizer.decode(ids) for ids in rows]
+    decided: dict[str, str] = {}
+
+    def vocab_hook(model) -> None:
+        """After the converter's set_vocab: our pre-tokenizer decision, stop tokens, template, no BOS/EOS."""
+        w = model.gguf_writer
+        keys = gguf.Keys.Tokenizer
+        for key in (keys.ADD_BOS, keys.ADD_EOS, keys.EOS_ID, keys.EOT_ID, keys.CHAT_TEMPLATE):
+            w.remove_key(key)
+        w.add_add_bos_token(False)  # the template renders any prefix, as in training
+        w.add_add_eos_token(False)
+        w.add_eos_token_id(fmt.stop_ids[0])
+        if len(fmt.stop_ids) > 1:
+            w.add_eot_token_id(fmt.stop_ids[1])
+        w.add_chat_template(fmt.chat_template)
+
+    def instance(cls_, *args, **kwargs):
+        model = cls_(*args, **kwargs)
+        recognize = model.get_vocab_base_pre
+
+        def pre(tok) -> str:
+            if "pre" not in decided:
+                try:
+                    decided["pre"] = recognize(tok)
+                except NotImplementedError as exc:
+                    decided["pre"] = pretokenizer.unrecognized(MERGED, texts, exc)
+            return decided["pre"]
+
+        model.get_vocab_base_pre = pre
+        return model
+
+    vocabulary = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    lossless = LOSSLESS[json.loads((MERGED / "config.json").read_text()).get("dtype") or params.merge_dtype]
+    summary: dict[str, dict] = {}
+    scratch = scratch_dir(OUT_DIR.parent, "gguf")
+    try:
+        phase("export", "checking the vocabulary with llama.cpp's converter")
+        probe = instance(cls, MERGED, gguf.LlamaFileType.ALL_F32, scratch / "probe.gguf", model_name=params.model.recipe)
+        probe.set_vocab()  # an unknown tokenizer fails here, before any tensor is converted
+        with staged_outputs() as out:
+            folder = out.dir(OUT_DIR)
+            need_source = any(t in quantize.QUANTIZER_TYPES for t in types)
+            order = sorted(types, key=lambda t: t != lossless)  # the lossless file first: the quantizer reads it
+            if need_source and lossless not in types:
+                order.insert(0, lossless)
+            for type_name in order:
+                path = folder / file_name(type_name) if type_name in types else scratch / file_name(type_name)
+                phase("export", f"writing {OUT_DIR / file_name(type_name)}")
+                if type_name in converter.CONVERTER_TYPES:
+                    converter.convert(lambda *a, **k: instance(cls, *a, **k), gguf, MERGED, path, type_name,
+                                      vocab_hook=vocab_hook, name=params.model.recipe)  # fmt: skip
+                else:
+                    src = folder / file_name(lossless) if lossless in types else scratch / file_name(lossless)
+                    quantize.quantize(src, path, type_name, threads=os.cpu_count() or 1)
+                if type_name in types:
+                    summary[type_name] = readback.check(gguf, path, fmt.chat_template, fmt.stop_ids, vocabulary)
+            write_text(folder / "Modelfile", made.text())
+            write_json(out.file(METRICS), {
+                "converter": converter.converter_name(source),
+                "types": {t: summary[t] for t in types},
+                "modelfile": {"from": made.source, "template": made.template is not None, "stops": made.stops,
+                              "prompts_checked": checked},
+            })  # fmt: skip
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    sizes = ", ".join(f"{t} {summary[t]['bytes'] / 2**20:.2f} MiB" for t in types)
+    print(f"export: {OUT_DIR}: {sizes}; Modelfile checked on {checked} validation prompts")
+
+
+if __name__ == "__main__":
+    run_stage(main)
