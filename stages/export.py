@@ -15,6 +15,7 @@ import os
 import shutil
 from pathlib import Path
 
+from stages.lib.chat import conversation
 from stages.lib.chat import format as chat_format
 from stages.lib.core.earlier import check_model_output, load_saved, load_tokenizer, reading
 from stages.lib.core.errors import require, run_stage
@@ -37,25 +38,31 @@ def file_name(type_name: str) -> str:
     return f"model-{type_name}.gguf"
 
 
-def prompts(tokenizer, validation) -> tuple[list[list[dict]], list[str]]:
-    """The validation rows' prompt messages (before the answer) and their training prompt texts (the rendered
-    text whose ids are the row's first prompt_length ids)."""
-    messages = [row["messages"][:-1] for row in validation]
-    texts = [tokenizer.decode(row["input_ids"][: row["prompt_length"]]) for row in validation]
-    return messages, texts
+def prompts(validation, reasoning: str) -> tuple[list[list[dict]], list[list[int]]]:
+    """The validation rows' prompts as chat messages (the turns before the row's last trained answer) with their
+    training prompt ids. Rows whose prompt holds tool turns or reasoning are left out: the Modelfile's template
+    renders neither (docs/guide.md)."""
+    messages, ids = [], []
+    for row in validation:
+        turns = row["messages"][: conversation.trained_answers(row["messages"], True, reasoning)[-1]]
+        if row["tools"] or any(t["role"] == "tool" or t.get("tool_calls") or t.get("reasoning") for t in turns):
+            continue
+        messages.append(conversation.template_messages(turns, reasoning))
+        ids.append(row["input_ids"][: row["prompt_length"]])
+    return messages, ids
 
 
 def write_modelfile(params: Params, fmt, tokenizer, validation, first_file: str) -> tuple[modelfile.Modelfile, int]:
-    """The Modelfile for `first_file`, its TEMPLATE checked against every validation prompt; (Modelfile, count)."""
+    """The Modelfile for `first_file`, its TEMPLATE checked on the validation prompts; (Modelfile, prompts checked)."""
     with reading(TOKENIZE_METRICS, TOKENIZE_METRICS, "tokenize"):
         name = json.loads(TOKENIZE_METRICS.read_text())["template"]
     recipe = template_recipe(name)
     prefix = tokenizer.decode(fmt.prefix_ids)
     stops = tokenizer.convert_ids_to_tokens(fmt.stop_ids)
     made = modelfile.Modelfile(first_file, modelfile.go_template(recipe, prefix), recipe.default_system, stops)
-    asked, expected = prompts(tokenizer, validation)
     made = modelfile.parse(made.text())  # checked as Ollama reads it: from the text
-    modelfile.check(made, asked, expected)
+    asked, expected = prompts(validation, params.tokenize.reasoning)
+    modelfile.check(made, asked, expected, lambda text: tokenizer(text, add_special_tokens=False)["input_ids"])
     return made, len(asked) if made.template else 0
 
 

@@ -57,9 +57,12 @@ def test_a_template_that_renders_another_prompt_is_refused():
     recipe = template_recipe("chatml")
     made = modelfile.Modelfile("model-f16.gguf", modelfile.go_template(recipe, ""), "", [])
     want = jinja_prompt(to_jinja(recipe, "chatml", ""), CONVERSATIONS[0])
-    modelfile.check(made, CONVERSATIONS[:1], [want])
-    with pytest.raises(UserError, match="not the training prompt"):
-        modelfile.check(made, CONVERSATIONS[:1], [want.replace("assistant", "bot")])
+    def encode(text: str) -> list[int]:
+        return list(text.encode())
+
+    modelfile.check(made, CONVERSATIONS[:1], [encode(want)], encode)
+    with pytest.raises(UserError, match="which is not the training prompt"):
+        modelfile.check(made, CONVERSATIONS[:1], [encode(want.replace("assistant", "bot"))], encode)
 
 
 def cross_character_tokenizer(folder: Path) -> Path:

@@ -89,9 +89,10 @@ def fetch(folder: Path) -> None:
 def load(folder: Path):
     """Import the converter's `conversion` package and its own gguf-py from `folder`; returns (conversion, gguf).
     The converter's gguf-py goes first on sys.path: it knows every architecture its converter writes."""
-    for path in (str(folder), str(folder / "gguf-py")):
-        if path not in sys.path:
-            sys.path.insert(0, path)
+    if str(folder / "gguf-py") not in sys.path:
+        sys.path.insert(0, str(folder / "gguf-py"))
+    if str(folder) not in sys.path:
+        sys.path.append(str(folder))  # last: a llama.cpp checkout's other folders shadow nothing
     import conversion
     import gguf
 

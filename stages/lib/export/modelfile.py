@@ -143,15 +143,16 @@ def _if(tokens, i: int, message: dict | None, messages: list[dict], out: list[st
             return i
 
 
-def check(modelfile: Modelfile, prompts: list[list[dict]], expected: list[str]) -> None:
+def check(modelfile: Modelfile, prompts: list[list[dict]], expected: list[list[int]], encode) -> None:
     """UserError unless the Modelfile's TEMPLATE (with its SYSTEM for prompts without one, as Ollama adds it)
-    renders each of `prompts` (messages before the answer) to the `expected` training prompt text."""
+    renders each of `prompts` (messages before an answer) to a text that `encode` (text → token ids) turns into
+    the `expected` training prompt ids."""
     if modelfile.template is None:
         return
     for messages, want in zip(prompts, expected):
         if modelfile.system and not (messages and messages[0]["role"] == "system"):
             messages = [{"role": "system", "content": modelfile.system}, *messages]
-        got = render(modelfile.template, messages)
-        if got != want:
-            raise UserError(f"the Modelfile's TEMPLATE renders {got[:80]!r}, not the training prompt {want[:80]!r}: "
-                            "the recipe's template and the tokenized set disagree; run `dvc repro` from tokenize")  # fmt: skip
+        text = render(modelfile.template, messages)
+        if encode(text) != want:
+            raise UserError(f"the Modelfile's TEMPLATE renders {text[:80]!r}, which is not the training prompt: the "
+                            "recipe's template and data/tokenized disagree; run `dvc repro` from tokenize")  # fmt: skip

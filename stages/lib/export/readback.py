@@ -32,8 +32,8 @@ def check(gguf, path: Path, chat_template: str, stop_ids: list[int], vocabulary:
     problems = []
     if meta.get(TEMPLATE) != chat_template:
         problems.append("its chat template is not the training one")
-    if [meta.get(EOS), meta.get(EOT, stop_ids[1] if len(stop_ids) > 1 else None)][: len(stop_ids)] != stop_ids[:2]:
-        problems.append(f"its stop tokens are not {stop_ids}")
+    if [meta.get(EOS), meta.get(EOT)][: min(len(stop_ids), 2)] != stop_ids[:2]:
+        problems.append(f"its stop tokens (EOS, EOT) are not {stop_ids[:2]}")
     if meta.get(ADD_BOS) is not False:
         problems.append("llama.cpp would add a BOS token the training prompt does not have")
     if meta.get(TOKENS, [])[: len(vocabulary)] != vocabulary:
