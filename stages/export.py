@@ -18,12 +18,12 @@ from pathlib import Path
 from stages.lib.chat import conversation
 from stages.lib.chat import format as chat_format
 from stages.lib.core.earlier import check_model_output, load_saved, load_tokenizer, reading
-from stages.lib.core.errors import require, run_stage
+from stages.lib.core.errors import UserError, require, run_stage
 from stages.lib.core.outputs import scratch_dir, staged_outputs, write_json, write_text
 from stages.lib.core.params import Params, load_params
 from stages.lib.core.progress import phase
 from stages.lib.core.recipes import template_recipe
-from stages.lib.export import converter, modelfile, pretokenizer, quantize, readback
+from stages.lib.export import converter, metadata, modelfile, quantize, readback
 
 MERGED = Path("models/merged")
 TOKENIZED = Path("data/tokenized")
@@ -66,6 +66,41 @@ def write_modelfile(params: Params, fmt, tokenizer, validation, first_file: str)
     return made, len(asked) if made.template else 0
 
 
+def probe_vocabulary(make, gguf, scratch: Path, name: str, converter_name: str) -> None:
+    """Run the converter's set_vocab alone on MERGED: an unknown tokenizer fails before any tensor is converted,
+    and the converter's own refusal of it becomes one UserError line."""
+    phase("export", "checking the vocabulary with llama.cpp's converter")
+    model = make(MERGED, gguf.LlamaFileType.ALL_F32, scratch / "probe.gguf", model_name=name)
+    try:
+        model.set_vocab()
+    except (UserError, MemoryError, OSError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - the converter's refusal of this model, said in one line
+        raise UserError(f"llama.cpp's converter ({converter_name}) cannot read the tokenizer of {MERGED} "
+                        f"({type(model).__name__}: {type(exc).__name__}: {str(exc)[:160]}); set export.types: [] "
+                        "to skip the export") from None  # fmt: skip
+
+
+def write_types(params: Params, make, gguf, hook, folder: Path, scratch: Path, check) -> dict[str, dict]:
+    """Each of export.types as folder/model-<type>.gguf: the converter's types with `make` and the metadata
+    `hook`, the quantizer's from a lossless file of the merged model's dtype (in `scratch` unless asked for).
+    `check(path)` reads each back; returns its summaries by type."""
+    types = params.export.types
+    lossless = LOSSLESS[json.loads((MERGED / "config.json").read_text()).get("dtype") or params.merge_dtype]
+    order = sorted(types, key=lambda t: t != lossless)  # the lossless file first: the quantizer reads it
+    if any(t in quantize.QUANTIZER_TYPES for t in types) and lossless not in types:
+        order.insert(0, lossless)
+    where = {t: (folder if t in types else scratch) / file_name(t) for t in order}
+    for type_name in order:
+        phase("export", f"writing {OUT_DIR / file_name(type_name)}" if type_name in types else
+              f"writing a {type_name} GGUF for llama.cpp's quantizer (not kept)")  # fmt: skip
+        if type_name in converter.CONVERTER_TYPES:
+            converter.convert(make, gguf, MERGED, where[type_name], type_name, vocab_hook=hook, name=params.model.recipe)
+        else:
+            quantize.quantize(where[lossless], where[type_name], type_name, threads=os.cpu_count() or 1)
+    return {t: check(where[t]) for t in types}
+
+
 def main() -> None:
     params = load_params()
     types = params.export.types
@@ -91,66 +126,20 @@ def main() -> None:
     conversion, gguf = converter.load(given or converter.converter_folder(None))
     cls = converter.model_class(conversion, MERGED, converter.converter_name(source))
     rows = [*saved["train"]["input_ids"], *saved["validation"]["input_ids"]]
-    texts = [tokenizer.decode(ids) for ids in rows]
-    decided: dict[str, str] = {}
-
-    def vocab_hook(model) -> None:
-        """After the converter's set_vocab: our pre-tokenizer decision, stop tokens, template, no BOS/EOS."""
-        w = model.gguf_writer
-        keys = gguf.Keys.Tokenizer
-        for key in (keys.ADD_BOS, keys.ADD_EOS, keys.EOS_ID, keys.EOT_ID, keys.CHAT_TEMPLATE):
-            w.remove_key(key)
-        w.add_add_bos_token(False)  # the template renders any prefix, as in training
-        w.add_add_eos_token(False)
-        w.add_eos_token_id(fmt.stop_ids[0])
-        if len(fmt.stop_ids) > 1:
-            w.add_eot_token_id(fmt.stop_ids[1])
-        w.add_chat_template(fmt.chat_template)
-
-    def instance(cls_, *args, **kwargs):
-        model = cls_(*args, **kwargs)
-        recognize = model.get_vocab_base_pre
-
-        def pre(tok) -> str:
-            if "pre" not in decided:
-                try:
-                    decided["pre"] = recognize(tok)
-                except NotImplementedError as exc:
-                    decided["pre"] = pretokenizer.unrecognized(MERGED, texts, exc)
-            return decided["pre"]
-
-        model.get_vocab_base_pre = pre
-        return model
-
+    make = metadata.recognizing(cls, MERGED, lambda: [tokenizer.decode(ids) for ids in rows])
     vocabulary = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-    lossless = LOSSLESS[json.loads((MERGED / "config.json").read_text()).get("dtype") or params.merge_dtype]
-    summary: dict[str, dict] = {}
     scratch = scratch_dir(OUT_DIR.parent, "gguf")
     try:
-        phase("export", "checking the vocabulary with llama.cpp's converter")
-        probe = instance(cls, MERGED, gguf.LlamaFileType.ALL_F32, scratch / "probe.gguf", model_name=params.model.recipe)
-        probe.set_vocab()  # an unknown tokenizer fails here, before any tensor is converted
+        probe_vocabulary(make, gguf, scratch, params.model.recipe, converter.converter_name(source))
         with staged_outputs() as out:
             folder = out.dir(OUT_DIR)
-            need_source = any(t in quantize.QUANTIZER_TYPES for t in types)
-            order = sorted(types, key=lambda t: t != lossless)  # the lossless file first: the quantizer reads it
-            if need_source and lossless not in types:
-                order.insert(0, lossless)
-            for type_name in order:
-                path = folder / file_name(type_name) if type_name in types else scratch / file_name(type_name)
-                phase("export", f"writing {OUT_DIR / file_name(type_name)}")
-                if type_name in converter.CONVERTER_TYPES:
-                    converter.convert(lambda *a, **k: instance(cls, *a, **k), gguf, MERGED, path, type_name,
-                                      vocab_hook=vocab_hook, name=params.model.recipe)  # fmt: skip
-                else:
-                    src = folder / file_name(lossless) if lossless in types else scratch / file_name(lossless)
-                    quantize.quantize(src, path, type_name, threads=os.cpu_count() or 1)
-                if type_name in types:
-                    summary[type_name] = readback.check(gguf, path, fmt.chat_template, fmt.stop_ids, vocabulary)
+            summary = write_types(params, make, gguf, metadata.training_format(gguf, fmt.chat_template, fmt.stop_ids),
+                                  folder, scratch, lambda path: readback.check(gguf, path, fmt.chat_template,
+                                                                               fmt.stop_ids, vocabulary))  # fmt: skip
             write_text(folder / "Modelfile", made.text())
             write_json(out.file(METRICS), {
                 "converter": converter.converter_name(source),
-                "types": {t: summary[t] for t in types},
+                "types": summary,
                 "modelfile": {"from": made.source, "template": made.template is not None, "stops": made.stops,
                               "prompts_checked": checked},
             })  # fmt: skip

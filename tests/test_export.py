@@ -225,3 +225,60 @@ def test_llama_cpp_prompts_and_answers_as_transformers(exported, tmp_path):
     print(f"first {n} greedy tokens equal to transformers': {agreement}")
     assert agreement["f16"] == 1.0
     assert agreement["q8_0"] >= 0.9 and agreement["q4_k_m"] >= 0.5
+
+
+def tiny_model(kind: str, shared_data: Path, folder: Path) -> Path:
+    """A tiny random model folder of `kind` with a real tokenizer from ../shared/data, as merge writes one."""
+    import torch
+    from transformers import (AutoTokenizer, MixtralConfig, MixtralForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+                              Qwen3MoeConfig, Qwen3MoeForCausalLM)
+
+    torch.manual_seed(0)
+    if kind == "llama-sentencepiece":  # stories260K: a real Llama whose tokenizer.json merge would copy
+        shutil.copytree(shared_data / "models" / "stories260K", folder, ignore=shutil.ignore_patterns("tokenizer.model"))
+        AutoTokenizer.from_pretrained(shared_data / "models" / "stories260K").save_pretrained(folder)
+        return folder
+    if kind == "mixtral":  # a SentencePiece vocabulary, experts saved one by one
+        tokenizer = AutoTokenizer.from_pretrained(shared_data / "models" / "stories260K")
+        MixtralForCausalLM(MixtralConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                         num_local_experts=4, num_experts_per_tok=2)).save_pretrained(folder)  # fmt: skip
+        tokenizer.save_pretrained(folder)
+        return folder
+    tokenizer = AutoTokenizer.from_pretrained(shared_data / "tokenizers" / "qwen2")
+    shape = dict(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=256)  # fmt: skip
+    if kind == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(intermediate_size=128, **shape))
+    else:  # saved one expert per tensor, as transformers 5 writes a checkpoint
+        model = Qwen3MoeForCausalLM(Qwen3MoeConfig(intermediate_size=128, moe_intermediate_size=32, head_dim=16,
+                                                   num_experts=4, num_experts_per_tok=2, **shape))  # fmt: skip
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.slow  # about 40 s each: the Qwen2 tokenizer's 151k tokens go through the converter's Python loops
+@pytest.mark.shared_data
+@pytest.mark.parametrize("kind, arch, pre", [("qwen2", "qwen2", "qwen2"), ("qwen3_moe", "qwen3moe", "qwen2"),
+                                             ("llama-sentencepiece", "llama", "default"),
+                                             ("mixtral", "llama", "default")])  # fmt: skip
+def test_the_recipes_architectures_convert_with_their_tokenizers(kind, arch, pre, shared_data, tmp_path):
+    """Qwen2, a Qwen3 mixture of experts, a SentencePiece Llama and Mixtral (experts stacked per layer): llama.cpp's
+    converter recognizes each tokenizer (no pre-tokenizer named by us) and writes every token."""
+    from transformers import AutoTokenizer
+
+    from stages.lib.export import readback
+
+    folder = tiny_model(kind, shared_data, tmp_path / kind)
+    conversion, gguf = converter.load(converter.converter_folder(None))
+    cls = converter.model_class(conversion, folder, "test")
+    converter.convert(cls, gguf, folder, tmp_path / "m.gguf", "q8_0", vocab_hook=lambda model: None, name=kind)
+    meta = readback.read(gguf, tmp_path / "m.gguf")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert meta["meta"]["general.architecture"] == arch
+    assert meta["meta"]["tokenizer.ggml.pre"] == pre
+    tokens = meta["meta"]["tokenizer.ggml.tokens"]
+    assert tokens[: len(tokenizer)] == tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    if kind in ("qwen3_moe", "mixtral"):
+        assert meta["tensors"]["blk.0.ffn_gate_exps.weight"][1] == [64, 32, 4]  # hidden x expert width x experts
