@@ -59,7 +59,8 @@ def fetch(folder: Path) -> None:
     """pip-download llama-cpp-python's sdist, check its sha256 and unpack PARTS of vendor/llama.cpp into `folder`
     (atomically: a temp folder renamed into place)."""
     folder.parent.mkdir(parents=True, exist_ok=True)
-    phase("export", f"fetching llama.cpp's converter (llama-cpp-python {LLAMA_CPP_PYTHON} sources, ~77 MB) into {folder}")
+    phase("export", f"fetching llama.cpp's converter (llama-cpp-python {LLAMA_CPP_PYTHON}'s sources, ~77 MB) "
+                    f"into {folder}")  # fmt: skip
     with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".fetch-") as tmp:
         got = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
                               f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "--dest", tmp],
@@ -120,8 +121,9 @@ def converter_name(given: str | None) -> str:
 
 
 def convert(make, gguf, model_dir: Path, out: Path, outtype: str, *, vocab_hook, name: str) -> None:
-    """Write `model_dir` as one GGUF file `out` of `outtype` (CONVERTER_TYPES).
-    `make(model_dir, ftype, out, model_name=)` builds the converter's model (its class, or a wrapper); `vocab_hook(model)` runs after the converter's set_vocab and may change what it wrote (gguf_writer)."""
+    """Write `model_dir` as one GGUF file `out` of `outtype` (CONVERTER_TYPES). `make(model_dir, ftype, out,
+    model_name=)` builds the converter's model (its class, or a wrapper); `vocab_hook(model)` runs after the
+    converter's set_vocab and may change what it wrote (model.gguf_writer)."""
     import torch
 
     ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
