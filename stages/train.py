@@ -348,7 +348,7 @@ def resolved_config(params: Params, trainer, result) -> dict:
     lora = trainer.model.peft_config["default"] if hasattr(trainer.model, "peft_config") else None
     losses = [h for h in trainer.state.log_history if "loss" in h]
     return {
-        "params": params.model_dump(mode="json"),
+        "params": params.model_dump(mode="json", exclude={"export"}),  # export reads the merged model, after training
         "lora_target_modules": sorted(lora.target_modules) if lora else None,
         "world_size": trainer.args.world_size,
         "global_steps": result.global_step,

@@ -555,6 +555,12 @@ CASES = [
          params(model__rope_scaling={"type": "longrope", "factor": 4.0, "short_factor": [1.0] * 16,
                                      "long_factor": [1.0] * 15}),
          "model.rope_scaling: short_factor has 16 values and long_factor 15"),
+    Case("export-type-unknown", "params", "a GGUF type llama.cpp does not make", "export", params(export__types=["q3"]),
+         "'export.types.0': Input should be"),
+    Case("export-type-twice", "params", "a GGUF type listed twice", "export", params(export__types=["f16", "f16"]),
+         "export.types: f16 is listed twice"),
+    Case("export-not-llama-cpp", "params", "export.llama_cpp naming a folder without llama.cpp's converter", "export",
+         params(export__types=["f16"], export__llama_cpp="data"), "export.llama_cpp: data is not a llama.cpp source folder"),
     # YAML 1.1 forms: params.yaml is read as DVC records it (YAML 1.2), so these are text, refused by type
     Case("sexagesimal-minutes", "params", "a time written `1:30` (90 in YAML 1.1, text in YAML 1.2 and dvc.lock)", "train",
          params_text(lambda t: t.replace("save_minutes: 30", "save_minutes: 1:30")),
@@ -896,6 +902,7 @@ CASES = [
          "train", lambda repo, ctx: swap_two_tokens(repo / "models" / "base"), "dvc repro -s tokenize"),
     Case("merge-no-adapter", "order", "merge before train", "merge", remove("models/adapter"), "models/adapter"),
     Case("eval-no-merged", "order", "eval before merge", "eval", remove("models/merged"), "models/merged"),
+    Case("export-no-merged", "order", "export before merge", "export", params(export__types=["f16"]), "models/merged/config.json"),
     # outputs damaged since their stage wrote them, then a later stage run by hand (python -m stages.X)
     Case("raw-manifest-cut", "damaged", "data/raw/manifest.json cut short", "tokenize",
          lambda repo, ctx: truncate(repo / "data/raw/manifest.json"),

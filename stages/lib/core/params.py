@@ -348,6 +348,24 @@ class MergeParams(Strict):
     chatglm2_layout: bool = False  # also write the merged model in ChatGLM2's original layout (models/merged/chatglm2)
 
 
+# GGUF types the export stage writes: llama.cpp's converter writes f32, f16, bf16, q8_0; its quantizer (the `gguf`
+# extra, stages/lib/export/quantize.py) the smaller ones
+GgufType = Literal["f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_0", "q5_1", "q4_k_m", "q4_k_s",
+                   "q4_0", "q4_1", "q3_k_m", "q2_k"]  # fmt: skip
+
+
+class ExportParams(Strict):
+    types: list[GgufType] = []  # [] : no GGUF (models/gguf stays empty)
+    llama_cpp: str | None = None  # a llama.cpp source folder with convert_hf_to_gguf.py; null: the pinned one, fetched
+
+    @model_validator(mode="after")
+    def _once_each(self):
+        twice = sorted({t for t in self.types if self.types.count(t) > 1})
+        if twice:
+            raise ValueError(f"export.types: {twice[0]} is listed twice (one file per type)")
+        return self
+
+
 BENCHMARKS_DIR = "data/benchmarks"  # benchmark CSV files live here: a DVC dependency of eval
 
 
@@ -438,6 +456,7 @@ class Params(Strict):
     train: TrainParams = TrainParams()
     merge: MergeParams = MergeParams()
     eval: EvalParams = EvalParams()
+    export: ExportParams = ExportParams()
 
     @model_validator(mode="after")
     def _text_is_packed(self) -> "Params":
