@@ -128,7 +128,12 @@ def exps(columns: int, dvc_args: list[str]) -> list[str]:
     rows = experiments.rows(json.loads(proc.stdout or "[]"))
     if not rows:
         return ["no experiments yet: `dvc exp run -S train.learning_rate=1e-4` makes one"]
+    # the params that tell experiments apart first (they stay when columns must go), then those of other commits
+    mine = [r for r in rows if r.label.startswith("├")]
     params = experiments.changed(rows, "params")
+    if len(mine) > 1:
+        first = set(experiments.changed(mine, "params"))
+        params = [k for k in params if k in first] + [k for k in params if k not in first]
     headers = experiments.short_names(params)
     varying = set(experiments.changed(rows, "metrics"))
     metrics = [k for k in HEADLINE if any(k in r.metrics for r in rows)]
@@ -142,7 +147,7 @@ def exps(columns: int, dvc_args: list[str]) -> list[str]:
     for i, key in enumerate(metrics):
         group, name = key.split(".", 1)
         table.append(Column((group if i == 0 or not metrics[i - 1].startswith(group + ".") else "", name),
-                            [number(r.metrics.get(key)) for r in rows], priority=0 if i < 3 else 5 + i))  # fmt: skip
+                            [number(r.metrics.get(key)) for r in rows], priority=0 if i < 3 else 100 + i))  # fmt: skip
     lines = render(table, columns)
     hidden = [k for k, c in zip(params, param_columns) if not c.width]
     if hidden:

@@ -276,8 +276,9 @@ def warnings(summary: dict, params: Params, context: int | None) -> list[str]:
     a max_length above the model's `context` positions."""
     out, n, max_length = [], summary["records"], params.tokenize.max_length
     if context is not None and max_length > context:
+        extend = " or set model.rope_scaling" if context.rotary else ""
         out.append(f"tokenize.max_length ({max_length}) is above the {context} positions of the model in models/base: "
-                   f"train refuses rows longer than that; lower it to {context} or set model.rope_scaling")
+                   f"train refuses rows longer than that; lower it to {context}{extend}")
     if summary["answer_cut"] > WARN_ANSWERS_CUT * n:
         out.append(f"{summary['answer_cut'] / n:.1%} of the records lose part of their answer to tokenize.max_length "
                    f"{max_length} (those records have a median of {summary['cut_answer_median_length']:.0f} tokens "
@@ -294,12 +295,19 @@ def warnings(summary: dict, params: Params, context: int | None) -> list[str]:
     return out
 
 
-def longer_rows(params: Params, context: int | None) -> str:
+class Positions(int):
+    """The positions one row may span in the model of models/base; `rotary`: model.rope_scaling can extend them."""
+
+    rotary: bool = False
+
+
+def longer_rows(params: Params, context: Positions | None) -> str:
     """How to give rows more tokens, within the `context` positions of the model (None: unknown)."""
     if context is None or params.tokenize.max_length < context:
         return "raise tokenize.max_length" + (f" (the model has {context} positions)" if context else "")
-    return (f"tokenize.max_length already spans the model's {context} positions: shorten the records, or extend the "
-            "positions with model.rope_scaling (RoPE models: e.g. {type: yarn, factor: 2})")
+    extend = (", or extend the positions with model.rope_scaling (e.g. {type: yarn, factor: 2})" if context.rotary
+              else " (its positions are not rotary: model.rope_scaling cannot extend them)")  # fmt: skip
+    return f"tokenize.max_length reaches the model's {context} positions: shorten the records{extend}"
 
 
 def unk_refusal(summary: dict, params: Params) -> UserError | None:
@@ -314,17 +322,22 @@ def unk_refusal(summary: dict, params: Params) -> UserError | None:
     )
 
 
-def base_context(params: Params) -> int | None:
+def base_context(params: Params) -> Positions | None:
     """Positions one row may span in the model of models/base (under model.rope_scaling); None when unknown."""
     from transformers import AutoConfig
 
-    from stages.lib.core.rope import context_positions, scaled
+    from stages.lib.core.rope import context_positions, rope_parameters, scaled
 
     try:
         config = AutoConfig.from_pretrained(BASE_DIR, trust_remote_code=params.model.trust_remote_code)
     except (OSError, ValueError):  # a tokenizer-only folder in a test, a config transformers cannot read: train says
         return None
-    return context_positions(scaled(config, params.model.rope_scaling, str(BASE_DIR)))
+    context = context_positions(scaled(config, params.model.rope_scaling, str(BASE_DIR)))
+    if context is None:
+        return None
+    positions = Positions(context)
+    positions.rotary = rope_parameters(config) is not None
+    return positions
 
 
 def nothing_left(params: Params, raw_records: int, context: int | None) -> UserError:

@@ -290,5 +290,42 @@ def test_max_length_beyond_the_models_positions_is_said_and_advice_stays_within_
     project(template="chatml", max_length=26)
     out, _ = run_tokenize(capsys)
     assert "tokenize.max_length (26) is above the 24 positions of the model in models/base" in out
-    assert "tokenize.max_length already spans the model's 24 positions: shorten the records" in out
+    assert "tokenize.max_length reaches the model's 24 positions: shorten the records, or extend the positions with " \
+           "model.rope_scaling" in out
     assert "raise tokenize.max_length" not in out
+
+
+def lowercasing_wordpiece(folder):
+    """A WordPiece tokenizer as small pretrained English models have: lowercases, splits on whitespace and
+    punctuation, decodes with spaces between words (`Answer:` reads back as `answer :`)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    raw.normalizer = normalizers.BertNormalizer(lowercase=True)
+    raw.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    raw.decoder = decoders.WordPiece()
+    texts = [f"Question: what is a {r['instruction']}? Answer: {r['output']}." for r in english_records(40)]
+    raw.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=300, special_tokens=["[UNK]", "[PAD]", "</s>"]))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]", pad_token="[PAD]", eos_token="</s>")
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def test_a_tokenizer_that_decodes_its_markers_otherwise_still_gets_only_the_answer(tmp_path):
+    """The tester's case: a lowercasing WordPiece tokenizer and the plain template. The reply eval, chat and serve
+    read is the generated text alone, not the prompt with it (the parser's anchor is the decoded header)."""
+    from transformers import AutoTokenizer
+
+    from stages.lib.chat import reply
+
+    tokenizer = lowercasing_wordpiece(tmp_path / "wp")
+    fmt = chat_format.decide(tokenizer, template_recipe("plain"), "plain", [])
+    chat_format.save(tokenizer, fmt, tmp_path / "saved")
+    saved = AutoTokenizer.from_pretrained(tmp_path / "saved")
+    prompt = saved.apply_chat_template([{"role": "user", "content": "what is a red cat?"}], add_generation_prompt=True,
+                                       tokenize=False)  # fmt: skip
+    prompt_ids = saved(prompt, add_special_tokens=False)["input_ids"]
+    new = saved("a red cat", add_special_tokens=False)["input_ids"] + [saved.eos_token_id]
+    assert "answer :" in saved.decode(prompt_ids)  # the markers do not read back as written
+    assert reply.parse(saved, new, [saved.eos_token_id], prompt_ids).content == "a red cat"

@@ -214,8 +214,11 @@ def reasoning_response_template(tokenizer, jinja: str, stop_ids: list[int]) -> d
     """A transformers response template for a format whose answers may open with a <think> block: the answer
     starts after the generation prompt (found by rendering one), reasoning sits in the think block, content runs
     to a stop token."""
-    opened = tokenizer.apply_chat_template(PROBE[:1], chat_template=jinja, tokenize=False, add_generation_prompt=True)
-    closed = tokenizer.apply_chat_template(PROBE[:1], chat_template=jinja, tokenize=False)
+    def rendered(**kwargs) -> str:  # as the parser sees it: decoded ids (a lowercasing tokenizer reads "answer :")
+        text = tokenizer.apply_chat_template(PROBE[:1], chat_template=jinja, tokenize=False, **kwargs)
+        return tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    opened, closed = rendered(add_generation_prompt=True), rendered()
     header = opened[len(closed) :] if opened.startswith(closed) else ""
     stops = "|".join(re.escape(t) for t in tokenizer.convert_ids_to_tokens(stop_ids))
     fields = {"reasoning_content": {"open": "<think>", "close": "</think>", "content": "text"},

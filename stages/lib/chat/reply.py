@@ -26,8 +26,12 @@ def parse(tokenizer, new_ids: list[int], stop_ids: list[int], prompt_ids: list[i
     end = next((k for k, t in enumerate(new_ids) if t in stops), len(new_ids))
     template = getattr(tokenizer, "response_template", None)
     if template is not None and hasattr(tokenizer, "parse_response"):
+        prefix = list(prompt_ids or [])
+        anchor = template.get("start_anchor") if isinstance(template, dict) else None
+        if prefix and anchor and anchor not in tokenizer.decode(prefix):
+            prefix = []  # the prompt decodes otherwise than it was written: the reply is the new ids alone
         try:
-            parsed = tokenizer.parse_response(new_ids[: end + 1], template, prefix=list(prompt_ids or []))
+            parsed = tokenizer.parse_response(new_ids[: end + 1], template, prefix=prefix)
         except Exception:  # noqa: BLE001 - a malformed generation (a call that is no JSON): keep it as text
             parsed = None
         if isinstance(parsed, dict):

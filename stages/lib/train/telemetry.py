@@ -156,17 +156,21 @@ def label_progress(trainer) -> None:
     each count is. Replaces transformers' ProgressCallback with a subclass; nothing else changes."""
     from transformers.trainer_callback import ProgressCallback
 
-    class LabelledProgress(ProgressCallback):
+    from tqdm.auto import tqdm
+    from transformers.trainer_utils import has_length
+
+    class LabelledProgress(ProgressCallback):  # transformers' bars, created with their names
         def on_train_begin(self, args, state, control, **kwargs):
-            super().on_train_begin(args, state, control, **kwargs)
-            if self.training_bar is not None:
-                self.training_bar.set_description("train: steps")
+            if state.is_world_process_zero:
+                self.training_bar = tqdm(total=state.max_steps, dynamic_ncols=True, desc="train: steps")
+            self.current_step = 0
 
         def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
-            new = self.prediction_bar is None
-            super().on_prediction_step(args, state, control, eval_dataloader=eval_dataloader, **kwargs)
-            if new and self.prediction_bar is not None:
-                self.prediction_bar.set_description("train: validation batches")
+            if state.is_world_process_zero and has_length(eval_dataloader):
+                if self.prediction_bar is None:
+                    self.prediction_bar = tqdm(total=len(eval_dataloader), leave=self.training_bar is None,
+                                               dynamic_ncols=True, desc="train: validation batches")  # fmt: skip
+                self.prediction_bar.update(1)
 
     if any(isinstance(c, ProgressCallback) for c in trainer.callback_handler.callbacks):
         trainer.remove_callback(ProgressCallback)
