@@ -106,6 +106,12 @@ def load(folder: Path):
 def model_class(conversion, model_dir: Path, version: str):
     """The converter's class for `model_dir`'s architecture (config.json `architectures`); UserError naming the
     architecture when this converter has none."""
+    needed = ("ModelBase", "ModelType", "get_model_architecture", "get_model_class")
+    missing = [name for name in needed if not hasattr(conversion, name)]
+    if missing:  # a folder that only looks like llama.cpp's, or a converter too old or new for this stage
+        raise UserError(f"export.llama_cpp: the converter's `conversion` package ({version}) has no {missing[0]}: "
+                        "point export.llama_cpp at a llama.cpp source folder of the pinned release, or leave it "
+                        "null to fetch that release")  # fmt: skip
     hparams = conversion.ModelBase.load_hparams(model_dir, False)
     arch = conversion.get_model_architecture(hparams, conversion.ModelType.TEXT)
     try:
