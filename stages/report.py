@@ -22,6 +22,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+from stages import eval as eval_stage
 from stages.lib.core.errors import UserError, run_stage
 from stages.lib.report import experiments
 from stages.lib.report.table import Column, change, number, render
@@ -39,7 +40,7 @@ SCORES = (
     ("empty", "answers that are empty (stop tokens or <unk> only)"),
     ("accuracy", "multiple-choice accuracy, all benchmarks"),
 )
-HEADLINE = ("tuned.loss", "tuned.exact_match", "tuned.bleu", "tuned.accuracy")  # the experiment table's scores
+HEADLINE = tuple(f"tuned.{k}" for k in eval_stage.HEADLINE)  # the experiment table's scores: the DVC metrics
 
 
 def width(asked: int | None) -> int:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..core.nested import flatten
+
 
 @dataclass
 class Row:
@@ -17,16 +19,6 @@ class Row:
     state: str = ""
 
 
-def flatten(tree, prefix: str = "") -> dict:
-    """{'a': {'b': 1}} → {'a.b': 1}; lists and scalars are leaves."""
-    if not isinstance(tree, dict):
-        return {prefix: tree} if prefix else {}
-    out = {}
-    for key, value in tree.items():
-        out |= flatten(value, f"{prefix}.{key}" if prefix else str(key))
-    return out
-
-
 def _values(data: dict | None) -> tuple[dict, dict]:
     """(params, metrics) of one SerializableExp record: params.yaml's keys, metrics as `<stem>.<key>`."""
     data = data or {}
@@ -34,7 +26,8 @@ def _values(data: dict | None) -> tuple[dict, dict]:
     metrics = {}
     for path, result in (data.get("metrics") or {}).items():
         stem = path.rsplit("/", 1)[-1].removesuffix(".json")
-        metrics |= flatten((result or {}).get("data") or {}, stem)
+        data = (result or {}).get("data")
+        metrics |= flatten({stem: data}) if data is not None else {}
     return params, metrics
 
 

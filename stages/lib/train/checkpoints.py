@@ -28,6 +28,7 @@ import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from ..core.nested import flatten
 from ..core.outputs import write_json
 from ..core.params import Params
 
@@ -43,16 +44,6 @@ NOT_IN_IDENTITY = ("logging_steps", "save_steps", "save_minutes", "save_total_li
 KEEP = "ABOUT.txt"
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out |= _flat(value, f"{prefix}{key}.")
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def run_identity(params: Params, world_size: int, inputs: dict[str, Path], cache_dir: Path) -> dict:
     """What a checkpoint must share with this run to be resumed: flat params, input hashes, world size.
 
@@ -64,7 +55,7 @@ def run_identity(params: Params, world_size: int, inputs: dict[str, Path], cache
     if train["max_steps"] > 0:
         del train["epochs"]  # ignored when max_steps is set
     model = {k: dump["model"][k] for k in ("recipe", "rope_scaling")}
-    flat = _flat({"seed": dump["seed"], "model": model, "tokenize": {"max_length": dump["tokenize"]["max_length"]},
+    flat = flatten({"seed": dump["seed"], "model": model, "tokenize": {"max_length": dump["tokenize"]["max_length"]},
                   "train": train})  # fmt: skip
     hashes = FileHashes(cache_dir / HASH_CACHE)
     identity = {"params": flat, "inputs": {name: hashes.tree(root) for name, root in inputs.items()},
