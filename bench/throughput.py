@@ -9,7 +9,8 @@ and tokenize stages, as bench/topologies.py does, in WORK/base-SIZE) when they a
     python bench/throughput.py --data DIR --work /tmp/tiny --tiny --steps 3     # CPU smoke test: a tiny model
 
 `ours_offload`, `ours_selective`: the stage with train.gradient_checkpointing offload / selective; `ours_auto`: what
-the stage's `auto` picks on this GPU. `unsloth`: Unsloth's FastLanguageModel QLoRA (its offloaded checkpointing,
+the stage's `auto` picks on this GPU; `ours_peft`: LoRA through PEFT's forward (train.fused_lora: false);
+`ours_keep3`/`ours_keep4`: Liger with train.checkpoint_layers 25 / 24 (3 / 4 of the 28 layers kept whole). `unsloth`: Unsloth's FastLanguageModel QLoRA (its offloaded checkpointing,
 its kernels) on the same model folder, tokenized rows and packed length, in its own process with its own TRL
 (bench/unsloth_variant.py; its wheels unpacked in --unsloth-site, first on that process's PYTHONPATH).
 
@@ -57,6 +58,12 @@ VARIANTS = {
     "ours_selective": (OURS | {"gradient_checkpointing": "selective"}, {}),
     "ours_auto": (OURS | {"gradient_checkpointing": "auto"}, {}),  # the planner's pick for this GPU
     "ours_16k": (OURS | {"packed_length": 16384}, {}),
+    # LoRA through PEFT's own forward (copy, scale, add) instead of one addmm: the before of train.fused_lora
+    "ours_peft": (OURS | {"fused_lora": False}, {}),
+    "ours_nockpt_liger": (OURS | {"gradient_checkpointing": False, "liger": True}, {}),
+    # Liger + the first N of the 7B's 28 layers checkpointed, the rest whole (~1.25 GiB each without Liger, RESULTS §7)
+    "ours_keep3": (OURS | {"liger": True, "checkpoint_layers": 25}, {}),
+    "ours_keep4": (OURS | {"liger": True, "checkpoint_layers": 24}, {}),
 }  # fmt: skip
 
 

@@ -137,10 +137,16 @@ def build_trainer(params: Params, output_dir: Path, callbacks: list, **overrides
         quantization_config=quantization_config(params) if t.method == "qlora" and model is None else None,
         callbacks=callbacks,
     )
-    if t.gradient_checkpointing == "selective":  # before train() turns checkpointing on
-        from stages.lib.train.recompute import enable_selective
+    from stages.lib.train import recompute
 
-        trainer.selective = enable_selective(trainer.model)  # .kept: outputs the policy kept
+    if t.gradient_checkpointing == "selective":  # before train() turns checkpointing on
+        trainer.selective = recompute.enable_selective(trainer.model)  # .kept: outputs the policy kept
+    if t.gradient_checkpointing in (True, "selective") and t.checkpoint_layers is not None:
+        trainer.decoder_layers = recompute.checkpoint_first(trainer.model, t.checkpoint_layers)
+    if t.fused_lora and t.method != "full":
+        from stages.lib.train.fused_lora import fuse
+
+        trainer.fused_lora = fuse(trainer.model)  # LoRA layers routed through one addmm
     trainer.load_weights_gib = base_weights_gib(trainer.model)  # before DeepSpeed initialises: what loading left
     keep_4bit_layout(trainer.model)  # one numeric path on AVX512-BF16 CPUs (evaluation would repack the weights)
     check_labels(trainer.train_dataset, train_set)
@@ -387,14 +393,16 @@ def main() -> None:
     params, planned = resolve(params)  # prints the plan on a GPU; `auto` becomes its choice, before any rank starts
     ds = deepspeed_config(params.train.deepspeed) if params.train.deepspeed else {}  # a broken file fails here
     zero3 = ds.get("zero_optimization", {}).get("stage") == 3
-    recompute.check(params.train.gradient_checkpointing, zero3, gpu=torch.cuda.is_available())
+    meta = meta_model(BASE_DIR, "models/base")
+    recompute.check(params.train.gradient_checkpointing, zero3, gpu=torch.cuda.is_available(),
+                    checkpointed=params.train.checkpoint_layers, layers=getattr(meta.config, "num_hidden_layers", None) if meta else None)
     check_reporters(params.train.report_to)
     check_kernels(params.train.attn_implementation, params.train.liger)
     chosen = params.train.lora.target_modules
     key = "train.lora.target_modules" if chosen else f"lora_targets of model recipe '{params.model.recipe}'"
     check_lora_targets(chosen or model_recipe(params.model.recipe).lora_targets, key, BASE_DIR)
-    check_weights_fit(params, BASE_DIR, meta_model(BASE_DIR, "models/base"))
-    check_expert_targets(params, meta_model(BASE_DIR, "models/base"))
+    check_weights_fit(params, BASE_DIR, meta)
+    check_expert_targets(params, meta)
     # a damaged file fails here: before any rank starts or checkpoint is hashed
     splits = load_saved(TOKENIZED, "tokenize")
     check_same_vocabulary(load_tokenizer(TOKENIZER, TOKENIZED, "tokenize"), BASE_DIR, params.model.trust_remote_code)

@@ -17,19 +17,25 @@ from stages.lib.core.errors import UserError
 from stages.lib.train import recompute
 
 
-def losses(folder, monkeypatch, mode):
-    """The stage's trainer (build_trainer) on the tiny project with gradient_checkpointing `mode`: its losses for
-    4 steps and the selective scope (None for other modes)."""
+def run(folder, monkeypatch, mode, layers: int = 1, **train):
+    """The stage's trainer (build_trainer) on the tiny project (`layers` decoder layers) with gradient_checkpointing
+    `mode`, trained for 4 steps: (its losses, the trainer)."""
     folder.mkdir()
     monkeypatch.chdir(folder)
-    make_project(folder, "bpe", "chatml", max_steps=4, packing=True, attn_implementation="varlen",
-                 gradient_checkpointing=mode, batch_size=2)  # fmt: skip
+    make_project(folder, "bpe", "chatml", layers=layers, max_steps=4, packing=True, attn_implementation="varlen",
+                 gradient_checkpointing=mode, batch_size=2, **train)  # fmt: skip
     from stages.lib.core.params import load_params
     from stages.train import build_trainer
 
     trainer = build_trainer(load_params(), folder / "out", [])
     trainer.train()
-    return [h["loss"] for h in trainer.state.log_history if "loss" in h], getattr(trainer, "selective", None)
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h], trainer
+
+
+def losses(folder, monkeypatch, mode):
+    """run()'s losses and the selective scope (None for other modes)."""
+    found, trainer = run(folder, monkeypatch, mode)
+    return found, getattr(trainer, "selective", None)
 
 
 def test_selective_trains_as_full_checkpointing(tmp_path, monkeypatch):
@@ -38,6 +44,37 @@ def test_selective_trains_as_full_checkpointing(tmp_path, monkeypatch):
     assert len(full) == 4
     assert selective == pytest.approx(full, rel=1e-6)
     assert scope.kept > 0  # the policy kept attention outputs: it was not plain checkpointing
+
+
+def forward_calls(trainer) -> list[int]:
+    """Counts, per decoder layer, of the forward runs in one more training step (a recomputed layer runs twice)."""
+    counts = [0] * len(trainer.decoder_layers)
+    for index, layer in enumerate(trainer.decoder_layers):  # the MLP: inside what the checkpoint runs again
+        layer.mlp.register_forward_pre_hook(lambda *_, i=index: counts.__setitem__(i, counts[i] + 1))
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.model.train()
+    trainer.training_step(trainer.model, batch)
+    return counts
+
+
+@pytest.mark.parametrize("mode", [True, "selective"])
+def test_checkpoint_layers_recomputes_only_the_first(tmp_path, monkeypatch, mode):
+    full, _ = run(tmp_path / "all", monkeypatch, mode, layers=3)
+    first, trainer = run(tmp_path / "first", monkeypatch, mode, layers=3, checkpoint_layers=2)
+    assert first == pytest.approx(full, rel=1e-6)  # which layers recompute changes no number
+    assert forward_calls(trainer) == [2, 2, 1]  # layers 0 and 1 ran again in the backward pass, layer 2 did not
+
+
+def test_checkpoint_layers_is_refused_where_it_means_nothing(tmp_path):
+    from stages.lib.core.params import ParamsError, validate
+
+    raw = yaml.safe_load(ONE_GPU_7B.read_text())
+    for mode in (False, "offload"):
+        raw["train"] |= {"gradient_checkpointing": mode, "checkpoint_layers": 4}
+        with pytest.raises(ParamsError, match="train.checkpoint_layers \\(4\\) needs train.gradient_checkpointing true"):
+            validate(raw)
+    with pytest.raises(UserError, match="train.checkpoint_layers 40 is more than the model's 28 decoder layers"):
+        recompute.check(True, zero3=False, gpu=True, checkpointed=40, layers=28)
 
 
 def test_offload_is_refused_where_it_cannot_run():
@@ -76,13 +113,15 @@ def test_auto_picks_the_fastest_that_fits_gpu_and_host(elsewhere, monkeypatch): 
     def choice(gpu_gib: float, host_gib: float):
         monkeypatch.delenv(PLANNED_ENV, raising=False)  # resolve() hands its choice on to the ranks through it
         resolved, record = resolve(params, capacity_gib=gpu_gib, visible_gpus=1, host_gib=host_gib)
-        return resolved.train.gradient_checkpointing, record["predicted_train_gib"]
+        t = resolved.train
+        return t.gradient_checkpointing, t.checkpoint_layers, record["predicted_train_gib"]
 
     assert choice(80, 128)[0] is False  # 44.7 GiB fits 80
-    mode, gib = choice(24, 128)
-    assert mode == "selective" and 14 < gib < 16
-    assert choice(12, 128)[0] is True  # 9.7 GiB; selective needs 14.8
-    mode, gib = choice(10, 128)
+    mode, layers, gib = choice(24, 128)  # 44.7 GiB whole; the first N layers checkpointed fill the card instead
+    assert mode in (True, "selective") and 13 < layers < 28 and 0.8 * 24 < gib < 0.9 * 24
+    assert choice(13.1, 128)[:2] == (True, 27)  # 9.7 GiB with every layer; one layer whole fits 11.8 usable
+    assert choice(12, 128)[:2] == (True, None)  # every layer
+    mode, _, gib = choice(10, 128)
     assert mode == "offload" and gib < 9  # 8.4 GiB; the layer inputs (1.5 GiB) in pinned host memory
     with pytest.raises(UserError, match="nothing fits"):  # those 1.5 GiB need more than half of 2 GiB of RAM
         choice(10, 2)

@@ -16,8 +16,9 @@ import yaml
 from conftest import ROOT, SHARED_DATA, default_params, write_raw
 
 
-def make_project(folder: Path, kind: str, template: str | None, **train) -> Path:
-    """params.yaml, data/raw and models/base (a tiny random Llama sized to the tokenizer), then tokenize."""
+def make_project(folder: Path, kind: str, template: str | None, layers: int = 1, **train) -> Path:
+    """params.yaml, data/raw and models/base (a tiny random Llama of `layers` decoder layers sized to the
+    tokenizer), then tokenize."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -32,7 +33,7 @@ def make_project(folder: Path, kind: str, template: str | None, **train) -> Path
     rows = [r["messages"] for r in kinds.records(with_system=template in ("chatml", "tokenizer"))]
     write_raw(folder, rows[2:], rows[:2])
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                          num_attention_heads=2, num_key_value_heads=1, initializer_range=0.2)  # fmt: skip
     LlamaForCausalLM(config).save_pretrained(folder / "models" / "base")
     tokenizer.save_pretrained(folder / "models" / "base")

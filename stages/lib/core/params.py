@@ -276,12 +276,16 @@ class TrainParams(Strict):
     # true: recompute each layer; selective: keep the attention block's products; offload: layer inputs in pinned host
     # RAM (CUDA only; no ZeRO-3); selective under ZeRO-3 is refused; auto: the planner's choice (python -m stages.plan)
     gradient_checkpointing: bool | Literal["selective", "offload", "auto"] = False
+    # with true or selective: checkpoint only the first N decoder layers, the rest keep their activations (faster,
+    # more memory); null: every layer, or under auto the planner's pick (the fewest that fit)
+    checkpoint_layers: Annotated[int, Field(ge=1, le=10**6)] | None = None
     reentrant_checkpointing: bool | None = None  # null: reentrant under ZeRO-3 only
     # varlen: packed rows attend per sample in torch's flash kernel (stages/lib/train/varlen_attention.py); needs packing
     attn_implementation: Literal[
         "sdpa", "varlen", "eager", "flex_attention", "flash_attention_2", "flash_attention_3"
     ] = "sdpa"
     liger: bool = False
+    fused_lora: bool = True  # LoRA's scale and sum inside one addmm (stages/lib/train/fused_lora.py); false: PEFT's
     token_metrics: bool = True  # TRL's per-step entropy and token accuracy; false is faster
     logging_steps: Annotated[int, Field(ge=1, le=10**9)] = 10
     # checkpoints (models/checkpoints) that an interrupted run resumes from; deleted when the run completes
@@ -317,6 +321,11 @@ class TrainParams(Strict):
             raise ValueError(
                 f"train.gradient_checkpointing '{mode}' needs {'non-' if mode == 'selective' else ''}reentrant "
                 "checkpointing: set train.reentrant_checkpointing: null"
+            )
+        if self.checkpoint_layers is not None and mode not in (True, "selective", "auto"):
+            raise ValueError(
+                f"train.checkpoint_layers ({self.checkpoint_layers}) needs train.gradient_checkpointing true, selective "
+                f"or auto (it is {str(mode).lower()}): set one of those, or checkpoint_layers: null"
             )
         if self.deepspeed and self.device_map is not None:
             raise ValueError(

@@ -14,6 +14,7 @@ from .fit import include_slots
 
 BASE_DIR = Path("models/base")
 PLANNED_ENV = "TRAIN_PLANNED"  # the head process's resolved auto settings, for the ranks it launches
+SETTINGS = ("deepspeed", "gradient_checkpointing", "checkpoint_layers")  # what auto decides
 
 
 def config_dict(params: Params) -> dict:
@@ -125,18 +126,23 @@ def resolve(params: Params, capacity_gib: float | None = None, visible_gpus: int
     if not auto:
         return params, None
     if capacity is None:
-        record = {"deepspeed": None, "gradient_checkpointing": False, "reason": "no GPU: no DeepSpeed, no checkpointing"}
+        record = {"deepspeed": None, "gradient_checkpointing": False, "checkpoint_layers": None,
+                  "reason": "no GPU: no DeepSpeed, no checkpointing"}  # fmt: skip
     elif plan.chosen is None:
         raise UserError(f"train: nothing fits {plan.gpus_per_node * plan.nodes} GPU(s) of {capacity:.1f} GiB (the "
                         f"plan above); would fit: {'; or '.join(plan.advice)}")  # fmt: skip
     else:
         c = plan.chosen
         record = {"deepspeed": None if c.setting.deepspeed == "none" else c.setting.deepspeed,
-                  "gradient_checkpointing": c.setting.checkpointing, "reason": plan.reason,
+                  "gradient_checkpointing": c.setting.checkpointing, "checkpoint_layers": c.setting.checkpoint_layers,
+                  "reason": plan.reason,
                   "predicted_train_gib": round(c.train_peak, 2), "predicted_load_gib": round(c.load_peak, 2)}  # fmt: skip
-    record = {k: v for k, v in record.items() if k in auto or k not in ("deepspeed", "gradient_checkpointing")}
+    if "gradient_checkpointing" in auto:  # the number of checkpointed layers comes with the mode
+        auto.add("checkpoint_layers")
+    record = {k: v for k, v in record.items() if k in auto or k not in SETTINGS}
     if head:
-        print(f"train: auto -> {', '.join(f'{k}: {_shown(record[k])}' for k in sorted(auto))} ({record['reason']})", flush=True)
+        shown = ", ".join(f"{k}: {_shown(record[k])}" for k in SETTINGS if k in auto and (k != "checkpoint_layers" or record[k]))
+        print(f"train: auto -> {shown} ({record['reason']})", flush=True)
     os.environ[PLANNED_ENV] = json.dumps(record)
     return _apply(params, record), record
 
@@ -161,5 +167,5 @@ def _shown(value) -> str:
 
 
 def _apply(params: Params, record: dict) -> Params:
-    changes = {k: record[k] for k in ("deepspeed", "gradient_checkpointing") if k in record}
+    changes = {k: record[k] for k in SETTINGS if k in record}
     return params.model_copy(update={"train": params.train.model_copy(update=changes)})

@@ -23,13 +23,14 @@ of each setting against one GPU without DeepSpeed, measured on the same 7B (EFFI
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..core.params import Params
 from .experts_4bit import expert_stacks, lora_target_parameters, moe_shape
 from .fit import GIB, size, weight_bytes
-from .recompute import HOST_SHARE, MODES, SPEED, attention_kept_bytes, label, saved_activations
+from .recompute import HOST_SHARE, MODES, attention_kept_bytes, label, saved_activations
+from .recompute import speed as recompute_speed
 
 # Fitted: 7B QLoRA, 8,192-token rows, H200: 44.18 GiB without checkpointing, 9.09 with (bench/RESULTS.md §2, §1c)
 ACTIVATION_SCALE = 0.78  # share of the counted per-layer tensors autograd really keeps (some are views or freed)
@@ -53,10 +54,11 @@ class Setting:
     deepspeed: str
     checkpointing: bool | str  # one of recompute.MODES
     gpus: int
+    checkpoint_layers: int | None = None  # train.checkpoint_layers: the first N layers checkpoint; None: all
 
     @property
     def label(self) -> str:
-        return f"{self.deepspeed}, {label(self.checkpointing)}"
+        return f"{self.deepspeed}, {label(self.checkpointing, self.checkpoint_layers)}"
 
 
 @dataclass
@@ -286,7 +288,8 @@ def estimate(model, params: Params, setting: Setting, targets: list[str] | str, 
     working = (1 + BACKWARD_LAYERS if setting.checkpointing is not False else BACKWARD_LAYERS) * per_layer
     working += dequantized_experts(model, s, params, d)
     kept = attention_kept_bytes(s.hidden, s.kv, s.heads, attention_lora_ranks(s, params, targets), d) * tokens
-    saved, host = saved_activations(setting.checkpointing, s.layers, per_layer, s.hidden * d * tokens, kept)
+    saved, host = saved_activations(setting.checkpointing, s.layers, per_layer, s.hidden * d * tokens, kept,
+                                    setting.checkpoint_layers)  # fmt: skip
     activations = saved + working
     loss = min(tokens, TILE_TOKENS) * min(s.vocab, TILE_VOCAB) * d + tokens * s.hidden * (2 * d + 8)
     gathers = 0.0
@@ -309,7 +312,7 @@ def estimate(model, params: Params, setting: Setting, targets: list[str] | str, 
     speed = EFFICIENCY.get(setting.deepspeed, EFFICIENCY["zero3"] if zero3 else EFFICIENCY["zero2"])
     if zero3 and setting.gpus == 1:
         speed = ZERO3_ONE_GPU * (speed / EFFICIENCY["zero3"])
-    speed *= setting.gpus * SPEED[setting.checkpointing]
+    speed *= setting.gpus * recompute_speed(setting.checkpointing, s.layers, setting.checkpoint_layers)
     traffic = 0.0
     if stage and setting.gpus > 1:  # gradients of the trainable parameters are reduced; ZeRO-3 also gathers weights
         traffic = 2 * trainable * d + (whole.sharded * (2 if setting.checkpointing is False else 3) if zero3 else 0)
@@ -343,8 +346,35 @@ def candidates(gpus: int, nodes: int, params: Params | None = None, single_proce
     if params is not None and params.train.gradient_checkpointing != "auto":
         modes = (params.train.gradient_checkpointing,)  # kept, even where recompute.check will refuse it
     zero3_modes = modes if len(modes) == 1 else (False, True)  # recompute.check refuses the others under ZeRO-3
-    return [Setting(ds, c, 1 if ds == "none" else world) for ds in kinds
+    layers = params.train.checkpoint_layers if params is not None else None
+    return [Setting(ds, c, 1 if ds == "none" else world, layers if c in (True, "selective") else None) for ds in kinds
             for c in (zero3_modes if deepspeed_kind(ds)[0] == 3 else modes)]  # fmt: skip
+
+
+def partial_rows(model, params: Params, rows: list, targets, tokens: int, budget: float) -> list:
+    """For `gradient_checkpointing: auto` with train.checkpoint_layers null: each row that checkpoints every layer
+    (true, selective; not under ZeRO-3) again with the fewest checkpointed layers that fit `budget` GiB, when
+    that is fewer than all (the first N layers recompute, the rest keep their activations)."""
+    t = params.train
+    if t.gradient_checkpointing != "auto" or t.checkpoint_layers is not None:
+        return []
+    layers = shape(model).layers
+    extra = []
+    for row in rows:
+        c = row.setting
+        if c.checkpointing not in (True, "selective") or c.checkpoint_layers is not None or deepspeed_kind(c.deepspeed)[0] == 3:
+            continue
+        fits = lambda n: max((r := estimate(model, params, replace(c, checkpoint_layers=n), targets, tokens)).train_peak,  # noqa: E731
+                             r.load_peak) <= budget  # fmt: skip
+        if not fits(layers) or fits(0):  # nothing fits, or no checkpointing fits (a row of its own)
+            continue
+        low, high = 0, layers  # fits(high), not fits(low): bisect for the fewest that fit
+        while high - low > 1:
+            mid = (low + high) // 2
+            low, high = (low, mid) if fits(mid) else (mid, high)
+        if high < layers:
+            extra.append(estimate(model, params, replace(c, checkpoint_layers=high), targets, tokens))
+    return extra
 
 
 def samples_line(config, params: Params, where: str) -> str:
@@ -385,6 +415,7 @@ def _plan(model, params: Params, targets: list[str] | str, gpus: int, nodes: int
         return Plan(rows, None, "no GPU here: nothing to fit (give --gpu-memory-gib to plan for one)", None, gpus,
                     nodes, tokens)  # fmt: skip
     budget = HEADROOM * capacity_gib
+    rows += partial_rows(model, params, rows, targets, tokens, budget)
     for row in rows:
         row.fits = max(row.train_peak, row.load_peak) <= budget and (host_gib is None or
                                                                      row.host <= HOST_SHARE * host_gib)  # fmt: skip
@@ -408,7 +439,8 @@ def _plan(model, params: Params, targets: list[str] | str, gpus: int, nodes: int
         why += f"; {best.setting.label} would be {best.speed / chosen.speed:.2f}x but needs {best.train_peak:.1f} GiB"
     t = params.train
     if "auto" not in (t.deepspeed, t.gradient_checkpointing):  # the params' own setting, for comparison
-        own = Setting(t.deepspeed or "none", t.gradient_checkpointing, 1 if not t.deepspeed else gpus * nodes)
+        own = Setting(t.deepspeed or "none", t.gradient_checkpointing, 1 if not t.deepspeed else gpus * nodes,
+                      t.checkpoint_layers if t.gradient_checkpointing in (True, "selective") else None)  # fmt: skip
         if own != chosen.setting:
             mine = estimate(model, params, own, targets, tokens)
             why += f"; {chosen.speed / mine.speed:.2f}x the speed of the params' {own.label} ({mine.train_peak:.1f} GiB)"

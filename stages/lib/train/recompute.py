@@ -15,6 +15,11 @@ in the planner.
   reentrant checkpointing (non-reentrant keeps the inputs outside saved-tensor hooks) and a CUDA GPU (TRL's
   offloading needs an accelerator); refused under ZeRO-3 (not tried there).
 
+`train.checkpoint_layers: N` (with `true` or `selective`) checkpoints only the first N decoder layers; the others keep
+every activation, like `false` (Megatron's recompute_num_layers; transformers' `every_n_layers` spreads them evenly
+instead, and exists only from 5.2x). The backward pass reaches the kept layers first and frees them before it
+recomputes anything. `auto` picks the fewest that fit the GPU.
+
 The planner's side (`saved_activations`, `SPEED`) estimates each setting's GPU and host bytes from the same per-layer
 counts as plan.py; its speed factors are measured on an H100 (bench/RESULTS.md §7: 7B, 8,192-token rows).
 """
@@ -34,22 +39,40 @@ HOST_SHARE = 0.5  # of the host's RAM that pinned activations may take (TRL warn
 LOW_RANK = 256  # a matrix product with at most this inner dimension (LoRA's B) is recomputed by `selective`
 
 
-def label(mode) -> str:
-    """How the plan table names a setting."""
-    return {False: "no checkpointing", True: "checkpointing", "selective": "selective checkpointing",
+def label(mode, checkpointed: int | None = None) -> str:
+    """How the plan table names a setting; `checkpointed`: train.checkpoint_layers (None: every layer)."""
+    name = {False: "no checkpointing", True: "checkpointing", "selective": "selective checkpointing",
             "offload": "offloaded checkpointing"}[mode]  # fmt: skip
+    return name if checkpointed is None else f"{name} of the first {checkpointed} layers"
 
 
-def saved_activations(mode, layers: int, per_layer: float, layer_input: float, attention_kept: float) -> tuple[float, float]:
+def partial(mode, layers: int, checkpointed: int | None) -> bool:
+    """Whether `checkpointed` of `layers` decoder layers leaves some layers whole under `mode`."""
+    return mode in (True, "selective") and checkpointed is not None and checkpointed < layers
+
+
+def speed(mode, layers: int, checkpointed: int | None = None) -> float:
+    """Tokens/s against `true` of `mode` with `checkpointed` of `layers` layers checkpointed (None: all): each
+    layer's time is its setting's, so the speeds combine harmonically."""
+    if not partial(mode, layers, checkpointed):
+        return SPEED[mode]
+    share = checkpointed / layers
+    return 1 / (share / SPEED[mode] + (1 - share) / SPEED[False])
+
+
+def saved_activations(mode, layers: int, per_layer: float, layer_input: float, attention_kept: float,
+                      checkpointed: int | None = None) -> tuple[float, float]:
     """(GPU bytes, pinned host bytes) of what the forward pass keeps for the backward pass, over `layers` decoder
     layers: `per_layer` bytes of a layer's activations, `layer_input` bytes of its input (hidden size x tokens),
-    `attention_kept` bytes of what `selective` keeps in its attention block; all for one micro-batch."""
+    `attention_kept` bytes of what `selective` keeps in its attention block; all for one micro-batch.
+    `checkpointed`: train.checkpoint_layers (None: every layer); the rest keep `per_layer`."""
     if mode is False:
         return layers * per_layer, 0.0
     if mode == "offload":
         return min(layers, OFFLOAD_IN_FLIGHT) * layer_input, layers * layer_input
     kept = layer_input + (attention_kept if mode == "selective" else 0.0)
-    return layers * kept, 0.0
+    recomputed = min(layers, checkpointed) if checkpointed is not None else layers
+    return recomputed * kept + (layers - recomputed) * per_layer, 0.0
 
 
 def attention_kept_bytes(hidden: int, kv: int, heads: int, lora_ranks: int, dtype_bytes: int) -> int:
@@ -59,10 +82,14 @@ def attention_kept_bytes(hidden: int, kv: int, heads: int, lora_ranks: int, dtyp
     return dtype_bytes * (3 * hidden + 2 * kv + lora_ranks) + 4 * heads
 
 
-def check(mode, zero3: bool, gpu: bool) -> None:
+def check(mode, zero3: bool, gpu: bool, checkpointed: int | None = None, layers: int | None = None) -> None:
     """UserError, before anything loads, for a setting that cannot run here: offload on a CPU or under ZeRO-3;
-    selective under ZeRO-3 (TRL makes PEFT checkpoint reentrantly there). The schema refuses the reentrant
-    settings each cannot take."""
+    selective under ZeRO-3 (TRL makes PEFT checkpoint reentrantly there); train.checkpoint_layers (`checkpointed`)
+    above the model's `layers` decoder layers (None: not known). The schema refuses the reentrant settings each
+    cannot take, and checkpoint_layers with false or offload."""
+    if checkpointed is not None and layers is not None and checkpointed > layers:
+        raise UserError(f"train.checkpoint_layers {checkpointed} is more than the model's {layers} decoder layers: "
+                        f"use {layers} or null (every layer)")  # fmt: skip
     key = f"train.gradient_checkpointing '{mode}'"
     if mode == "offload":
         if not gpu:
@@ -123,10 +150,9 @@ def keeps(op, args: tuple, inside_attention: bool) -> bool:
 
 
 def enable_selective(model) -> AttentionScope:
-    """Make `model`'s checkpointing selective: wraps the methods the Trainer calls to turn checkpointing on
-    (`activation_checkpointing_enable` in transformers >= 5.2x, `gradient_checkpointing_enable` before), so that
-    every decoder layer checkpoints non-reentrantly with the policy's `context_fn`. Returns the scope, whose `kept`
-    counts the outputs kept. UserError for a model without `self_attn` blocks (the policy would keep nothing)."""
+    """Make `model`'s checkpointing selective: every decoder layer checkpoints non-reentrantly with the policy's
+    `context_fn` (through after_enable). Returns the scope, whose `kept` counts the outputs kept. UserError for a
+    model without `self_attn` blocks (the policy would keep nothing)."""
     import functools
 
     from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
@@ -142,15 +168,47 @@ def enable_selective(model) -> AttentionScope:
         return CheckpointPolicy.MUST_SAVE
 
     context_fn = functools.partial(create_selective_checkpoint_contexts, policy)
+    after_enable(model, {"use_reentrant": False, "context_fn": context_fn})
+    return scope
+
+
+def checkpoint_first(model, checkpointed: int) -> list:
+    """Checkpoint only the first `checkpointed` decoder layers of `model` (transformers' GradientCheckpointingLayer
+    modules, in order) whenever the Trainer turns checkpointing on; the rest keep their activations. Returns the
+    decoder layers. UserError for a model whose layers are not GradientCheckpointingLayer (its own checkpointing
+    code: ChatGLM2 through its Hub code, for one)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        raise UserError("train.checkpoint_layers needs decoder layers built on transformers' GradientCheckpointingLayer; "
+                        "this model checkpoints in its own code: use null")  # fmt: skip
+
+    def first_only():
+        for index, layer in enumerate(layers):
+            layer.gradient_checkpointing = layer.gradient_checkpointing and index < checkpointed
+
+    after_enable(model, None, first_only)
+    return layers
+
+
+def after_enable(model, kwargs: dict | None, then=None) -> None:
+    """Wrap the methods the Trainer calls to turn checkpointing on (`activation_checkpointing_enable` in
+    transformers >= 5.2x, `gradient_checkpointing_enable` before; TRL also calls them while it prepares a 4-bit
+    model): `kwargs` join the checkpoint function's keyword arguments, `then()` runs after each call. Wrappers
+    compose (selective checkpointing of the first N layers)."""
     for method, key in (("activation_checkpointing_enable", "activation_checkpointing_kwargs"),
                         ("gradient_checkpointing_enable", "gradient_checkpointing_kwargs")):  # fmt: skip
         original = getattr(model, method, None)
         if original is None:
             continue
 
-        def enable(*args, _original=original, _key=key, **kwargs):
-            kwargs[_key] = dict(kwargs.get(_key) or {}) | {"use_reentrant": False, "context_fn": context_fn}
-            return _original(*args, **kwargs)
+        def enable(*args, _original=original, _key=key, **call_kwargs):
+            if kwargs:
+                call_kwargs[_key] = dict(call_kwargs.get(_key) or {}) | kwargs
+            done = _original(*args, **call_kwargs)
+            if then is not None:
+                then()
+            return done
 
         setattr(model, method, enable)
-    return scope
