@@ -146,7 +146,10 @@ def build_trainer(params: Params, output_dir: Path, callbacks: list, **overrides
     if t.fused_lora and t.method != "full":
         from stages.lib.train.fused_lora import fuse
 
-        trainer.fused_lora = fuse(trainer.model)  # LoRA layers routed through one addmm
+        trainer.fused_lora, lora_layers = fuse(trainer.model)  # LoRA layers routed through one addmm
+        if lora_layers:
+            rest = "" if trainer.fused_lora == lora_layers else " (the rest: PEFT's forward, for dropout, DoRA or a bias)"
+            print(f"train: LoRA in one addmm in {trainer.fused_lora} of {lora_layers} layers{rest}", flush=True)
     trainer.load_weights_gib = base_weights_gib(trainer.model)  # before DeepSpeed initialises: what loading left
     keep_4bit_layout(trainer.model)  # one numeric path on AVX512-BF16 CPUs (evaluation would repack the weights)
     check_labels(trainer.train_dataset, train_set)

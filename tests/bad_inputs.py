@@ -873,8 +873,8 @@ CASES = [
     Case("liger-missing", "train", "Liger kernels without liger-kernel installed", "train", params(train__liger=True),
          "train.liger"),
     Case("checkpoint-layers-no-checkpointing", "train", "train.checkpoint_layers with checkpointing off", "train",
-         params(train__checkpoint_layers=2), "train.checkpoint_layers (2) needs train.gradient_checkpointing true, "
-         "selective or auto (it is false)"),
+         params(train__checkpoint_layers=2), "train.checkpoint_layers (2) needs train.gradient_checkpointing true or "
+         "selective (it is false)"),
     Case("checkpoint-layers-too-many", "train", "more checkpointed layers than the model has", "train",
          params(train__gradient_checkpointing=True, train__checkpoint_layers=40),
          "train.checkpoint_layers 40 is more than the model's 2 decoder layers: use 2 or null"),

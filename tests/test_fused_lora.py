@@ -43,9 +43,13 @@ def test_fused_trains_as_peft(tmp_path, monkeypatch, method, dtype, rel):
 def test_peft_forward_where_fusing_would_change_the_result(tmp_path, monkeypatch):
     """Dropout (its mask is another pass) and disabled adapters take PEFT's forward."""
     _, trainer = run(tmp_path / "dropout", monkeypatch, False, fused_lora=True, lora={"dropout": 0.1})
+    assert trainer.fused_lora == 0  # no layer routed: what the stage's line reports
     layer = lora_layers(trainer.model)[0]
     assert output_node(layer) == "AddBackward0"
-    layer.lora_dropout["default"].p = 0.0  # a no-op Dropout module is still not Identity: PEFT's path
-    assert output_node(layer) == "AddBackward0"
-    with trainer.model.disable_adapter():
+    _, trainer = run(tmp_path / "plain", monkeypatch, False, fused_lora=True, lora={"dropout": 0.0})
+    layer = lora_layers(trainer.model)[0]
+    assert output_node(layer) == "AddmmBackward0"
+    with trainer.model.disable_adapter():  # decided per call: the base alone, as PEFT computes it
         assert output_node(layer) != "AddmmBackward0"
+    layer.lora_dropout["default"] = __import__("torch").nn.Dropout(0.1)  # changed after routing: PEFT's path
+    assert output_node(layer) == "AddBackward0"

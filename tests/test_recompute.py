@@ -73,6 +73,9 @@ def test_checkpoint_layers_is_refused_where_it_means_nothing(tmp_path):
         raw["train"] |= {"gradient_checkpointing": mode, "checkpoint_layers": 4}
         with pytest.raises(ParamsError, match="train.checkpoint_layers \\(4\\) needs train.gradient_checkpointing true"):
             validate(raw)
+    raw["train"] |= {"gradient_checkpointing": "auto", "checkpoint_layers": 4}
+    with pytest.raises(ParamsError, match="with train.gradient_checkpointing auto: auto picks the checkpointed layers"):
+        validate(raw)
     with pytest.raises(UserError, match="train.checkpoint_layers 40 is more than the model's 28 decoder layers"):
         recompute.check(True, zero3=False, gpu=True, checkpointed=40, layers=28)
 
@@ -125,3 +128,12 @@ def test_auto_picks_the_fastest_that_fits_gpu_and_host(elsewhere, monkeypatch): 
     assert mode == "offload" and gib < 9  # 8.4 GiB; the layer inputs (1.5 GiB) in pinned host memory
     with pytest.raises(UserError, match="nothing fits"):  # those 1.5 GiB need more than half of 2 GiB of RAM
         choice(10, 2)
+
+
+def test_the_plan_refuses_more_checkpointed_layers_than_the_model_has(elsewhere):  # noqa: F811
+    from stages.lib.train.auto import config_dict, meta_from_config
+    from stages.lib.train.plan import make_plan
+
+    params = with_train(ONE_GPU_7B, deepspeed=None, gradient_checkpointing=True, checkpoint_layers=29)
+    with pytest.raises(UserError, match="train.checkpoint_layers 29 is more than the model's 28 decoder layers"):
+        make_plan(meta_from_config(config_dict(params)), params, "all-linear", 1, 1, 24.0)

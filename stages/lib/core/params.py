@@ -277,7 +277,7 @@ class TrainParams(Strict):
     # RAM (CUDA only; no ZeRO-3); selective under ZeRO-3 is refused; auto: the planner's choice (python -m stages.plan)
     gradient_checkpointing: bool | Literal["selective", "offload", "auto"] = False
     # with true or selective: checkpoint only the first N decoder layers, the rest keep their activations (faster,
-    # more memory); null: every layer, or under auto the planner's pick (the fewest that fit)
+    # more memory); null: every layer (under gradient_checkpointing auto: the planner picks N, the fewest that fit)
     checkpoint_layers: Annotated[int, Field(ge=1, le=10**6)] | None = None
     reentrant_checkpointing: bool | None = None  # null: reentrant under ZeRO-3 only
     # varlen: packed rows attend per sample in torch's flash kernel (stages/lib/train/varlen_attention.py); needs packing
@@ -322,10 +322,15 @@ class TrainParams(Strict):
                 f"train.gradient_checkpointing '{mode}' needs {'non-' if mode == 'selective' else ''}reentrant "
                 "checkpointing: set train.reentrant_checkpointing: null"
             )
-        if self.checkpoint_layers is not None and mode not in (True, "selective", "auto"):
+        if self.checkpoint_layers is not None and mode == "auto":
             raise ValueError(
-                f"train.checkpoint_layers ({self.checkpoint_layers}) needs train.gradient_checkpointing true, selective "
-                f"or auto (it is {str(mode).lower()}): set one of those, or checkpoint_layers: null"
+                f"train.checkpoint_layers ({self.checkpoint_layers}) with train.gradient_checkpointing auto: auto picks "
+                "the checkpointed layers itself; set checkpoint_layers: null, or gradient_checkpointing true or selective"
+            )
+        if self.checkpoint_layers is not None and mode not in (True, "selective"):
+            raise ValueError(
+                f"train.checkpoint_layers ({self.checkpoint_layers}) needs train.gradient_checkpointing true or "
+                f"selective (it is {str(mode).lower()}): set one of those, or checkpoint_layers: null"
             )
         if self.deepspeed and self.device_map is not None:
             raise ValueError(

@@ -18,10 +18,11 @@ from __future__ import annotations
 import functools
 
 
-def fuse(model) -> int:
-    """Route every PEFT LoRA linear layer of `model` (16-bit `lora.Linear`, 4-bit `lora.bnb.Linear4bit`) through
-    the fused forward; returns how many layers were routed. Expert stacks (`target_parameters`) and 8-bit bases
-    keep PEFT's forward."""
+def fuse(model) -> tuple[int, int]:
+    """Route each PEFT LoRA linear layer of `model` (16-bit `lora.Linear`, 4-bit `lora.bnb.Linear4bit`) that is
+    plain now (plain_adapter) through the fused forward; returns (layers routed, LoRA layers in all). Expert stacks
+    (`target_parameters`) and 8-bit bases keep PEFT's forward; so do layers with dropout, DoRA or a LoRA bias."""
+    from peft.tuners.lora import LoraLayer
     from peft.tuners.lora.layer import Linear
 
     kinds = [Linear]
@@ -31,12 +32,13 @@ def fuse(model) -> int:
         kinds.append(Linear4bit)
     except ImportError:  # PEFT defines it only where bitsandbytes imports
         pass
-    routed = 0
+    routed = total = 0
     for module in model.modules():
-        if type(module) in kinds and "forward" not in vars(module):
+        total += isinstance(module, LoraLayer)
+        if type(module) in kinds and "forward" not in vars(module) and plain_adapter(module, {}) is not None:
             module.forward = functools.partial(_forward, module, module.forward)
             routed += 1
-    return routed
+    return routed, total
 
 
 def plain_adapter(layer, kwargs: dict) -> str | None:

@@ -29,7 +29,7 @@ from pathlib import Path
 from ..core.params import Params
 from .experts_4bit import expert_stacks, lora_target_parameters, moe_shape
 from .fit import GIB, size, weight_bytes
-from .recompute import HOST_SHARE, MODES, attention_kept_bytes, label, saved_activations
+from .recompute import HOST_SHARE, MODES, attention_kept_bytes, check_layers, label, saved_activations
 from .recompute import speed as recompute_speed
 
 # Fitted: 7B QLoRA, 8,192-token rows, H200: 44.18 GiB without checkpointing, 9.09 with (bench/RESULTS.md §2, §1c)
@@ -408,6 +408,7 @@ def make_plan(model, params: Params, targets: list[str] | str, gpus: int, nodes:
 def _plan(model, params: Params, targets: list[str] | str, gpus: int, nodes: int,
           capacity_gib: float | None, single_process: bool, host_gib: float | None = None) -> Plan:
     tokens = tokens_per_gpu(params)
+    check_layers(params.train.checkpoint_layers, shape(model).layers)
     auto = "auto" in (params.train.deepspeed, params.train.gradient_checkpointing)
     settings = candidates(gpus, nodes, params if auto else None, single_process)
     rows = [estimate(model, params, s, targets, tokens) for s in settings]
@@ -488,16 +489,18 @@ def table(plan: Plan) -> str:
     speed), then the choice and why."""
     where = (f"{plan.nodes} x {plan.gpus_per_node} GPUs of {plan.capacity_gib:.1f} GiB" if plan.capacity_gib
              else f"{plan.nodes} x {plan.gpus_per_node} GPUs of unknown size (no GPU here)")  # fmt: skip
+    width = max([46] + [len(r.setting.label) + 2 for r in plan.rows])
     lines = [f"plan: {where}, {plan.tokens_per_gpu} tokens per GPU per micro-batch; GiB per GPU",
-             f"  {'setting':<46}{'GPUs':>5}{'weights':>9}{'adapter':>9}{'activ.':>8}{'loss':>6}{'gather':>8}"
+             f"  {'setting':<{width}}{'GPUs':>5}{'weights':>9}{'adapter':>9}{'activ.':>8}{'loss':>6}{'gather':>8}"
              f"{'load':>7}{'train':>7}  {'fits':<5}{'speed':>6}{'comm':>7}{'host':>7}"]  # fmt: skip
     for r in plan.rows:
         fits = "-" if plan.capacity_gib is None else ("yes" if r.fits else "no")
         mark = "*" if r is plan.chosen else " "
-        lines.append(f"{mark} {r.setting.label:<46}{r.setting.gpus:>5}{r.weights:>9.2f}{r.adapter:>9.2f}"
+        lines.append(f"{mark} {r.setting.label:<{width}}{r.setting.gpus:>5}{r.weights:>9.2f}{r.adapter:>9.2f}"
                      f"{r.activations:>8.2f}{r.loss:>6.2f}{r.gathers:>8.2f}{r.load_peak:>7.2f}{r.train_peak:>7.2f}  "
                      f"{fits:<5}{r.speed:>6.2f}{r.traffic:>7.2f}{r.host:>7.2f}")  # fmt: skip
-    lines.append("  speed: tokens/s relative to one GPU without DeepSpeed (measured on a 7B, bench/RESULTS.md); comm: GiB "
+    lines.append("  speed: tokens/s relative to one GPU without DeepSpeed checkpointing every layer (measured on a 7B, "
+                 "bench/RESULTS.md); comm: GiB "
                  "each GPU moves per micro-batch; host: GiB of pinned host memory per GPU")
     if plan.samples:
         lines.append(f"  {plan.samples}")

@@ -43,7 +43,9 @@ def label(mode, checkpointed: int | None = None) -> str:
     """How the plan table names a setting; `checkpointed`: train.checkpoint_layers (None: every layer)."""
     name = {False: "no checkpointing", True: "checkpointing", "selective": "selective checkpointing",
             "offload": "offloaded checkpointing"}[mode]  # fmt: skip
-    return name if checkpointed is None else f"{name} of the first {checkpointed} layers"
+    if checkpointed is None:
+        return name
+    return f"{name} of the first {checkpointed} layers" if checkpointed > 1 else f"{name} of the first layer"
 
 
 def partial(mode, layers: int, checkpointed: int | None) -> bool:
@@ -82,14 +84,19 @@ def attention_kept_bytes(hidden: int, kv: int, heads: int, lora_ranks: int, dtyp
     return dtype_bytes * (3 * hidden + 2 * kv + lora_ranks) + 4 * heads
 
 
+def check_layers(checkpointed: int | None, layers: int | None) -> None:
+    """UserError for train.checkpoint_layers (`checkpointed`) above the model's `layers` decoder layers."""
+    if checkpointed is not None and layers is not None and checkpointed > layers:
+        raise UserError(f"train.checkpoint_layers {checkpointed} is more than the model's {layers} decoder layers: "
+                        f"use {layers} or null (every layer)")  # fmt: skip
+
+
 def check(mode, zero3: bool, gpu: bool, checkpointed: int | None = None, layers: int | None = None) -> None:
     """UserError, before anything loads, for a setting that cannot run here: offload on a CPU or under ZeRO-3;
     selective under ZeRO-3 (TRL makes PEFT checkpoint reentrantly there); train.checkpoint_layers (`checkpointed`)
     above the model's `layers` decoder layers (None: not known). The schema refuses the reentrant settings each
     cannot take, and checkpoint_layers with false or offload."""
-    if checkpointed is not None and layers is not None and checkpointed > layers:
-        raise UserError(f"train.checkpoint_layers {checkpointed} is more than the model's {layers} decoder layers: "
-                        f"use {layers} or null (every layer)")  # fmt: skip
+    check_layers(checkpointed, layers)
     key = f"train.gradient_checkpointing '{mode}'"
     if mode == "offload":
         if not gpu:
