@@ -10,7 +10,7 @@ and tokenize stages, as bench/topologies.py does, in WORK/base-SIZE) when they a
 
 `ours_offload`, `ours_selective`: the stage with train.gradient_checkpointing offload / selective; `ours_auto`: what
 the stage's `auto` picks on this GPU; `ours_peft`: LoRA through PEFT's forward (train.fused_lora: false);
-`ours_keep3`/`ours_keep4`: Liger with train.checkpoint_layers 25 / 24 (3 / 4 of the 28 layers kept whole). `unsloth`: Unsloth's FastLanguageModel QLoRA (its offloaded checkpointing,
+`ours_keepK` (K = 3-6): Liger with train.checkpoint_layers 28 - K (K of the 28 layers kept whole). `unsloth`: Unsloth's FastLanguageModel QLoRA (its offloaded checkpointing,
 its kernels) on the same model folder, tokenized rows and packed length, in its own process with its own TRL
 (bench/unsloth_variant.py; its wheels unpacked in --unsloth-site, first on that process's PYTHONPATH).
 
@@ -64,6 +64,8 @@ VARIANTS = {
     # Liger + the first N of the 7B's 28 layers checkpointed, the rest whole (~1.25 GiB each without Liger, RESULTS §7)
     "ours_keep3": (OURS | {"liger": True, "checkpoint_layers": 25}, {}),
     "ours_keep4": (OURS | {"liger": True, "checkpoint_layers": 24}, {}),
+    "ours_keep5": (OURS | {"liger": True, "checkpoint_layers": 23}, {}),
+    "ours_keep6": (OURS | {"liger": True, "checkpoint_layers": 22}, {}),
 }  # fmt: skip
 
 
