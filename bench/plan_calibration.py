@@ -78,9 +78,10 @@ def rows() -> list[dict]:
     return out
 
 
-def measured_rows(path: Path) -> list[dict]:
+def measured_rows(path: Path, section: str = "7") -> list[dict]:
     """bench/throughput.py's JSON lines (the 7B shape, one GPU, no DeepSpeed, the topologies LoRA on q/k/v/o): the
     planner's training peak for each line's gradient_checkpointing against its measured peak_gib."""
+    from throughput import VARIANTS
     from topologies import base_params
 
     from stages.lib.core.params import Params
@@ -91,23 +92,26 @@ def measured_rows(path: Path) -> list[dict]:
         run = json.loads(line)
         if "gradient_checkpointing" not in run or not run.get("peak_gib"):
             continue  # another trainer (unsloth, TRL's defaults): the planner models the stage only
+        changes = VARIANTS.get(run["variant"], ({}, {}))[0]
+        layers = changes.get("checkpoint_layers")
         raw = base_params(8, None, 2048)
-        raw["train"] |= {"packed_length": 8192, "attn_implementation": "varlen", "token_metrics": False,
-                         "gradient_checkpointing": run["gradient_checkpointing"]}  # fmt: skip
+        raw["train"] |= {"packed_length": 8192, "attn_implementation": "varlen", "token_metrics": False} | changes | {
+            "gradient_checkpointing": run["gradient_checkpointing"]}  # auto's choice where it chose
         params = Params.model_validate(raw)
-        e = estimate(model, params, Setting("none", run["gradient_checkpointing"], 1), QKVO)
-        out.append({"what": f"7B QLoRA, 1 GPU, {run['variant']}", "section": "7", "load": (e.load_peak, None),
-                    "train": (e.train_peak, run["peak_gib"]), "host": e.host})  # fmt: skip
+        e = estimate(model, params, Setting("none", run["gradient_checkpointing"], 1, layers), QKVO)
+        out.append({"what": f"7B QLoRA, 1 GPU, {run['variant']}", "section": section,
+                    "load": (e.load_peak, None), "train": (e.train_peak, run["peak_gib"]), "host": e.host})  # fmt: skip
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--measured", type=Path, help="bench/throughput.py --out lines to compare as well")
+    ap.add_argument("--section", default="7", help="the RESULTS section the --measured lines belong to")
     args = ap.parse_args()
     print("| configuration | RESULTS | load GiB predicted / measured | train GiB predicted / measured | train error |")
     print("|---|---|---|---|---|")
-    for r in rows() + (measured_rows(args.measured) if args.measured else []):
+    for r in rows() + (measured_rows(args.measured, args.section) if args.measured else []):
         (pl, ml), (pt, mt) = r["load"], r["train"]
         load = f"{pl:.2f} / {ml:.2f}" if ml is not None else f"{pl:.2f} / —"
         print(f"| {r['what']} | §{r['section']} | {load} | {pt:.2f} / {mt:.2f} | {(pt - mt) / mt:+.1%} |")

@@ -29,11 +29,15 @@ from pathlib import Path
 from ..core.params import Params
 from .experts_4bit import expert_stacks, lora_target_parameters, moe_shape
 from .fit import GIB, size, weight_bytes
-from .recompute import HOST_SHARE, MODES, attention_kept_bytes, check_layers, label, saved_activations
+from .recompute import HOST_SHARE, MODES, attention_kept_bytes, check_layers, label, partial, saved_activations
 from .recompute import speed as recompute_speed
 
 # Fitted: 7B QLoRA, 8,192-token rows, H200: 44.18 GiB without checkpointing, 9.09 with (bench/RESULTS.md §2, §1c)
 ACTIVATION_SCALE = 0.78  # share of the counted per-layer tensors autograd really keeps (some are views or freed)
+# Fitted: the same 7B with Liger (LoRA on q/k/v/o), H200, no checkpointing: 32.75 GiB against 44.18 (bench/RESULTS.md
+# §8): Liger's RMSNorm and SwiGLU keep ~1.2 intermediate-width values per token and layer fewer. Not where the MLP's
+# down projection has LoRA (its input, SwiGLU's product, is kept then: §5's all-7 run saved 4 %).
+LIGER_SAVED_INTERMEDIATE = 1.2
 BACKWARD_LAYERS = 0.34  # layers' worth of activation gradients alive at once in the backward pass
 TILE_TOKENS, TILE_VOCAB = 4096, 32768  # TRL 1.16's chunked log-prob: tokens x vocab per logits tile
 # Fitted: 8 layers of Qwen3-30B-A3B, 8,192-token rows, H100 (bench/RESULTS.md §MoE): expert LoRA's peak lay 0.74 GiB
@@ -248,6 +252,13 @@ def layer_activation_bytes(s: Shape, dtype_bytes: int, dropout_inputs: int) -> f
     return ACTIVATION_SCALE * counted
 
 
+def mlp_down_targeted(s: Shape, targets: list[str] | str, method: str) -> bool:
+    """Whether the MLP's down projection trains (LoRA on it, or full fine-tuning): its input is kept then."""
+    if method == "full" or targets == "all-linear":
+        return True
+    return any(name.endswith("down_proj") and name.split(".")[-1] in targets for name, _ in s.layer.named_modules())
+
+
 def dequantized_experts(model, s: Shape, params: Params, dtype_bytes: int) -> float:
     """Bytes of one layer's experts in 16 bits while it runs (experts_4bit dequantizes a layer's stacks for its
     forward, and again for its backward); with expert LoRA also the delta B·A and the sum, and their gradients,
@@ -285,7 +296,12 @@ def estimate(model, params: Params, setting: Setting, targets: list[str] | str, 
         dropout_inputs = sum(m.in_features for n, m in s.layer.named_modules()
                              if isinstance(m, torch.nn.Linear) and (targets == "all-linear" or n.split(".")[-1] in targets))  # fmt: skip
     per_layer = layer_activation_bytes(s, d, dropout_inputs) * tokens
-    working = (1 + BACKWARD_LAYERS if setting.checkpointing is not False else BACKWARD_LAYERS) * per_layer
+    if t.liger and not mlp_down_targeted(s, targets, t.method):
+        per_layer -= LIGER_SAVED_INTERMEDIATE * d * s.intermediate * tokens
+    # the backward pass's working memory, plus one recomputed layer under checkpointing; with some layers whole
+    # (checkpoint_layers) the backward frees them before it recomputes, so the peak is at the forward's end instead
+    recomputes = setting.checkpointing is not False and not partial(setting.checkpointing, s.layers, setting.checkpoint_layers)
+    working = (1 + BACKWARD_LAYERS if recomputes else BACKWARD_LAYERS) * per_layer
     working += dequantized_experts(model, s, params, d)
     kept = attention_kept_bytes(s.hidden, s.kv, s.heads, attention_lora_ranks(s, params, targets), d) * tokens
     saved, host = saved_activations(setting.checkpointing, s.layers, per_layer, s.hidden * d * tokens, kept,
