@@ -268,9 +268,14 @@ def quality_metrics(config: dict, log_history: list[dict], planned: dict | None 
     last_eval = next((h["eval_loss"] for h in reversed(log_history) if "eval_loss" in h), None)
     history = config["loss_history"]
     metrics = {"train_loss": history[-1]["loss"] if history else None, "validation_loss": last_eval}
-    chosen = {k: v for k, v in (planned or {}).items() if k in ("deepspeed", "gradient_checkpointing")}
-    if chosen:
-        metrics["setting"] = {k: "none" if v is None else v for k, v in chosen.items()}
+    from stages.lib.train.auto import SETTINGS
+
+    chosen = {k: v for k, v in (planned or {}).items() if k in SETTINGS}
+    if chosen.get("gradient_checkpointing") in (False, "offload"):  # no layer count to report
+        chosen.pop("checkpoint_layers", None)
+    if chosen:  # checkpoint_layers null: every layer checkpointed (when checkpointing)
+        metrics["setting"] = {k: v if v is not None else "all" if k == "checkpoint_layers" else "none"
+                              for k, v in chosen.items()}  # fmt: skip
     return metrics
 
 
