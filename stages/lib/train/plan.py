@@ -7,7 +7,8 @@ on, selective, offloaded: stages/lib/train/recompute.py), at the params' tokens 
 - adapter: the trainable parameters (LoRA, or all of them for `method: full`) in float32 with their gradients and
   two Adam moments, the last three split by ZeRO (any stage) and moved to the CPU by optimizer offload;
 - activations: the bytes autograd keeps per token and decoder layer, counted from the layer's widths and scaled by
-  ACTIVATION_SCALE; every layer's without checkpointing, each layer's input plus one recomputed layer with it
+  ACTIVATION_SCALE (less with Liger: LIGER_SAVED_INTERMEDIATE); every layer's without checkpointing, each layer's
+  input plus one recomputed layer with it (with train.checkpoint_layers: the whole layers instead of that one)
   (selective: plus its attention block's kept products; offloaded: a few inputs in flight, the rest in pinned host
   memory, which must fit HOST_SHARE of the host's RAM), plus BACKWARD_LAYERS layers of working memory in the backward
   pass;
