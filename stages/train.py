@@ -24,6 +24,7 @@ from stages.lib.core.params import Params, load_params
 from stages.lib.core.recipes import deepspeed_config, model_recipe
 from stages.lib.core.model_files import meta_model
 from stages.lib.core.rope import folder_config, folder_overrides
+from stages.lib.train.curves import dvclive_callbacks
 from stages.lib.train.fit import apply_cap, check_weights_fit
 from stages.lib.train.sft_args import sft_config  # noqa: F401 - benchmarks and tests build it from here
 from stages.lib.train.preflight import (check_context, check_expert_targets, check_kernels, check_lora_targets,
@@ -61,41 +62,6 @@ def lora_config(params: Params, model=None):
         targets = linear_names(built)
     return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
                       target_parameters=stacks, task_type="CAUSAL_LM")  # fmt: skip
-
-
-# logged values worth a curve; the rest (epoch, runtimes, samples/s, total_flos, the run's mean loss) is not
-PLOTTED = ("loss", "eval_loss", "learning_rate", "grad_norm", "entropy", "mean_token_accuracy",
-           "aux_loss")  # aux_loss: a mixture of experts' router load-balancing loss (TRL logs it)
-
-
-def dvclive_callbacks(live_dir: Path, resume: bool = False) -> list:
-    try:
-        from dvclive import Live
-    except ImportError:  # e.g. a worker node with only the training stack
-        print("train: dvclive is not installed; the loss curve is kept in train_config.json only")
-        return []
-    from transformers.integrations import DVCLiveCallback
-
-    class Callback(DVCLiveCallback):
-        """transformers' DVCLive logging, minus its dump of ~180 TrainingArguments: params.yaml is the record."""
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            # "loss" becomes train/loss.tsv, so that the chart's legend reads train/… next to eval/…
-            logs = {("train_loss" if k == "loss" else k): v for k, v in (logs or {}).items() if k in PLOTTED}
-            if not logs:
-                return
-            if not self._initialized:
-                self.setup(args, state, kwargs.get("model"))
-            if self.live is not None:
-                self.live.step = state.global_step  # plot against optimizer steps, not the count of log calls
-            super().on_log(args, state, control, logs=logs, **kwargs)
-
-        def setup(self, args, state, model):
-            self._initialized = True
-            if state.is_world_process_zero:  # resume: append to the curves restored from the checkpoint
-                self.live = Live(dir=str(live_dir), dvcyaml=None, save_dvc_exp=False, report=None, resume=resume)
-
-    return [Callback()]
 
 
 def build_trainer(params: Params, output_dir: Path, callbacks: list, **overrides):
