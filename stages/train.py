@@ -109,6 +109,8 @@ def build_trainer(params: Params, output_dir: Path, callbacks: list, **overrides
         trainer.selective = recompute.enable_selective(trainer.model)  # .kept: outputs the policy kept
     if t.gradient_checkpointing in (True, "selective") and t.checkpoint_layers is not None:
         trainer.decoder_layers = recompute.checkpoint_first(trainer.model, t.checkpoint_layers)
+        print(f"train: checkpointing the first {min(t.checkpoint_layers, len(trainer.decoder_layers))} of "
+              f"{len(trainer.decoder_layers)} decoder layers; the rest keep their activations", flush=True)
     if t.fused_lora and t.method != "full":
         from stages.lib.train.fused_lora import fuse
 

@@ -875,6 +875,9 @@ CASES = [
     Case("checkpoint-layers-no-checkpointing", "train", "train.checkpoint_layers with checkpointing off", "train",
          params(train__checkpoint_layers=2), "train.checkpoint_layers (2) needs train.gradient_checkpointing true or "
          "selective (it is false)"),
+    Case("checkpoint-layers-with-auto", "train", "train.checkpoint_layers with gradient_checkpointing auto", "train",
+         params(train__gradient_checkpointing="auto", train__checkpoint_layers=2),
+         "train.checkpoint_layers (2) with train.gradient_checkpointing auto: auto picks the checkpointed layers itself"),
     Case("checkpoint-layers-too-many", "train", "more checkpointed layers than the model has", "train",
          params(train__gradient_checkpointing=True, train__checkpoint_layers=40),
          "train.checkpoint_layers 40 is more than the model's 2 decoder layers: use 2 or null"),

@@ -24,6 +24,7 @@ of each setting against one GPU without DeepSpeed, measured on the same 7B (EFFI
 from __future__ import annotations
 
 import json
+import textwrap
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -516,15 +517,14 @@ def table(plan: Plan) -> str:
         lines.append(f"{mark} {r.setting.label:<{width}}{r.setting.gpus:>5}{r.weights:>9.2f}{r.adapter:>9.2f}"
                      f"{r.activations:>8.2f}{r.loss:>6.2f}{r.gathers:>8.2f}{r.load_peak:>7.2f}{r.train_peak:>7.2f}  "
                      f"{fits:<5}{r.speed:>6.2f}{r.traffic:>7.2f}{r.host:>7.2f}")  # fmt: skip
-    lines.append("  speed: tokens/s relative to one GPU without DeepSpeed checkpointing every layer (measured on a 7B, "
-                 "bench/RESULTS.md); comm: GiB "
-                 "each GPU moves per micro-batch; host: GiB of pinned host memory per GPU")
+    lines.append("  speed: tokens/s relative to one GPU without DeepSpeed checkpointing every layer (measured on a 7B,")
+    lines.append("  bench/RESULTS.md); comm: GiB each GPU moves per micro-batch; host: GiB of pinned host memory per GPU")
     if plan.samples:
         lines.append(f"  {plan.samples}")
     if plan.moe:
         lines.append(f"  {plan.moe}")
     if plan.chosen:
-        lines.append(f"choice: {plan.chosen.setting.label} ({plan.reason})")
+        lines += textwrap.wrap(f"choice: {plan.chosen.setting.label} ({plan.reason})", 118, subsequent_indent="  ")
     elif plan.capacity_gib is not None:
         lines.append(f"nothing fits {size(HEADROOM * plan.capacity_gib)} usable per GPU; would fit: "
                      + "; or ".join(plan.advice))  # fmt: skip

@@ -29,10 +29,9 @@ from __future__ import annotations
 from ..core.errors import UserError
 
 MODES = (False, True, "selective", "offload")
-# tokens/s against `true` on the 7B, 8,192-token rows (false: measured 12,705 vs 9,512, RESULTS §2). selective and
-# offload are FIRST GUESSES, to be replaced by the GPU bench (RESULTS §7): selective skips the attention block's
-# matrix products and kernel in the recompute (~18 % of recomputed matmul FLOPs on the 7B, more for long samples);
-# offload adds host copies that overlap compute.
+# tokens/s against `true` on the 7B, 8,192-token rows, without Liger (false: 12,705 vs 9,512, RESULTS §2; selective
+# and offload: §7, H100). With Liger false is 1.27 (§8); checkpoint_layers combines these per layer (speed()), which
+# §8 measured at 1.03x for 5 of 28 layers whole, within the spread between runs.
 SPEED = {False: 1.35, True: 1.0, "selective": 1.04, "offload": 0.55}  # measured: bench/RESULTS.md §7 (H100)
 OFFLOAD_IN_FLIGHT = 5  # layer inputs TRL's offloading keeps on the GPU until their copy ends (max_fwd_stash_size)
 HOST_SHARE = 0.5  # of the host's RAM that pinned activations may take (TRL warns above 60 % in use)
