@@ -10,8 +10,8 @@ and tokenize stages, as bench/topologies.py does, in WORK/base-SIZE) when they a
 
 `ours_offload`, `ours_selective`: the stage with train.gradient_checkpointing offload / selective; `ours_auto`: what
 the stage's `auto` picks on this GPU; `ours_peft`: LoRA through PEFT's forward (train.fused_lora: false);
-`ours_keepK` (K = 3-6): Liger with train.checkpoint_layers 28 - K (K of the 28 layers kept whole). `unsloth`: Unsloth's FastLanguageModel QLoRA (its offloaded checkpointing,
-its kernels) on the same model folder, tokenized rows and packed length, in its own process with its own TRL
+`ours_keepK` (K = 3-6): Liger with train.checkpoint_layers 28 - K (K of the 28 layers kept whole). `unsloth`:
+Unsloth's FastLanguageModel QLoRA (its offloaded checkpointing, its kernels) on the same model folder, tokenized rows and packed length, in its own process with its own TRL
 (bench/unsloth_variant.py; its wheels unpacked in --unsloth-site, first on that process's PYTHONPATH).
 
 BENCH_PROFILE=ours adds torch.profiler over steps 4-5 of that variant and prints its kernel table (in its log,

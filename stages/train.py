@@ -369,9 +369,12 @@ def main() -> None:
     params, planned = resolve(params)  # prints the plan on a GPU; `auto` becomes its choice, before any rank starts
     ds = deepspeed_config(params.train.deepspeed) if params.train.deepspeed else {}  # a broken file fails here
     zero3 = ds.get("zero_optimization", {}).get("stage") == 3
+    from stages.lib.train.plan import decoder_layers
+
     meta = meta_model(BASE_DIR, "models/base")
+    layers = len(decoder_layers(meta)) if meta is not None else None  # as the planner counts them
     recompute.check(params.train.gradient_checkpointing, zero3, gpu=torch.cuda.is_available(),
-                    checkpointed=params.train.checkpoint_layers, layers=getattr(meta.config, "num_hidden_layers", None) if meta else None)
+                    checkpointed=params.train.checkpoint_layers, layers=layers)
     check_reporters(params.train.report_to)
     check_kernels(params.train.attn_implementation, params.train.liger)
     chosen = params.train.lora.target_modules

@@ -141,7 +141,8 @@ def resolve(params: Params, capacity_gib: float | None = None, visible_gpus: int
         auto.add("checkpoint_layers")
     record = {k: v for k, v in record.items() if k in auto or k not in SETTINGS}
     if head:
-        shown = ", ".join(f"{k}: {_shown(record[k])}" for k in SETTINGS if k in auto and (k != "checkpoint_layers" or record[k]))
+        named = [k for k in SETTINGS if k in auto and (k != "checkpoint_layers" or record[k])]  # a count, when one
+        shown = ", ".join(f"{k}: {_shown(record[k])}" for k in named)
         print(f"train: auto -> {shown} ({record['reason']})", flush=True)
     os.environ[PLANNED_ENV] = json.dumps(record)
     return _apply(params, record), record

@@ -302,7 +302,8 @@ def estimate(model, params: Params, setting: Setting, targets: list[str] | str, 
         per_layer -= LIGER_SAVED_INTERMEDIATE * d * s.intermediate * tokens
     # the backward pass's working memory, plus one recomputed layer under checkpointing; with some layers whole
     # (checkpoint_layers) the backward frees them before it recomputes, so the peak is at the forward's end instead
-    recomputes = setting.checkpointing is not False and not partial(setting.checkpointing, s.layers, setting.checkpoint_layers)
+    whole_layers = partial(setting.checkpointing, s.layers, setting.checkpoint_layers)
+    recomputes = setting.checkpointing is not False and not whole_layers
     working = (1 + BACKWARD_LAYERS if recomputes else BACKWARD_LAYERS) * per_layer
     working += dequantized_experts(model, s, params, d)
     kept = attention_kept_bytes(s.hidden, s.kv, s.heads, attention_lora_ranks(s, params, targets), d) * tokens
@@ -369,6 +370,15 @@ def candidates(gpus: int, nodes: int, params: Params | None = None, single_proce
             for c in (zero3_modes if deepspeed_kind(ds)[0] == 3 else modes)]  # fmt: skip
 
 
+def fewest(fits, low: int, high: int) -> int:
+    """The smallest n in (low, high] with fits(n), by bisection; fits(high) holds, fits is monotone in n and
+    fits(low) is taken not to."""
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (low, mid) if fits(mid) else (mid, high)
+    return high
+
+
 def partial_rows(model, params: Params, rows: list, targets, tokens: int, budget: float) -> list:
     """For `gradient_checkpointing: auto` with train.checkpoint_layers null: each row that checkpoints every layer
     (true, selective; not under ZeRO-3) again with the fewest checkpointed layers that fit `budget` GiB, when
@@ -380,16 +390,18 @@ def partial_rows(model, params: Params, rows: list, targets, tokens: int, budget
     extra = []
     for row in rows:
         c = row.setting
-        if c.checkpointing not in (True, "selective") or c.checkpoint_layers is not None or deepspeed_kind(c.deepspeed)[0] == 3:
+        if c.checkpointing not in (True, "selective") or c.checkpoint_layers is not None:
             continue
-        fits = lambda n: max((r := estimate(model, params, replace(c, checkpoint_layers=n), targets, tokens)).train_peak,  # noqa: E731
-                             r.load_peak) <= budget  # fmt: skip
+        if deepspeed_kind(c.deepspeed)[0] == 3:
+            continue
+
+        def fits(n: int, c=c) -> bool:
+            r = estimate(model, params, replace(c, checkpoint_layers=n), targets, tokens)
+            return max(r.train_peak, r.load_peak) <= budget
+
         if not fits(layers) or fits(0):  # nothing fits, or no checkpointing fits (a row of its own)
             continue
-        low, high = 0, layers  # fits(high), not fits(low): bisect for the fewest that fit
-        while high - low > 1:
-            mid = (low + high) // 2
-            low, high = (low, mid) if fits(mid) else (mid, high)
+        high = fewest(fits, 0, layers)
         if high < layers:
             extra.append(estimate(model, params, replace(c, checkpoint_layers=high), targets, tokens))
     return extra
@@ -490,12 +502,9 @@ def advice(model, params: Params, targets, gpus: int, nodes: int, capacity_gib: 
     for ds in ("zero3", "zero3-offload"):  # the peak falls as GPUs are added: bisect for the fewest that fit
         fits = lambda n: max((r := estimate(model, params, Setting(ds, True, n), targets, tokens)).train_peak,  # noqa: E731
                              r.load_peak) <= budget  # fmt: skip
-        low, high = gpus * nodes, 4096
-        if not fits(high):
+        if not fits(4096):
             continue
-        while high - low > 1:
-            mid = (low + high) // 2
-            low, high = (low, mid) if fits(mid) else (mid, high)
+        high = fewest(fits, gpus * nodes, 4096)
         row = estimate(model, params, Setting(ds, True, high), targets, tokens)
         tips.append(f"{high} GPUs with train.deepspeed: {ds} and checkpointing: {row.train_peak:.1f} GiB each")
         break
